@@ -1,0 +1,52 @@
+"""The ClientApp: wiring only. Flower delivers a message; the site trains or evaluates; a reply goes back."""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedpeft import wire
+from fedpeft.client.mods import Mod
+
+
+def _site(context: Context):  # noqa: ANN202 - imported lazily so that loading the app stays cheap
+    from fedpeft.client.site import Site
+    from fedpeft.config import from_flat
+
+    cfg = from_flat(context.run_config)
+    partition_id = int(context.node_config[wire.NODE_PARTITION_ID])
+    num_partitions = int(context.node_config.get(wire.NODE_NUM_PARTITIONS, cfg.federation.num_sites))
+    return Site(cfg, partition_id, num_partitions)
+
+
+def _received_adapter(msg: Message) -> dict:
+    import torch  # noqa: F401  (Ray workers must import torch before ArrayRecord.to_torch_state_dict)
+
+    return msg.content[wire.ADAPTER].to_torch_state_dict()
+
+
+def train(msg: Message, context: Context) -> Message:
+    site = _site(context)
+    server_round = int(msg.content[wire.CONFIG][wire.SERVER_ROUND])
+    local = site.train_round(_received_adapter(msg), server_round)
+    metrics = MetricRecord({wire.NUM_EXAMPLES: local.train.num_examples, wire.TRAIN_LOSS: local.train.mean_loss,
+                            wire.TRAIN_STEPS: local.train.steps, wire.PARTITION_ID: site.partition_id})
+    return Message(RecordDict({wire.ADAPTER: ArrayRecord(local.update), wire.METRICS: metrics}), reply_to=msg)
+
+
+def evaluate(msg: Message, context: Context) -> Message:
+    site = _site(context)
+    result = site.evaluate(_received_adapter(msg))
+    metrics = MetricRecord({wire.NUM_EXAMPLES: result.num_examples, wire.EVAL_LOSS: result.loss,
+                            wire.EVAL_ACCURACY: result.accuracy, wire.PARTITION_ID: site.partition_id})
+    return Message(RecordDict({wire.METRICS: metrics}), reply_to=msg)
+
+
+def build_client_app(mods: list[Mod] | None = None) -> ClientApp:
+    client_app = ClientApp(mods=list(mods or []))
+    client_app.train()(train)
+    client_app.evaluate()(evaluate)
+    return client_app
+
+
+app = build_client_app()  # the component that `flwr run` loads ([tool.flwr.app.components] clientapp)

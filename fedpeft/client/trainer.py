@@ -1,0 +1,81 @@
+"""Local training and evaluation of a peft model on one site's data."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from fedpeft.client.batches import IGNORE_INDEX, EncodedData, iterate_batches
+from fedpeft.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    mean_loss: float
+    steps: int
+    num_examples: int
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    loss: float
+    accuracy: float  # classification: label accuracy; causal-lm: next-token accuracy on response tokens
+    num_examples: int
+
+
+def batch_loss(model: Any, batch: dict[str, Any], task: str) -> tuple[Any, int, int]:
+    """Return (mean loss, correct predictions, scored positions) for one batch."""
+    import torch.nn.functional as F
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"]
+    if task == "classification":
+        loss = F.cross_entropy(logits.float(), labels)
+        return loss, int((logits.argmax(-1) == labels).sum()), int(labels.numel())
+    logits, labels = logits[:, :-1, :].float(), labels[:, 1:]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+    scored = labels != IGNORE_INDEX
+    return loss, int(((logits.argmax(-1) == labels) & scored).sum()), int(scored.sum())
+
+
+def train_local(model: Any, data: EncodedData, cfg: TrainConfig, task: str, seed: int) -> TrainResult:
+    """Fresh AdamW over the trainable parameters each round; stops after local_epochs or max_steps."""
+    import torch
+
+    torch.manual_seed(seed)  # dropout masks: reproducible per (run, site, round)
+    generator = torch.Generator().manual_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    model.train()
+    losses: list[float] = []
+    for _ in range(cfg.local_epochs):
+        for batch in iterate_batches(data, cfg.batch_size, generator):
+            loss, _, _ = batch_loss(model, batch, task)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            if cfg.max_steps and len(losses) >= cfg.max_steps:
+                return TrainResult(_mean(losses), len(losses), len(data))
+    return TrainResult(_mean(losses), len(losses), len(data))
+
+
+def evaluate(model: Any, data: EncodedData, batch_size: int, task: str) -> EvalResult:
+    import torch
+
+    model.eval()
+    total_loss, correct, scored = 0.0, 0, 0
+    with torch.no_grad():
+        for batch in iterate_batches(data, batch_size):
+            loss, batch_correct, batch_scored = batch_loss(model, batch, task)
+            total_loss += float(loss) * batch_scored
+            correct += batch_correct
+            scored += batch_scored
+    if scored == 0:
+        return EvalResult(math.nan, math.nan, len(data))
+    return EvalResult(total_loss / scored, correct / scored, len(data))
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan

@@ -1,0 +1,261 @@
+"""The run's configuration: frozen, typed dataclasses and the one place that validates them.
+
+A run config reaches fedpeft in two shapes that map onto each other:
+- a TOML file with one table per section (``[model]``, ``[peft]``, ``[train]``, ``[federation]``, ``[data]``,
+  ``[run]``), used by ``fedpeft simulate --config FILE``;
+- Flower's flat run config (``model.name = "minilm"``), as ``flwr run`` builds it from ``[tool.flwr.app.config]`` and
+  ``--run-config`` overrides.  ``num-server-rounds`` is accepted as Flower's customary alias of ``federation.rounds``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from fedpeft.errors import ConfigError
+
+TASKS = ("classification", "causal-lm")
+PEFT_METHODS = ("lora",)
+PARTITIONERS = ("iid", "dirichlet", "column")
+WEIGHTINGS = ("num-examples", "uniform")
+FLOWER_ROUNDS_ALIAS = "num-server-rounds"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "minilm"  # a built-in name ("minilm", "tiny-llama") or a local Hugging Face model directory
+    task: str = "classification"
+    max_length: int = 64
+    num_labels: int = 0  # classification classes; 0: infer from the data (possible wherever the data is readable)
+
+
+@dataclass(frozen=True)
+class PeftConfig:
+    method: str = "lora"
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ()  # empty: the architecture's default targets
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    local_epochs: int = 1
+    max_steps: int = 0  # 0: no cap, run the full local epochs
+    batch_size: int = 16
+    learning_rate: float = 2e-3
+    weight_decay: float = 0.0
+    eval_batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    rounds: int = 5
+    num_sites: int = 5
+    fraction_train: float = 1.0
+    min_sites: int = 1
+    aggregation: str = "fedavg"
+    weighting: str = "num-examples"
+    round_timeout: float = 600.0
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "synthetic"  # "synthetic" or a path to a .csv/.jsonl file
+    synthetic_examples: int = 1500
+    text_column: str = "text"
+    label_column: str = "label"
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    partitioner: str = "dirichlet"
+    dirichlet_alpha: float = 1.0
+    partition_column: str = ""
+    eval_fraction: float = 0.2
+
+
+@dataclass(frozen=True)
+class RunSection:
+    name: str = "quickstart"
+    out_dir: str = "runs"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    run: RunSection = field(default_factory=RunSection)
+
+    def to_flat(self) -> dict[str, bool | int | float | str]:
+        """Flower's flat run-config shape; tuples become comma-separated strings (Flower has no list values)."""
+        flat: dict[str, bool | int | float | str] = {}
+        for section in fields(self):
+            for item in fields(getattr(self, section.name)):
+                value = getattr(getattr(self, section.name), item.name)
+                flat[f"{section.name}.{item.name}"] = ",".join(value) if isinstance(value, tuple) else value
+        return flat
+
+    def to_nested(self) -> dict[str, dict[str, Any]]:
+        return {k: {ik: list(iv) if isinstance(iv, tuple) else iv for ik, iv in v.items()}
+                for k, v in dataclasses.asdict(self).items()}
+
+
+SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(RunConfig)[f.name] for f in fields(RunConfig)}
+
+
+def load_toml(path: str | Path, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """Read a TOML run config; ``overrides`` are flat ``section.key`` values applied on top."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist; pass an existing TOML file to --config")
+    try:
+        nested = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file '{path}' is not valid TOML: {err}") from err
+    merged = _merge(nested, unflatten(overrides or {}))
+    return from_mapping(merged, origin=str(path))
+
+
+def from_flat(flat: Mapping[str, Any], origin: str = "run config") -> RunConfig:
+    """Build from Flower's flat run config (``context.run_config``)."""
+    return from_mapping(unflatten(flat), origin=origin)
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in flat.items():
+        if key == FLOWER_ROUNDS_ALIAS:
+            key = "federation.rounds"
+        section, dot, item = key.partition(".")
+        if not dot:
+            raise ConfigError(f"config key '{key}' has no section; write it as 'section.key' "
+                              f"with section one of {sorted(SECTIONS)} (e.g. 'federation.rounds')")
+        nested.setdefault(section, {})[item.replace("-", "_")] = value
+    return nested
+
+
+def from_mapping(nested: Mapping[str, Any], origin: str = "config") -> RunConfig:
+    """Validate a nested mapping into a RunConfig: the one place where config input is checked."""
+    sections: dict[str, Any] = {}
+    for name, table in nested.items():
+        if name not in SECTIONS:
+            raise ConfigError(f"{origin}: unknown section [{name}]; known sections are {sorted(SECTIONS)}")
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{origin}: [{name}] must be a table of keys, got {table!r}")
+        sections[name] = _build_section(name, SECTIONS[name], table, origin)
+    config = RunConfig(**sections)
+    _check_values(config, origin)
+    return config
+
+
+def _build_section(name: str, cls: type, table: Mapping[str, Any], origin: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for key, raw in table.items():
+        key = key.replace("-", "_")
+        if key not in hints:
+            raise ConfigError(f"{origin}: unknown key '{name}.{key}'; known keys of [{name}] are "
+                              f"{sorted(hints)}")
+        values[key] = _coerce(f"{name}.{key}", raw, hints[key], origin)
+    return cls(**values)
+
+
+def _coerce(key: str, raw: Any, expected: Any, origin: str) -> Any:
+    if expected is bool:
+        if isinstance(raw, bool):
+            return raw
+    elif expected is int:
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            return raw
+    elif expected is float:
+        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            return float(raw)
+    elif expected is str:
+        if isinstance(raw, str):
+            return raw
+    elif typing.get_origin(expected) is tuple:
+        if isinstance(raw, str):
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+        if isinstance(raw, (list, tuple)) and all(isinstance(x, str) for x in raw):
+            return tuple(raw)
+    type_name = getattr(expected, "__name__", "list of strings") if not isinstance(expected, types.GenericAlias) \
+        else "list of strings (or a comma-separated string)"
+    raise ConfigError(f"{origin}: '{key}' = {raw!r} has type {type(raw).__name__}; expected {type_name}")
+
+
+def _merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    merged = {k: dict(v) if isinstance(v, Mapping) else v for k, v in base.items()}
+    for section, table in extra.items():
+        merged.setdefault(section, {}).update(table)
+    return merged
+
+
+def _fail(origin: str, key: str, value: Any, rule: str) -> None:
+    raise ConfigError(f"{origin}: '{key}' = {value!r} is invalid: {rule}")
+
+
+def _check_values(cfg: RunConfig, origin: str) -> None:
+    """Value rules that types alone cannot express; each message names the key, the value and the fix."""
+    checks: list[tuple[str, Any, bool, str]] = [
+        ("model.task", cfg.model.task, cfg.model.task in TASKS, f"use one of {list(TASKS)}"),
+        ("model.name", cfg.model.name, bool(cfg.model.name.strip()),
+         "use a built-in name ('minilm', 'tiny-llama') or a local model directory"),
+        ("model.num_labels", cfg.model.num_labels, cfg.model.num_labels == 0 or cfg.model.num_labels >= 2,
+         "use 0 (infer from the data) or the number of classes (at least 2)"),
+        ("model.max_length", cfg.model.max_length, cfg.model.max_length >= 8, "use at least 8 tokens (e.g. 64)"),
+        ("peft.method", cfg.peft.method, cfg.peft.method in PEFT_METHODS, f"use one of {list(PEFT_METHODS)}"),
+        ("peft.r", cfg.peft.r, cfg.peft.r >= 1, "the LoRA rank must be a positive integer (e.g. 8)"),
+        ("peft.alpha", cfg.peft.alpha, cfg.peft.alpha > 0, "use a positive scaling (commonly 2 x r)"),
+        ("peft.dropout", cfg.peft.dropout, 0.0 <= cfg.peft.dropout < 1.0, "use a probability in [0, 1)"),
+        ("train.local_epochs", cfg.train.local_epochs, cfg.train.local_epochs >= 1, "use 1 or more"),
+        ("train.max_steps", cfg.train.max_steps, cfg.train.max_steps >= 0, "use 0 (no cap) or a positive cap"),
+        ("train.batch_size", cfg.train.batch_size, cfg.train.batch_size >= 1, "use a positive batch size"),
+        ("train.eval_batch_size", cfg.train.eval_batch_size, cfg.train.eval_batch_size >= 1, "use a positive size"),
+        ("train.learning_rate", cfg.train.learning_rate, 0 < cfg.train.learning_rate < 1,
+         "use a positive rate below 1 (e.g. 2e-3 for LoRA)"),
+        ("train.weight_decay", cfg.train.weight_decay, cfg.train.weight_decay >= 0, "use 0 or a positive decay"),
+        ("federation.rounds", cfg.federation.rounds, cfg.federation.rounds >= 1, "use 1 or more rounds"),
+        ("federation.num_sites", cfg.federation.num_sites, cfg.federation.num_sites >= 1, "use 1 or more sites"),
+        ("federation.fraction_train", cfg.federation.fraction_train, 0 < cfg.federation.fraction_train <= 1,
+         "use a fraction in (0, 1]"),
+        ("federation.min_sites", cfg.federation.min_sites,
+         1 <= cfg.federation.min_sites <= cfg.federation.num_sites,
+         f"use a number between 1 and federation.num_sites ({cfg.federation.num_sites})"),
+        ("federation.weighting", cfg.federation.weighting, cfg.federation.weighting in WEIGHTINGS,
+         f"use one of {list(WEIGHTINGS)}"),
+        ("federation.round_timeout", cfg.federation.round_timeout, cfg.federation.round_timeout > 0,
+         "use a positive number of seconds"),
+        ("data.partitioner", cfg.data.partitioner, cfg.data.partitioner in PARTITIONERS,
+         f"use one of {list(PARTITIONERS)}"),
+        ("data.dirichlet_alpha", cfg.data.dirichlet_alpha, cfg.data.dirichlet_alpha > 0,
+         "use a positive concentration (small = more label skew, e.g. 0.5)"),
+        ("data.eval_fraction", cfg.data.eval_fraction, 0 < cfg.data.eval_fraction < 1, "use a fraction in (0, 1)"),
+        ("data.synthetic_examples", cfg.data.synthetic_examples, cfg.data.synthetic_examples >= 10,
+         "use at least 10 examples"),
+        ("data.partition_column", cfg.data.partition_column,
+         cfg.data.partitioner != "column" or bool(cfg.data.partition_column),
+         "the 'column' partitioner needs data.partition_column naming the site-id column"),
+        ("run.name", cfg.run.name, bool(cfg.run.name) and "/" not in cfg.run.name and cfg.run.name not in (".", ".."),
+         "use a plain directory name without '/'"),
+    ]
+    for key, value, ok, fix in checks:
+        if not ok:
+            _fail(origin, key, value, fix)
+    _check_registered(cfg, origin)
+
+
+def _check_registered(cfg: RunConfig, origin: str) -> None:
+    from fedpeft.strategies import registered_rules  # local: strategies import torch, config must stay light
+
+    if cfg.federation.aggregation not in registered_rules():
+        _fail(origin, "federation.aggregation", cfg.federation.aggregation,
+              f"use one of {sorted(registered_rules())}")

@@ -1,0 +1,158 @@
+"""Split row indices across federated sites (IID, Dirichlet label skew, or a natural site column).
+
+Every partitioner returns disjoint, individually sorted index lists whose union is all rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from fedpeft.errors import DataError
+
+MAX_DIRICHLET_TRIES = 100
+
+
+def partition_iid(num_items: int, num_partitions: int, seed: int) -> list[list[int]]:
+    """Shuffle all rows and deal them into near-equal partitions."""
+    _check_num_partitions(num_partitions)
+    if num_items < num_partitions:
+        raise DataError(
+            f"num_items={num_items} is smaller than num_partitions={num_partitions}; "
+            "add data or lower the number of sites so every site gets at least one row"
+        )
+    order = np.random.default_rng(seed).permutation(num_items)
+    partitions = [sorted(int(i) for i in chunk) for chunk in np.array_split(order, num_partitions)]
+    _check_nonempty(partitions, "lower the number of sites or add data")
+    return partitions
+
+
+def partition_dirichlet(
+    labels: Sequence[int],
+    num_partitions: int,
+    alpha: float,
+    seed: int,
+    min_partition_size: int = 1,
+) -> list[list[int]]:
+    """Label-skewed split: each class is spread over partitions by Dirichlet(alpha) proportions.
+
+    Small alpha gives each site few classes; large alpha approaches IID.
+    """
+    label_array = _check_labels(labels)
+    _check_num_partitions(num_partitions)
+    if not alpha > 0:
+        raise DataError(f"alpha={alpha} is invalid; set the Dirichlet alpha to a number > 0 (e.g. 0.5)")
+    if min_partition_size < 1:
+        raise DataError(
+            f"min_partition_size={min_partition_size} is invalid; set it to at least 1 "
+            "so no site is left without data"
+        )
+    if len(label_array) < num_partitions * min_partition_size:
+        raise DataError(
+            f"{len(label_array)} rows cannot give {num_partitions} partitions at least "
+            f"{min_partition_size} rows each; add data, lower num_partitions or min_partition_size"
+        )
+    rng = np.random.default_rng(seed)
+    for _ in range(MAX_DIRICHLET_TRIES):
+        partitions = _dirichlet_draw(label_array, num_partitions, alpha, rng)
+        if min(len(p) for p in partitions) >= min_partition_size:
+            return partitions
+    raise DataError(
+        f"Dirichlet partitioning with alpha={alpha} left some of the {num_partitions} partitions "
+        f"with fewer than {min_partition_size} rows after {MAX_DIRICHLET_TRIES} tries; "
+        "raise alpha, lower num_partitions or add data"
+    )
+
+
+def _dirichlet_draw(
+    labels: np.ndarray, num_partitions: int, alpha: float, rng: np.random.Generator
+) -> list[list[int]]:
+    parts: list[list[int]] = [[] for _ in range(num_partitions)]
+    for cls in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        proportions = rng.dirichlet(np.full(num_partitions, alpha))
+        cuts = (np.cumsum(proportions)[:-1] * len(members)).astype(int)
+        for part, chunk in zip(parts, np.split(members, cuts)):
+            part.extend(int(i) for i in chunk)
+    return [sorted(p) for p in parts]
+
+
+def partition_by_column(groups: Sequence[str], num_partitions: int | None = None) -> list[list[int]]:
+    """One partition per distinct group value (e.g. hospital id), in sorted order of the values."""
+    if len(groups) == 0:
+        raise DataError(
+            "the group column is empty; set data.group_column to a column with one site id per row"
+        )
+    by_value: dict[str, list[int]] = {}
+    for row, value in enumerate(groups):
+        by_value.setdefault(str(value), []).append(row)
+    values = sorted(by_value)
+    if num_partitions is not None and num_partitions != len(values):
+        shown = ", ".join(repr(v) for v in values[:10]) + (", ..." if len(values) > 10 else "")
+        raise DataError(
+            f"the group column has {len(values)} distinct values ({shown}) but num_partitions is "
+            f"{num_partitions}; set the number of sites to {len(values)} or use another partitioning"
+        )
+    return [by_value[v] for v in values]
+
+
+def train_eval_split(
+    indices: Sequence[int], eval_fraction: float, seed: int
+) -> tuple[list[int], list[int]]:
+    """Shuffle `indices` and hold out round(eval_fraction * n) of them (at least 1 when possible)."""
+    if not 0 <= eval_fraction < 1:
+        raise DataError(
+            f"eval_fraction={eval_fraction} is invalid; set it to a number in [0, 1), e.g. 0.2"
+        )
+    n = len(indices)
+    n_eval = round(eval_fraction * n)
+    if eval_fraction > 0 and n >= 2:
+        n_eval = max(1, n_eval)
+    if n - n_eval < 1:
+        raise DataError(
+            f"splitting {n} rows with eval_fraction={eval_fraction} leaves no training rows; "
+            "lower eval_fraction or give this site more data"
+        )
+    order = np.random.default_rng(seed).permutation(n)
+    items = [int(i) for i in indices]
+    eval_part = sorted(items[i] for i in order[:n_eval])
+    train_part = sorted(items[i] for i in order[n_eval:])
+    return train_part, eval_part
+
+
+def label_skew(labels: Sequence[int], partitions: Sequence[Sequence[int]]) -> float:
+    """Mean total-variation distance between each partition's label mix and the global one (0 = IID)."""
+    label_array = _check_labels(labels)
+    if len(partitions) == 0:
+        raise DataError("label_skew got no partitions; pass at least one partition")
+    _check_nonempty(partitions, "drop empty partitions before measuring skew")
+    num_classes = int(label_array.max()) + 1
+    global_dist = np.bincount(label_array, minlength=num_classes) / len(label_array)
+    distances = []
+    for part in partitions:
+        counts = np.bincount(label_array[np.asarray(part, dtype=int)], minlength=num_classes)
+        distances.append(0.5 * np.abs(counts / counts.sum() - global_dist).sum())
+    return float(np.mean(distances))
+
+
+def _check_num_partitions(num_partitions: int) -> None:
+    if isinstance(num_partitions, bool) or not isinstance(num_partitions, int) or num_partitions < 1:
+        raise DataError(
+            f"num_partitions={num_partitions!r} is invalid; set the number of sites to an integer >= 1"
+        )
+
+
+def _check_labels(labels: Sequence[int]) -> np.ndarray:
+    if len(labels) == 0:
+        raise DataError("labels is empty; load a dataset with at least one row")
+    array = np.asarray(labels)
+    if not np.issubdtype(array.dtype, np.integer) or array.min() < 0:
+        raise DataError("labels must be non-negative integer ids; encode labels as 0..K-1")
+    return array.astype(np.int64)
+
+
+def _check_nonempty(partitions: Sequence[Sequence[int]], fix: str) -> None:
+    for k, part in enumerate(partitions):
+        if len(part) == 0:
+            raise DataError(f"partition {k} is empty; {fix}")

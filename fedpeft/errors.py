@@ -1,0 +1,30 @@
+"""Domain exceptions: every error fedpeft raises on purpose derives from FedpeftError.
+
+Each message names the offending file/key/value and the fix, so a user can act on it without reading code.
+"""
+
+from __future__ import annotations
+
+
+class FedpeftError(Exception):
+    """Base class of all fedpeft errors."""
+
+
+class ConfigError(FedpeftError):
+    """A configuration key is unknown, has the wrong type, or an invalid value."""
+
+
+class DataError(FedpeftError):
+    """A data file is missing/unreadable, a column is absent, or a partition is empty."""
+
+
+class ModelError(FedpeftError):
+    """A base model cannot be loaded or does not fit the configured task/method."""
+
+
+class AdapterMismatchError(FedpeftError):
+    """Adapter tensors received over the wire do not match the local model's keys or shapes."""
+
+
+class FederationError(FedpeftError):
+    """The federation cannot proceed (too few sites, every site failed, ...)."""

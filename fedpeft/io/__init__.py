@@ -1,0 +1,1 @@
+"""Crash-safe file writes shared by checkpoints, ledgers and logs."""

@@ -1,0 +1,68 @@
+"""Load a frozen base model and its tokenizer for a task, from a built-in name or a local directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fedpeft.config import ModelConfig
+from fedpeft.errors import ModelError
+from fedpeft.models.builtin import BUILTIN_MODELS, build_tiny_llama, minilm_path
+
+BASE_SEED = 1234  # fixed so that every process builds the identical random-init parts (tiny model, fresh heads)
+
+
+def resolve_model_path(name: str) -> Path:
+    if name == "minilm":
+        return minilm_path()
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        raise ModelError(f"model.name = {name!r} is neither a built-in model {list(BUILTIN_MODELS)} nor an existing "
+                         "local directory; set it to a directory holding config.json and the weights")
+    if not (path / "config.json").is_file():
+        raise ModelError(f"model directory '{path}' has no config.json; point model.name at a Hugging Face model "
+                         "directory (as written by save_pretrained)")
+    return path
+
+
+def load_base_model(cfg: ModelConfig, num_labels: int) -> tuple[Any, Any]:
+    """Return (model, tokenizer) with every base parameter frozen."""
+    if cfg.task == "classification" and num_labels < 2:
+        raise ModelError(f"classification needs at least 2 labels, the data has {num_labels}")
+    if cfg.name == "tiny-llama":
+        model, tokenizer = build_tiny_llama(cfg.task, num_labels, BASE_SEED)
+    else:
+        model, tokenizer = _load_pretrained(resolve_model_path(cfg.name), cfg.task, num_labels)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+        model.config.pad_token_id = tokenizer.pad_token_id
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model, tokenizer
+
+
+def _load_pretrained(path: Path, task: str, num_labels: int) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    if task == "causal-lm" and config.model_type in ("bert", "roberta", "distilbert", "xlm-roberta"):
+        raise ModelError(f"model '{path}' ({config.model_type}) is an encoder and cannot do causal-lm; use "
+                         "model.task = 'classification' or a decoder model such as 'tiny-llama'")
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the "newly initialized classifier" warning is expected: the head trains
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(BASE_SEED)
+            if task == "classification":
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    str(path), num_labels=num_labels, local_files_only=True)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"cannot load model from '{path}': {err}") from err
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return model, tokenizer

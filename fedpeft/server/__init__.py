@@ -1,0 +1,1 @@
+"""The coordinator side: ServerApp wiring, the round loop, checkpoints, progress."""

@@ -1,0 +1,39 @@
+"""The ServerApp: wiring only. Reads the run config, builds the initial adapter, and runs the federation."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+
+def main(grid: Grid, context: Context) -> None:
+    from fedpeft.config import from_flat
+    from fedpeft.server.federation import Federation
+    from fedpeft.server.initial import initial_adapter
+    from fedpeft.server.progress import ConsoleProgress
+    from fedpeft.server.run_dir import prepare_run_dir
+
+    cfg = from_flat(context.run_config)
+    run_dir = prepare_run_dir(cfg)
+    state, peft_config = initial_adapter(cfg)
+    progress = ConsoleProgress(cfg.federation.rounds)
+    progress.start(str(run_dir), cfg.federation.num_sites, sum(t.numel() for t in state.values()))
+    Federation(grid, cfg, run_dir, state, peft_config, progress).run()
+
+
+def build_server_app(run_config: Mapping[str, bool | int | float | str] | None = None) -> ServerApp:
+    """``run_config`` is what `fedpeft simulate` resolved; under `flwr run` Flower fills the context instead."""
+    server_app = ServerApp()
+    fixed = dict(run_config or {})
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        context.run_config.update(fixed)
+        main(grid, context)
+
+    return server_app
+
+
+app = build_server_app()  # the component that `flwr run` loads ([tool.flwr.app.components] serverapp)

@@ -1,0 +1,154 @@
+"""The server's round loop over Flower's Grid: sample, train, sum, aggregate, checkpoint, evaluate, log."""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flwr.serverapp import Grid
+
+from fedpeft import wire
+from fedpeft.config import RunConfig
+from fedpeft.errors import FederationError, FedpeftError
+from fedpeft.io.atomic import append_jsonl, write_json_atomic
+from fedpeft.models.adapter_state import AdapterState, check_adapter_state
+from fedpeft.server.checkpoint import save_global_adapter
+from fedpeft.server.messaging import EVALUATE, TRAIN, broadcast, payload_bytes
+from fedpeft.server.progress import ConsoleProgress
+from fedpeft.server.run_dir import METRICS_FILE, SUMMARY_FILE
+from fedpeft.strategies import WeightedSum, build_rule
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    global_accuracy: float
+    global_loss: float
+    site_accuracy: dict[str, float]
+
+
+class Federation:
+    """One federated run: the global adapter, the aggregation rule, and what is written after each round."""
+
+    def __init__(self, grid: Grid, cfg: RunConfig, run_dir: Path, global_state: AdapterState, peft_config: Any,
+                 progress: ConsoleProgress) -> None:
+        self.grid, self.cfg, self.run_dir = grid, cfg, run_dir
+        self.global_state = global_state
+        self.peft_config = peft_config
+        self.progress = progress
+        self.rule = build_rule(cfg.federation.aggregation)
+        self.timeout = cfg.federation.round_timeout
+
+    def run(self) -> dict[str, Any]:
+        nodes = self.wait_for_sites()
+        started = time.monotonic()
+        with self.progress.stage("round 0: evaluating the initial (untrained) adapter"):
+            initial = self.evaluate(nodes, 0)
+        self.log_round({"round": 0, "seconds": time.monotonic() - started, **_eval_fields(initial)})
+        history = [initial]
+        for server_round in range(1, self.cfg.federation.rounds + 1):
+            history.append(self.run_round(nodes, server_round))
+        summary = self.summary(history, time.monotonic() - started)
+        write_json_atomic(self.run_dir / SUMMARY_FILE, summary)
+        return summary
+
+    def wait_for_sites(self) -> list[int]:
+        wanted, deadline = self.cfg.federation.num_sites, time.monotonic() + self.timeout
+        with self.progress.stage(f"waiting for {wanted} sites to connect"):
+            while True:
+                nodes = sorted(self.grid.get_node_ids())
+                if len(nodes) >= wanted or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+        if len(nodes) < self.cfg.federation.min_sites:
+            raise FederationError(f"only {len(nodes)} sites connected within {self.timeout:.0f} s; "
+                                  f"federation.min_sites = {self.cfg.federation.min_sites}")
+        return nodes
+
+    def sample(self, nodes: list[int], server_round: int) -> list[int]:
+        count = max(self.cfg.federation.min_sites, round(self.cfg.federation.fraction_train * len(nodes)))
+        return sorted(random.Random(self.cfg.run.seed * 7919 + server_round).sample(nodes, min(count, len(nodes))))
+
+    def run_round(self, nodes: list[int], server_round: int) -> Evaluation:
+        started = time.monotonic()
+        sampled = self.sample(nodes, server_round)
+        with self.progress.stage(f"round {server_round}: {len(sampled)} sites training"):
+            replies = broadcast(self.grid, sampled, TRAIN, self.global_state,
+                                {wire.SERVER_ROUND: server_round}, self.timeout)
+        total, losses, sizes, failures = self.collect_updates(replies)
+        if total.count >= self.cfg.federation.min_sites:
+            self.global_state = self.rule.aggregate(self.global_state, total.update_sum, total.weight_sum)
+            save_global_adapter(self.run_dir, server_round, self.global_state, self.peft_config)
+        else:
+            self.progress.message(f"round {server_round}: only {total.count} usable updates (< federation.min_sites "
+                                  f"= {self.cfg.federation.min_sites}); the global adapter is unchanged")
+        with self.progress.stage(f"round {server_round}: evaluating on {len(nodes)} sites"):
+            evaluation = self.evaluate(nodes, server_round)
+        self.log_round({
+            "round": server_round, "seconds": time.monotonic() - started, "sites_sampled": len(sampled),
+            "sites_returned": total.count, "failures": failures,
+            "train_loss": _weighted_mean(losses), "bytes_per_client": sum(sizes) / len(sizes) if sizes else 0,
+            "aggregated": total.count >= self.cfg.federation.min_sites, **_eval_fields(evaluation)})
+        return evaluation
+
+    def collect_updates(self, replies: Any) -> tuple[WeightedSum, list[tuple[float, float]], list[int], dict]:
+        import torch  # noqa: F401  (needed by ArrayRecord.to_torch_state_dict)
+
+        total, losses, sizes = WeightedSum(), [], []
+        failures = {str(node): reason for node, reason in replies.failed.items()}
+        for reply in replies.ok:
+            node = reply.metadata.src_node_id
+            try:
+                record = reply.content[wire.ADAPTER]
+                update = record.to_torch_state_dict()
+                check_adapter_state(self.global_state, update, source=f"update from node {node}")
+                metrics = reply.content[wire.METRICS]
+                examples = float(metrics[wire.NUM_EXAMPLES])
+            except (FedpeftError, KeyError, TypeError, ValueError) as err:
+                failures[str(node)] = f"rejected: {err}"
+                continue
+            weight = examples if self.cfg.federation.weighting == "num-examples" else 1.0
+            total.add(update, weight)
+            losses.append((float(metrics[wire.TRAIN_LOSS]), examples))
+            sizes.append(payload_bytes(record))
+        return total, losses, sizes, failures
+
+    def evaluate(self, nodes: list[int], server_round: int) -> Evaluation:
+        replies = broadcast(self.grid, nodes, EVALUATE, self.global_state, {wire.SERVER_ROUND: server_round},
+                            self.timeout)
+        site_accuracy, accuracies, losses = {}, [], []
+        for reply in replies.ok:
+            metrics = reply.content[wire.METRICS]
+            examples = float(metrics[wire.NUM_EXAMPLES])
+            site_accuracy[str(int(metrics[wire.PARTITION_ID]))] = float(metrics[wire.EVAL_ACCURACY])
+            accuracies.append((float(metrics[wire.EVAL_ACCURACY]), examples))
+            losses.append((float(metrics[wire.EVAL_LOSS]), examples))
+        if not accuracies:
+            raise FederationError(f"round {server_round}: no site could evaluate ({replies.failed})")
+        return Evaluation(_weighted_mean(accuracies), _weighted_mean(losses), site_accuracy)
+
+    def log_round(self, record: dict[str, Any]) -> None:
+        append_jsonl(self.run_dir / METRICS_FILE, record)
+        self.progress.round_done(record)
+
+    def summary(self, history: list[Evaluation], seconds: float) -> dict[str, Any]:
+        from fedpeft.server.checkpoint import latest_adapter
+
+        final = latest_adapter(self.run_dir)
+        return {"rounds": self.cfg.federation.rounds, "seconds": seconds,
+                "initial_accuracy": history[0].global_accuracy, "final_accuracy": history[-1].global_accuracy,
+                "final_site_accuracy": history[-1].site_accuracy,
+                "accuracy_by_round": [h.global_accuracy for h in history],
+                "final_adapter": str(final) if final else None, "config": self.cfg.to_nested()}
+
+
+def _eval_fields(evaluation: Evaluation) -> dict[str, Any]:
+    return {"global_accuracy": evaluation.global_accuracy, "global_eval_loss": evaluation.global_loss,
+            "site_accuracy": evaluation.site_accuracy}
+
+
+def _weighted_mean(pairs: list[tuple[float, float]]) -> float | None:
+    weight = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / weight if weight else None

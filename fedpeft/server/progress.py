@@ -1,0 +1,50 @@
+"""Live progress of a run on the console (rich): a line per round stage and a row per finished round."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+class ConsoleProgress:
+    def __init__(self, total_rounds: int, console: Console | None = None) -> None:
+        self.console = console or Console()
+        self.total_rounds = total_rounds
+
+    def stage(self, text: str) -> AbstractContextManager[Any]:
+        if self.console.is_terminal:
+            return self.console.status(text)
+        self.console.print(text)
+        return nullcontext()
+
+    def start(self, run_dir: str, num_sites: int, trainable: int) -> None:
+        self.console.print(f"[bold]fedpeft[/bold] run -> {run_dir}  ({num_sites} sites, {trainable:,} trainable "
+                           f"values travel per client)")
+
+    def round_done(self, record: dict[str, Any]) -> None:
+        sites = " ".join(f"s{pid}={acc:.3f}" for pid, acc in sorted(record["site_accuracy"].items(),
+                                                                      key=lambda kv: int(kv[0])))
+        loss = record.get("train_loss")
+        loss_text = f"{loss:.4f}" if loss is not None else "   -  "
+        kib = record.get("bytes_per_client")
+        kib_text = f"{kib / 1024:,.1f} KiB" if kib else "-"
+        self.console.print(
+            f"round {record['round']:>3}/{self.total_rounds} | train loss {loss_text} | "
+            f"global acc {record['global_accuracy']:.3f} | {kib_text}/client | "
+            f"{record.get('sites_returned', 0)}/{record.get('sites_sampled', 0)} sites | {record['seconds']:.1f}s",
+            highlight=False)
+        self.console.print(f"            held-out acc per site: {sites}", highlight=False)
+
+    def message(self, text: str) -> None:
+        self.console.print(text)
+
+    def summary_table(self, rows: list[tuple[str, str]]) -> None:
+        table = Table(title="fedpeft summary", show_header=False)
+        table.add_column("what")
+        table.add_column("value", justify="right")
+        for what, value in rows:
+            table.add_row(what, value)
+        self.console.print(table)

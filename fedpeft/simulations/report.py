@@ -1,0 +1,29 @@
+"""The end-of-run summary a person reads: final vs round-0 accuracy vs the majority baseline, time and bytes."""
+
+from __future__ import annotations
+
+import json
+
+from fedpeft.server.progress import ConsoleProgress
+from fedpeft.server.run_dir import METRICS_FILE
+from fedpeft.simulations.engine import SimulationResult
+
+
+def bytes_per_client(result: SimulationResult) -> float:
+    rounds = [json.loads(line) for line in (result.run_dir / METRICS_FILE).read_text(encoding="utf-8").splitlines()]
+    sizes = [r["bytes_per_client"] for r in rounds if r.get("bytes_per_client")]
+    return sum(sizes) / len(sizes) if sizes else 0.0
+
+
+def print_result(result: SimulationResult) -> None:
+    summary = result.summary
+    rows = [("rounds x sites", f"{summary['rounds']} x {summary['config']['federation']['num_sites']}"),
+            ("wall time", f"{result.seconds:.1f} s"),
+            ("upload per client per round", f"{bytes_per_client(result) / 1024:,.1f} KiB (adapter tensors only)")]
+    if result.majority_baseline is not None:
+        rows.append(("majority-class baseline", f"{result.majority_baseline:.3f}"))
+    rows += [("round 0 (untrained adapter)", f"{summary['initial_accuracy']:.3f}"),
+             ("final global accuracy", f"{summary['final_accuracy']:.3f}"),
+             ("final adapter", str(summary["final_adapter"])),
+             ("metrics", str(result.run_dir / METRICS_FILE))]
+    ConsoleProgress(summary["rounds"]).summary_table(rows)
