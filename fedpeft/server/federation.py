@@ -18,7 +18,7 @@ from fedpeft.models.adapter_state import AdapterState, check_adapter_state
 from fedpeft.server.checkpoint import save_global_adapter
 from fedpeft.server.messaging import EVALUATE, TRAIN, broadcast, payload_bytes
 from fedpeft.server.progress import ConsoleProgress
-from fedpeft.server.run_dir import METRICS_FILE, SUMMARY_FILE
+from fedpeft.server.run_dir import MANIFEST_FILE, METRICS_FILE, SUMMARY_FILE
 from fedpeft.strategies import WeightedSum, build_rule
 
 
@@ -113,7 +113,17 @@ class Federation:
             total.add(update, weight)
             losses.append((float(metrics[wire.TRAIN_LOSS]), examples))
             sizes.append(payload_bytes(record))
+            self.record_manifest(record)
         return total, losses, sizes, failures
+
+    def record_manifest(self, record: Any) -> None:
+        """Write once what a site upload consists of (names, shapes, dtypes, bytes): the evidence of what left."""
+        path = self.run_dir / MANIFEST_FILE
+        if path.exists():
+            return
+        tensors = {name: {"shape": list(array.shape), "dtype": array.dtype, "bytes": len(array.data)}
+                   for name, array in record.items()}
+        write_json_atomic(path, {"tensors": tensors, "total_bytes": payload_bytes(record)})
 
     def evaluate(self, nodes: list[int], server_round: int) -> Evaluation:
         replies = broadcast(self.grid, nodes, EVALUATE, self.global_state, {wire.SERVER_ROUND: server_round},

@@ -10,6 +10,7 @@ from fedpeft.io.atomic import write_json_atomic
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "run_config.json"
+MANIFEST_FILE = "upload_manifest.json"  # names, shapes and bytes of the tensors one site upload carries
 
 
 def free_run_name(out_dir: str | Path, name: str) -> str:

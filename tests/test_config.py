@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import pytest
+
+from fedpeft.config import RunConfig, from_flat, from_mapping, load_toml, unflatten
+from fedpeft.errors import ConfigError
+
+
+def test_defaults_are_valid_and_round_trip_through_flower_flat_config():
+    cfg = RunConfig()
+    assert from_flat(cfg.to_flat()) == cfg
+
+
+def test_toml_file_with_overrides(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[model]\nname = "tiny-llama"\n[peft]\nr = 4\ntarget_modules = ["q_proj", "v_proj"]\n'
+                    '[federation]\nrounds = 2\n')
+    cfg = load_toml(path, {"federation.num_sites": 3})
+    assert (cfg.model.name, cfg.peft.r, cfg.federation.rounds, cfg.federation.num_sites) == ("tiny-llama", 4, 2, 3)
+    assert cfg.peft.target_modules == ("q_proj", "v_proj")
+
+
+def test_flower_alias_and_comma_separated_lists():
+    cfg = from_flat({"num-server-rounds": 7, "peft.target_modules": "query, value"})
+    assert cfg.federation.rounds == 7
+    assert cfg.peft.target_modules == ("query", "value")
+
+
+def test_int_is_accepted_where_a_float_is_expected():
+    assert from_flat({"peft.alpha": 32}).peft.alpha == 32.0
+
+
+BAD_INPUTS = [
+    ({"model": {"nme": "minilm"}}, ["model.nme", "known keys"]),
+    ({"modle": {"name": "minilm"}}, ["[modle]", "known sections"]),
+    ({"peft": {"r": -1}}, ["peft.r", "-1", "positive"]),
+    ({"peft": {"r": "8"}}, ["peft.r", "'8'", "expected int"]),
+    ({"peft": {"r": 8.5}}, ["peft.r", "expected int"]),
+    ({"train": {"learning_rate": 0}}, ["train.learning_rate", "positive"]),
+    ({"model": {"task": "regression"}}, ["model.task", "regression", "classification"]),
+    ({"federation": {"fraction_train": 1.5}}, ["federation.fraction_train", "(0, 1]"]),
+    ({"federation": {"min_sites": 9, "num_sites": 3}}, ["federation.min_sites", "between 1 and"]),
+    ({"federation": {"aggregation": "fedmedian"}}, ["federation.aggregation", "fedavg"]),
+    ({"data": {"partitioner": "random"}}, ["data.partitioner", "dirichlet"]),
+    ({"data": {"partitioner": "column"}}, ["data.partition_column"]),
+    ({"data": {"eval_fraction": 1.0}}, ["data.eval_fraction"]),
+    ({"peft": {"target_modules": [1, 2]}}, ["peft.target_modules", "list of strings"]),
+    ({"run": {"name": "a/b"}}, ["run.name", "'/'"]),
+    ({"model": {"num_labels": 1}}, ["model.num_labels", "at least 2"]),
+    ({"train": {"batch_size": True}}, ["train.batch_size", "expected int"]),
+]
+
+
+@pytest.mark.parametrize(("nested", "fragments"), BAD_INPUTS, ids=[str(b[0]) for b in BAD_INPUTS])
+def test_bad_input_gets_a_clear_error(nested, fragments):
+    with pytest.raises(ConfigError) as info:
+        from_mapping(nested)
+    for fragment in fragments:
+        assert fragment in str(info.value)
+
+
+def test_flat_key_without_section_is_rejected():
+    with pytest.raises(ConfigError, match="'rounds' has no section"):
+        unflatten({"rounds": 3})
+
+
+def test_missing_and_malformed_config_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_toml(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model\nname = 1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_toml(bad)
