@@ -49,7 +49,8 @@ class TrainConfig:
     local_epochs: int = 1
     max_steps: int = 0  # 0: no cap, run the full local epochs
     batch_size: int = 16
-    learning_rate: float = 2e-3
+    learning_rate: float = 1e-3
+    head_learning_rate: float = 2e-2  # task head (classification); 0: same as learning_rate
     weight_decay: float = 0.0
     eval_batch_size: int = 64
 
@@ -221,7 +222,9 @@ def _check_values(cfg: RunConfig, origin: str) -> None:
         ("train.batch_size", cfg.train.batch_size, cfg.train.batch_size >= 1, "use a positive batch size"),
         ("train.eval_batch_size", cfg.train.eval_batch_size, cfg.train.eval_batch_size >= 1, "use a positive size"),
         ("train.learning_rate", cfg.train.learning_rate, 0 < cfg.train.learning_rate < 1,
-         "use a positive rate below 1 (e.g. 2e-3 for LoRA)"),
+         "use a positive rate below 1 (e.g. 1e-3 for LoRA)"),
+        ("train.head_learning_rate", cfg.train.head_learning_rate, 0 <= cfg.train.head_learning_rate < 1,
+         "use 0 (same as train.learning_rate) or a positive rate below 1"),
         ("train.weight_decay", cfg.train.weight_decay, cfg.train.weight_decay >= 0, "use 0 or a positive decay"),
         ("federation.rounds", cfg.federation.rounds, cfg.federation.rounds >= 1, "use 1 or more rounds"),
         ("federation.num_sites", cfg.federation.num_sites, cfg.federation.num_sites >= 1, "use 1 or more sites"),

@@ -39,14 +39,27 @@ def batch_loss(model: Any, batch: dict[str, Any], task: str) -> tuple[Any, int, 
     return loss, int(((logits.argmax(-1) == labels) & scored).sum()), int(scored.sum())
 
 
+def param_groups(model: Any, cfg: TrainConfig) -> list[dict[str, Any]]:
+    """Adapter tensors at ``learning_rate``; a freshly initialised task head at ``head_learning_rate``.
+
+    A new head starting from random weights must move much further than a low-rank delta on a pretrained block,
+    and Adam's step size bounds how far a weight moves per step, so it gets its own (higher) rate.
+    """
+    head = [p for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" in n]
+    adapter = [p for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" not in n]
+    groups = [{"params": adapter, "lr": cfg.learning_rate}]
+    if head:
+        groups.append({"params": head, "lr": cfg.head_learning_rate or cfg.learning_rate})
+    return groups
+
+
 def train_local(model: Any, data: EncodedData, cfg: TrainConfig, task: str, seed: int) -> TrainResult:
     """Fresh AdamW over the trainable parameters each round; stops after local_epochs or max_steps."""
     import torch
 
     torch.manual_seed(seed)  # dropout masks: reproducible per (run, site, round)
     generator = torch.Generator().manual_seed(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), weight_decay=cfg.weight_decay)
     model.train()
     losses: list[float] = []
     for _ in range(cfg.local_epochs):

@@ -27,16 +27,20 @@ class ConsoleProgress:
     def round_done(self, record: dict[str, Any]) -> None:
         sites = " ".join(f"s{pid}={acc:.3f}" for pid, acc in sorted(record["site_accuracy"].items(),
                                                                       key=lambda kv: int(kv[0])))
-        loss = record.get("train_loss")
-        loss_text = f"{loss:.4f}" if loss is not None else "   -  "
-        kib = record.get("bytes_per_client")
-        kib_text = f"{kib / 1024:,.1f} KiB" if kib else "-"
-        self.console.print(
-            f"round {record['round']:>3}/{self.total_rounds} | train loss {loss_text} | "
-            f"global acc {record['global_accuracy']:.3f} | {kib_text}/client | "
-            f"{record.get('sites_returned', 0)}/{record.get('sites_sampled', 0)} sites | {record['seconds']:.1f}s",
-            highlight=False)
+        head = f"round {record['round']:>3}/{self.total_rounds} | global acc {record['global_accuracy']:.3f}"
+        if record["round"] == 0:
+            line = f"{head} | untrained adapter (round 0) | {record['seconds']:.1f}s"
+        else:
+            loss = record.get("train_loss")
+            loss_text = f"{loss:.4f}" if loss is not None else "-"
+            kib = record.get("bytes_per_client") or 0
+            line = (f"{head} | train loss {loss_text} | {kib / 1024:,.1f} KiB up/client | "
+                    f"{record.get('sites_returned', 0)}/{record.get('sites_sampled', 0)} sites | "
+                    f"{record['seconds']:.1f}s")
+        self.console.print(line, highlight=False)
         self.console.print(f"            held-out acc per site: {sites}", highlight=False)
+        for node, reason in (record.get("failures") or {}).items():
+            self.console.print(f"            [yellow]site node {node} failed:[/yellow] {reason}", highlight=False)
 
     def message(self, text: str) -> None:
         self.console.print(text)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import warnings
 from collections import Counter
@@ -84,7 +85,15 @@ class _quiet_flower:  # noqa: N801 - used as a context manager
     def __enter__(self) -> None:
         if not self.verbose:
             self.logger.setLevel(logging.ERROR)
-            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            # Import-time chatter of the stack, harmless here: bitsandbytes' optional hub kernel, Ray's GPU tip,
+            # transformers' weight-loading progress bar and deprecation notices.
+            logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+            os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+            for category in (DeprecationWarning, FutureWarning):
+                warnings.filterwarnings("ignore", category=category)
 
     def __exit__(self, *exc: object) -> None:
         self.logger.setLevel(self.level)

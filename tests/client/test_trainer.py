@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+from fedpeft.client.batches import encode_classification
+from fedpeft.client.trainer import evaluate, param_groups, train_local
+from fedpeft.config import ModelConfig, PeftConfig, TrainConfig
+from fedpeft.models.loader import load_base_model
+from fedpeft.models.peft_model import wrap_with_peft
+
+
+def _model():
+    base, tokenizer = load_base_model(ModelConfig(name="tiny-llama"), num_labels=2)
+    return wrap_with_peft(base, PeftConfig(r=4), "classification"), tokenizer
+
+
+def test_head_and_adapter_get_their_configured_learning_rates():
+    model, _ = _model()
+    groups = param_groups(model, TrainConfig(learning_rate=1e-3, head_learning_rate=2e-2))
+    assert [g["lr"] for g in groups] == [1e-3, 2e-2]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert sum(len(g["params"]) for g in groups) == len(trainable)
+    assert param_groups(model, TrainConfig(learning_rate=1e-3, head_learning_rate=0.0))[1]["lr"] == 1e-3
+
+
+def test_local_training_fits_a_small_training_set():
+    model, tokenizer = _model()
+    texts = tuple(f"{w} ticket number {i}" for i, w in enumerate(["urgent", "routine"] * 16))
+    data = encode_classification(texts, tuple(i % 2 for i in range(32)), tokenizer, max_length=16)
+    before = evaluate(model, data, 32, "classification").loss
+    train_local(model, data, TrainConfig(learning_rate=1e-2, local_epochs=5, batch_size=8), "classification", 0)
+    assert evaluate(model, data, 32, "classification").loss < before
