@@ -169,7 +169,7 @@ def _column(table: _Table, column: str, config_key: str, strip: bool) -> list[st
 def _optional_column(table: _Table, column: str | None) -> tuple[str, ...] | None:
     if column is None:
         return None
-    return tuple(_column(table, column, "data.group_column", strip=True))
+    return tuple(_column(table, column, "data.partition_column", strip=True))
 
 
 def _encode_labels(

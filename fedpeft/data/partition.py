@@ -20,11 +20,11 @@ def partition_iid(num_items: int, num_partitions: int, seed: int) -> list[list[i
     if num_items < num_partitions:
         raise DataError(
             f"num_items={num_items} is smaller than num_partitions={num_partitions}; "
-            "add data or lower the number of sites so every site gets at least one row"
+            "add data or lower federation.num_sites so every site gets at least one row"
         )
     order = np.random.default_rng(seed).permutation(num_items)
     partitions = [sorted(int(i) for i in chunk) for chunk in np.array_split(order, num_partitions)]
-    _check_nonempty(partitions, "lower the number of sites or add data")
+    _check_nonempty(partitions, "lower federation.num_sites or add data")
     return partitions
 
 
@@ -92,7 +92,7 @@ def partition_by_column(groups: Sequence[str], num_partitions: int | None = None
         shown = ", ".join(repr(v) for v in values[:10]) + (", ..." if len(values) > 10 else "")
         raise DataError(
             f"the group column has {len(values)} distinct values ({shown}) but num_partitions is "
-            f"{num_partitions}; set the number of sites to {len(values)} or use another partitioning"
+            f"{num_partitions}; set federation.num_sites to {len(values)} or use another data.partitioner"
         )
     return [by_value[v] for v in values]
 

@@ -72,7 +72,7 @@ def test_by_column_sorted_groups() -> None:
 
 
 def test_by_column_mismatch() -> None:
-    pattern = r"3 distinct values.*num_partitions is 2.*set the number of sites to 3"
+    pattern = r"3 distinct values.*num_partitions is 2.*set federation.num_sites to 3"
     with pytest.raises(DataError, match=pattern):
         partition_by_column(["a", "b", "c", "a"], num_partitions=2)
 
