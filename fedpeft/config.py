@@ -21,6 +21,8 @@ from typing import Any
 from fedpeft.errors import ConfigError
 
 TASKS = ("classification", "causal-lm")
+QUANTIZATIONS = ("auto", "none", "nf4", "fp4", "int8")
+COMPUTE_DTYPES = ("fp32", "bf16")
 PEFT_METHODS = ("lora",)
 PARTITIONERS = ("iid", "dirichlet", "column")
 WEIGHTINGS = ("num-examples", "uniform")
@@ -33,6 +35,10 @@ class ModelConfig:
     task: str = "classification"
     max_length: int = 64
     num_labels: int = 0  # classification classes; 0: infer from the data (possible wherever the data is readable)
+    quantization: str = "auto"  # frozen base: auto (nf4 for causal-lm, none for classification) | none | nf4 | fp4 | int8
+    double_quant: bool = True  # 4-bit only: quantize the quantization constants too (QLoRA)
+    compute_dtype: str = "fp32"  # dtype of the 4-bit matmuls: fp32 | bf16
+    gradient_checkpointing: bool = False
 
 
 @dataclass(frozen=True)
@@ -212,6 +218,10 @@ def _check_values(cfg: RunConfig, origin: str) -> None:
          "use a built-in name ('minilm', 'tiny-llama') or a local model directory"),
         ("model.num_labels", cfg.model.num_labels, cfg.model.num_labels == 0 or cfg.model.num_labels >= 2,
          "use 0 (infer from the data) or the number of classes (at least 2)"),
+        ("model.quantization", cfg.model.quantization, cfg.model.quantization in QUANTIZATIONS,
+         f"use one of {list(QUANTIZATIONS)}"),
+        ("model.compute_dtype", cfg.model.compute_dtype, cfg.model.compute_dtype in COMPUTE_DTYPES,
+         f"use one of {list(COMPUTE_DTYPES)}"),
         ("model.max_length", cfg.model.max_length, cfg.model.max_length >= 8, "use at least 8 tokens (e.g. 64)"),
         ("peft.method", cfg.peft.method, cfg.peft.method in PEFT_METHODS, f"use one of {list(PEFT_METHODS)}"),
         ("peft.r", cfg.peft.r, cfg.peft.r >= 1, "the LoRA rank must be a positive integer (e.g. 8)"),

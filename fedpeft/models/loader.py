@@ -8,6 +8,7 @@ from typing import Any
 from fedpeft.config import ModelConfig
 from fedpeft.errors import ModelError
 from fedpeft.models.builtin import BUILTIN_MODELS, build_tiny_llama, minilm_path
+from fedpeft.models.quantization import bnb_config, guard_cpu_4bit, quantize_built_model
 
 BASE_SEED = 1234  # fixed so that every process builds the identical random-init parts (tiny model, fresh heads)
 
@@ -29,10 +30,16 @@ def load_base_model(cfg: ModelConfig, num_labels: int) -> tuple[Any, Any]:
     """Return (model, tokenizer) with every base parameter frozen."""
     if cfg.task == "classification" and num_labels < 2:
         raise ModelError(f"classification needs at least 2 labels, the data has {num_labels}")
+    quantization = bnb_config(cfg)
     if cfg.name == "tiny-llama":
         model, tokenizer = build_tiny_llama(cfg.task, num_labels, BASE_SEED)
+        if quantization is not None:
+            model = quantize_built_model(model, quantization)
     else:
-        model, tokenizer = _load_pretrained(resolve_model_path(cfg.name), cfg.task, num_labels)
+        model, tokenizer = _load_pretrained(resolve_model_path(cfg.name), cfg.task, num_labels, quantization)
+    guard_cpu_4bit(model)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
         model.config.pad_token_id = tokenizer.pad_token_id
@@ -41,7 +48,7 @@ def load_base_model(cfg: ModelConfig, num_labels: int) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def _load_pretrained(path: Path, task: str, num_labels: int) -> tuple[Any, Any]:
+def _load_pretrained(path: Path, task: str, num_labels: int, quantization: Any) -> tuple[Any, Any]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -51,6 +58,7 @@ def _load_pretrained(path: Path, task: str, num_labels: int) -> tuple[Any, Any]:
         raise ModelError(f"model '{path}' ({config.model_type}) is an encoder and cannot do causal-lm; use "
                          "model.task = 'classification' or a decoder model such as 'tiny-llama'")
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    extra = {"quantization_config": quantization, "device_map": device_map()} if quantization is not None else {}
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialized classifier" warning is expected: the head trains
     try:
@@ -58,9 +66,9 @@ def _load_pretrained(path: Path, task: str, num_labels: int) -> tuple[Any, Any]:
             torch.manual_seed(BASE_SEED)
             if task == "classification":
                 model = AutoModelForSequenceClassification.from_pretrained(
-                    str(path), num_labels=num_labels, local_files_only=True)
+                    str(path), num_labels=num_labels, local_files_only=True, **extra)
             else:
-                model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True)
+                model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, **extra)
     except (OSError, ValueError) as err:
         raise ModelError(f"cannot load model from '{path}': {err}") from err
     finally:
