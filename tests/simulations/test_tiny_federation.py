@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -56,5 +57,12 @@ def test_three_sites_two_rounds_ship_only_adapter_tensors(tmp_path, task):
         loaded = PeftModel.from_pretrained(fresh, str(saved))
         state = get_adapter_state(loaded)
         assert set(state) == set(expected)
+    if task == "causal-lm":  # the causal-LM default base is NF4 (QLoRA); its adapter must serve a 32-bit base
+        import bitsandbytes as bnb
+
+        assert any(isinstance(m, bnb.nn.Linear4bit) for m in base.modules())
+        full_base, _ = load_base_model(replace(cfg.model, quantization="none"), labels)
+        served = PeftModel.from_pretrained(full_base, str(result.run_dir / "adapters" / "round-0002"))
+        assert set(get_adapter_state(served)) == set(expected)
     initial, _ = initial_adapter(cfg)
     assert any(not torch.equal(state[k], initial[k]) for k in initial), "training changed the global adapter"
