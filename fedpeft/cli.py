@@ -58,17 +58,36 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a run's global adapter (optionally merged into the base) for serving")
+    p.add_argument("run_dir", help="the run directory, e.g. runs/quickstart")
+    p.add_argument("--out", required=True, help="directory to write")
+    p.add_argument("--round", type=int, default=None, help="which round's adapter (default: the latest)")
+    p.add_argument("--merge", action="store_true",
+                   help="merge the adapter into a full-precision copy of the base and save the whole model")
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from fedpeft.models.export import export_run
+
+    out = export_run(args.run_dir, args.out, args.round, args.merge)
+    print(f"exported {'merged model' if args.merge else 'adapter'} to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedpeft", description="Federated parameter-efficient fine-tuning.")
     sub = parser.add_subparsers(dest="command", required=True)
     _simulate_parser(sub)
+    _export_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"simulate": _cmd_simulate}[args.command](args)
+        return {"simulate": _cmd_simulate, "export": _cmd_export}[args.command](args)
     except FedpeftError as err:
         print(f"fedpeft: error: {err}", file=sys.stderr)
         return 2
