@@ -11,6 +11,9 @@ from flwr.serverapp import Grid
 
 from fedpeft import wire
 
+TRAIN = MessageType.TRAIN
+EVALUATE = MessageType.EVALUATE
+
 
 @dataclass
 class Replies:
@@ -54,6 +57,3 @@ def payload_bytes(record: ArrayRecord) -> int:
     """Bytes of the serialized tensors in a record, as they travel."""
     return sum(len(array.data) for array in record.values())
 
-
-TRAIN = MessageType.TRAIN
-EVALUATE = MessageType.EVALUATE
