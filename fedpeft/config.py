@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
-import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -194,8 +193,8 @@ def _coerce(key: str, raw: Any, expected: Any, origin: str) -> Any:
             return tuple(part.strip() for part in raw.split(",") if part.strip())
         if isinstance(raw, (list, tuple)) and all(isinstance(x, str) for x in raw):
             return tuple(raw)
-    type_name = getattr(expected, "__name__", "list of strings") if not isinstance(expected, types.GenericAlias) \
-        else "list of strings (or a comma-separated string)"
+    type_name = ("list of strings (or a comma-separated string)" if typing.get_origin(expected) is tuple
+                 else expected.__name__)
     raise ConfigError(f"{origin}: '{key}' = {raw!r} has type {type(raw).__name__}; expected {type_name}")
 
 

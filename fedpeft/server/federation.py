@@ -15,7 +15,7 @@ from fedpeft.config import RunConfig
 from fedpeft.errors import FederationError, FedpeftError
 from fedpeft.io.atomic import append_jsonl, write_json_atomic
 from fedpeft.models.adapter_state import AdapterState, check_adapter_state
-from fedpeft.server.checkpoint import save_global_adapter
+from fedpeft.server.checkpoint import latest_adapter, save_global_adapter
 from fedpeft.server.messaging import EVALUATE, TRAIN, broadcast, payload_bytes
 from fedpeft.server.progress import ConsoleProgress
 from fedpeft.server.run_dir import MANIFEST_FILE, METRICS_FILE, SUMMARY_FILE
@@ -144,8 +144,6 @@ class Federation:
         self.progress.round_done(record)
 
     def summary(self, history: list[Evaluation], seconds: float) -> dict[str, Any]:
-        from fedpeft.server.checkpoint import latest_adapter
-
         final = latest_adapter(self.run_dir)
         return {"rounds": self.cfg.federation.rounds, "seconds": seconds,
                 "initial_accuracy": history[0].global_accuracy, "final_accuracy": history[-1].global_accuracy,

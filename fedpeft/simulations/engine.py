@@ -3,12 +3,14 @@ that `flwr run` loads.  It checks the data before Ray starts, so bad input fails
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -74,26 +76,32 @@ def _backend_config(cpus_per_site: float, verbose: bool) -> dict[str, Any]:
             "init_args": {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.ERROR}}
 
 
-class _quiet_flower:  # noqa: N801 - used as a context manager
-    """Keep the console to fedpeft's round table unless --verbose: Flower logs every message at INFO."""
+@contextlib.contextmanager
+def _quiet_flower(verbose: bool) -> Iterator[None]:
+    """Keep the console to fedpeft's round table unless --verbose, and restore every setting afterwards.
 
-    def __init__(self, verbose: bool) -> None:
-        self.verbose = verbose
-        self.logger = logging.getLogger("flwr")
-        self.level = self.logger.level
+    Flower logs every message at INFO; the rest is import-time chatter of the stack, harmless here: bitsandbytes'
+    optional hub kernel, Ray's GPU tip, transformers' weight-loading progress bar and deprecation notices.
+    """
+    if verbose:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
 
-    def __enter__(self) -> None:
-        if not self.verbose:
-            self.logger.setLevel(logging.ERROR)
-            # Import-time chatter of the stack, harmless here: bitsandbytes' optional hub kernel, Ray's GPU tip,
-            # transformers' weight-loading progress bar and deprecation notices.
-            logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-            os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-            from transformers.utils import logging as hf_logging
-
-            hf_logging.disable_progress_bar()
+    loggers = [logging.getLogger("flwr"), logging.getLogger("bitsandbytes")]
+    levels = [logger.level for logger in loggers]
+    progress_bar = hf_logging.is_progress_bar_enabled()
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    try:
+        with warnings.catch_warnings():
             for category in (DeprecationWarning, FutureWarning):
                 warnings.filterwarnings("ignore", category=category)
-
-    def __exit__(self, *exc: object) -> None:
-        self.logger.setLevel(self.level)
+            for logger in loggers:
+                logger.setLevel(logging.ERROR)
+            hf_logging.disable_progress_bar()
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+        if progress_bar:
+            hf_logging.enable_progress_bar()
