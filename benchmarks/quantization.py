@@ -1,4 +1,4 @@
-"""4-bit vs 16/32-bit frozen base: bytes of the quantized linear weights and LoRA training step time.
+"""4-bit vs 16/32-bit frozen base: bytes of the quantized linear weights, LoRA step time and peak training memory.
 
 Prints a table and ends with one summary line of the key ratios, all measured in this run.
     python benchmarks/quantization.py                 # small Llama (hidden 512, 4 layers), CPU
@@ -8,29 +8,34 @@ Prints a table and ends with one summary line of the key ratios, all measured in
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
+import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
-from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from fedpeft.config import PeftConfig
+from fedpeft.config import ModelConfig, PeftConfig
 from fedpeft.models.peft_model import wrap_with_peft
-from fedpeft.models.quantization import guard_cpu_4bit
+from fedpeft.models.quantization import guard_cpu_4bit, load_kwargs
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def build(path: str, setting: str, device: str) -> LlamaForCausalLM:
+    """fp32 / bf16: the unquantized base in that dtype. nf4-*: fedpeft's own loading arguments for the base."""
     dmap = {"": 0} if device == "cuda" else {"": "cpu"}
     if setting in ("fp32", "bf16"):
         dtype = torch.float32 if setting == "fp32" else torch.bfloat16
         return LlamaForCausalLM.from_pretrained(path, dtype=dtype, device_map=dmap)
-    compute = torch.bfloat16 if setting.endswith("bf16") else torch.float32
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute,
-                               bnb_4bit_use_double_quant=True, llm_int8_skip_modules=["lm_head"])
-    model = LlamaForCausalLM.from_pretrained(path, quantization_config=quant, device_map=dmap)
+    cfg = ModelConfig(task="causal-lm", quantization="nf4", compute_dtype=setting.split("-")[1])
+    model = LlamaForCausalLM.from_pretrained(path, **load_kwargs(cfg))
     guard_cpu_4bit(model)
     return model
 
@@ -67,6 +72,60 @@ def step_times(model: torch.nn.Module, args: argparse.Namespace) -> list[float]:
     return times[2:]  # first steps warm up kernels and allocator
 
 
+def peak_training_bytes(model: torch.nn.Module, args: argparse.Namespace) -> tuple[float, int]:
+    """(median step seconds, peak memory of training above the loaded model's footprint's baseline).
+
+    CUDA: torch's allocator peak. CPU: the process's resident high-water mark (VmHWM), reset after loading so that
+    the transient load of the fp32 checkpoint does not count, measured above the RSS before the model was loaded.
+    """
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        step = statistics.median(step_times(model, args))
+        return step, torch.cuda.max_memory_allocated()
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")
+    step = statistics.median(step_times(model, args))
+    return step, _proc_status_kib("VmHWM") * 1024 - args.baseline_rss
+
+
+def _proc_status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def run_one(args: argparse.Namespace) -> dict:
+    """Measure one setting in this (fresh) process."""
+    args.baseline_rss = _proc_status_kib("VmRSS") * 1024
+    model = build(args.path, args.one, args.device)
+    size = linear_weight_bytes(model)
+    step, peak = peak_training_bytes(model, args)
+    return {"setting": args.one, "bytes": size, "step": step, "peak": peak}
+
+
+def llama_config(args: argparse.Namespace) -> LlamaConfig:
+    heads = max(args.hidden // 64, 1)
+    return LlamaConfig(vocab_size=1000, hidden_size=args.hidden, intermediate_size=int(args.hidden * 2.75),
+                       num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=heads)
+
+
+def run_all(args: argparse.Namespace, argv: list[str]) -> dict[str, dict]:
+    """Each setting in its own process, so that one setting's memory cannot inflate the next one's peak."""
+    rows = {}
+    with tempfile.TemporaryDirectory() as path:
+        torch.manual_seed(0)
+        LlamaForCausalLM(llama_config(args)).save_pretrained(path)
+        for setting in args.settings.split(","):
+            proc = subprocess.run([sys.executable, __file__, *argv, "--one", setting, "--path", path],
+                                  capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                raise SystemExit(f"setting {setting} failed:\n{proc.stderr[-3000:]}")
+            rows[setting] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--hidden", type=int, default=512)
@@ -76,26 +135,30 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=7)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--settings", default="fp32,bf16,nf4-fp32,nf4-bf16")
-    args = parser.parse_args()
-    config = LlamaConfig(vocab_size=1000, hidden_size=args.hidden, intermediate_size=int(args.hidden * 2.75),
-                         num_hidden_layers=args.layers, num_attention_heads=max(args.hidden // 64, 1),
-                         num_key_value_heads=max(args.hidden // 64, 1))
-    rows = {}
-    with tempfile.TemporaryDirectory() as path:
-        torch.manual_seed(0)
-        LlamaForCausalLM(config).save_pretrained(path)
-        for setting in args.settings.split(","):
-            model = build(path, setting, args.device)
-            rows[setting] = (linear_weight_bytes(model), statistics.median(step_times(model, args)))
-            del model
-    print(f"{'setting':<10} {'linear weight bytes':>20} {'median step (s)':>16}")
-    for setting, (size, step) in rows.items():
-        print(f"{setting:<10} {size:>20,} {step:>16.3f}")
-    if "bf16" in rows and "nf4-fp32" in rows:
-        print(f"summary: nf4 weights {rows['nf4-fp32'][0] / rows['bf16'][0]:.2f}x bf16 bytes, "
-              f"{rows['nf4-fp32'][0] / rows['fp32'][0]:.2f}x fp32; step time nf4-fp32 "
-              f"{rows['nf4-fp32'][1] / rows['fp32'][1]:.2f}x fp32, nf4-bf16 {rows['nf4-bf16'][1] / rows['fp32'][1]:.2f}x"
-              " fp32")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--path", help=argparse.SUPPRESS)
+    argv = sys.argv[1:]
+    args = parser.parse_args(argv)
+    if args.one:
+        print(json.dumps(run_one(args)))
+        return
+    rows = run_all(args, argv)
+    print(f"{'setting':<10} {'linear weight bytes':>20} {'median step (s)':>16} {'peak train MiB':>15}")
+    for setting, row in rows.items():
+        print(f"{setting:<10} {row['bytes']:>20,} {row['step']:>16.3f} {row['peak'] / 2**20:>15.1f}")
+    print(summary_line(rows))
+
+
+def summary_line(rows: dict[str, dict]) -> str:
+    parts = []
+    if {"bf16", "nf4-fp32"} <= rows.keys():
+        parts.append(f"nf4 weights {rows['nf4-fp32']['bytes'] / rows['bf16']['bytes']:.2f}x bf16 bytes")
+    if {"bf16", "nf4-bf16"} <= rows.keys():
+        parts.append(f"nf4-bf16 peak {rows['nf4-bf16']['peak'] / rows['bf16']['peak']:.2f}x bf16 LoRA peak, "
+                     f"step {rows['nf4-bf16']['step'] / rows['bf16']['step']:.2f}x bf16")
+    if {"fp32", "nf4-fp32"} <= rows.keys():
+        parts.append(f"nf4-fp32 step {rows['nf4-fp32']['step'] / rows['fp32']['step']:.2f}x fp32")
+    return "summary: " + "; ".join(parts)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ class ModelConfig:
     num_labels: int = 0  # classification classes; 0: infer from the data (possible wherever the data is readable)
     quantization: str = "auto"  # frozen base: auto (nf4 for causal-lm, none for classification) | none | nf4 | fp4 | int8
     double_quant: bool = True  # 4-bit only: quantize the quantization constants too (QLoRA)
-    compute_dtype: str = "fp32"  # dtype of the 4-bit matmuls: fp32 | bf16
+    compute_dtype: str = "bf16"  # dtype of the quantized matmuls and the unquantized base parts: bf16 | fp32
     gradient_checkpointing: bool = False
 
 

@@ -8,7 +8,7 @@ from typing import Any
 from fedpeft.config import ModelConfig
 from fedpeft.errors import ModelError
 from fedpeft.models.builtin import BUILTIN_MODELS, build_tiny_llama, minilm_path
-from fedpeft.models.quantization import bnb_config, guard_cpu_4bit, quantize_built_model
+from fedpeft.models.quantization import guard_cpu_4bit, load_kwargs, quantize_built_model
 
 BASE_SEED = 1234  # fixed so that every process builds the identical random-init parts (tiny model, fresh heads)
 
@@ -30,10 +30,10 @@ def load_base_model(cfg: ModelConfig, num_labels: int) -> tuple[Any, Any]:
     """Return (model, tokenizer) with every base parameter frozen."""
     if cfg.task == "classification" and num_labels < 2:
         raise ModelError(f"classification needs at least 2 labels, the data has {num_labels}")
-    quantization = bnb_config(cfg)
+    quantization = load_kwargs(cfg)
     if cfg.name == "tiny-llama":
         model, tokenizer = build_tiny_llama(cfg.task, num_labels, BASE_SEED)
-        if quantization is not None:
+        if quantization:
             model = quantize_built_model(model, quantization)
     else:
         model, tokenizer = _load_pretrained(resolve_model_path(cfg.name), cfg.task, num_labels, quantization)
@@ -48,7 +48,7 @@ def load_base_model(cfg: ModelConfig, num_labels: int) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def _load_pretrained(path: Path, task: str, num_labels: int, quantization: Any) -> tuple[Any, Any]:
+def _load_pretrained(path: Path, task: str, num_labels: int, extra: dict[str, Any]) -> tuple[Any, Any]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -58,7 +58,6 @@ def _load_pretrained(path: Path, task: str, num_labels: int, quantization: Any) 
         raise ModelError(f"model '{path}' ({config.model_type}) is an encoder and cannot do causal-lm; use "
                          "model.task = 'classification' or a decoder model such as 'tiny-llama'")
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    extra = {"quantization_config": quantization, "device_map": device_map()} if quantization is not None else {}
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "newly initialized classifier" warning is expected: the head trains
     try:

@@ -46,4 +46,24 @@ def wrap_with_peft(model: Any, cfg: PeftConfig, task: str) -> Any:
         raise ModelError(f"peft could not wrap {type(model).__name__} with targets "
                          f"{peft_config.target_modules}: {err}. Set peft.target_modules to module names of this "
                          "model") from err
+    train_heads_in_fp32(peft_model)
     return peft_model
+
+
+def train_heads_in_fp32(peft_model: Any) -> None:
+    """A trained head (``modules_to_save``) on a bf16 base gets fp32 master weights and fp32 inputs."""
+    import torch
+    from peft.utils import ModulesToSaveWrapper
+
+    for wrapper in peft_model.modules():
+        if not isinstance(wrapper, ModulesToSaveWrapper):
+            continue
+        for head in wrapper.modules_to_save.values():
+            if all(p.dtype == torch.float32 for p in head.parameters()):
+                continue
+            head.float()
+            head.register_forward_pre_hook(_inputs_to_fp32)
+
+
+def _inputs_to_fp32(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(a.float() if hasattr(a, "is_floating_point") and a.is_floating_point() else a for a in args)

@@ -43,6 +43,24 @@ def bnb_config(cfg: ModelConfig) -> Any | None:
                               llm_int8_skip_modules=UNQUANTIZED_MODULES)
 
 
+def load_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    """``from_pretrained`` arguments for the configured base: quantization, placement, and a lean dtype.
+
+    With bf16 compute, the parts that stay unquantized (embeddings, norms, lm_head) load in bf16 too, so that the
+    residual stream and the activations kept for backward are bf16 rather than fp32; the adapter still trains in
+    fp32 (peft up-casts adapter weights; ``wrap_with_peft`` does the same for a trained head).
+    """
+    quantization = bnb_config(cfg)
+    if quantization is None:
+        return {}
+    kwargs: dict[str, Any] = {"quantization_config": quantization, "device_map": device_map()}
+    if cfg.compute_dtype == "bf16":
+        import torch
+
+        kwargs["dtype"] = torch.bfloat16
+    return kwargs
+
+
 def device_map() -> dict[str, Any]:
     import torch
 
@@ -69,10 +87,10 @@ def guard_cpu_4bit(model: Any) -> int:
     return guarded
 
 
-def quantize_built_model(model: Any, quantization: Any) -> Any:
+def quantize_built_model(model: Any, kwargs: dict[str, Any]) -> Any:
     """Quantize a model built in memory (the tiny test model) by a save/load round trip through a temp dir."""
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="fedpeft-quantize-") as tmp:
         model.save_pretrained(tmp)
-        return type(model).from_pretrained(tmp, quantization_config=quantization, device_map=device_map())
+        return type(model).from_pretrained(tmp, **kwargs)

@@ -15,7 +15,8 @@ from fedpeft.models.quantization import resolve_quantization
 
 bnb = pytest.importorskip("bitsandbytes")
 
-NF4 = ModelConfig(name="tiny-llama", task="causal-lm", quantization="nf4")
+# fp32 compute: the gradient check compares against an fp32 reference, so bf16 rounding must not blur it.
+NF4 = ModelConfig(name="tiny-llama", task="causal-lm", quantization="nf4", compute_dtype="fp32")
 FP32 = ModelConfig(name="tiny-llama", task="causal-lm", quantization="none")
 PEFT = PeftConfig(r=4, dropout=0.0)
 
@@ -129,7 +130,7 @@ def test_int8_base_runs_close_to_fp32_and_trains_the_adapter():
 def test_gradient_checkpointing_gives_the_same_lora_gradients():
     grads = []
     for checkpointing in (False, True):
-        cfg = ModelConfig(name="tiny-llama", task="causal-lm", quantization="nf4",
+        cfg = ModelConfig(name="tiny-llama", task="causal-lm", quantization="nf4", compute_dtype="fp32",
                           gradient_checkpointing=checkpointing)
         base, tokenizer = load_base_model(cfg, 0)
         model = wrap_with_peft(base, PEFT, "causal-lm")
@@ -143,3 +144,22 @@ def test_gradient_checkpointing_gives_the_same_lora_gradients():
     assert base.is_gradient_checkpointing
     for name, grad in grads[0].items():
         assert torch.allclose(grad, grads[1][name], atol=1e-6), name
+
+
+@pytest.mark.parametrize("task", ["causal-lm", "classification"])
+def test_bf16_compute_keeps_the_base_lean_and_the_trained_tensors_fp32(task):
+    cfg = ModelConfig(name="tiny-llama", task=task, quantization="nf4", compute_dtype="bf16")
+    base, tokenizer = load_base_model(cfg, 3)
+    assert base.get_input_embeddings().weight.dtype == torch.bfloat16  # no blanket fp32 up-cast
+    model = wrap_with_peft(base, PEFT, task)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(p.dtype == torch.float32 for p in trainable.values())
+    if task == "causal-lm":
+        _, batch = _batch(tokenizer)
+    else:
+        enc = tokenizer(["late fee on my bill", "cannot log in"], return_tensors="pt", padding=True)
+        batch = {**enc, "labels": torch.tensor([0, 2])}
+    model.train()
+    loss = batch_loss(model, batch, task)[0]
+    loss.backward()
+    assert all(p.grad is not None and bool(p.grad.isfinite().all()) for p in trainable.values())
