@@ -28,3 +28,19 @@ class AdapterMismatchError(FedpeftError):
 
 class FederationError(FedpeftError):
     """The federation cannot proceed (too few sites, every site failed, ...)."""
+
+
+class PrivacyError(FedpeftError):
+    """A differential-privacy setting is invalid or cannot be honoured."""
+
+
+class PrivacyBudgetExceeded(PrivacyError):
+    """Training this round would take a site past its privacy budget; the site refuses and trains nothing."""
+
+
+class PolicyViolation(PrivacyError):
+    """The run config asks for something the site's own privacy policy forbids."""
+
+
+class LedgerCorrupted(PrivacyError):
+    """A site's privacy ledger cannot be read or fails its integrity check; it is never silently reset."""
