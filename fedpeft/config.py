@@ -25,6 +25,9 @@ COMPUTE_DTYPES = ("fp32", "bf16")
 PEFT_METHODS = ("lora",)
 PARTITIONERS = ("iid", "dirichlet", "column")
 WEIGHTINGS = ("num-examples", "uniform")
+ACCOUNTANTS = ("prv", "rdp")
+GRAD_SAMPLE_MODES = ("hooks", "functorch")
+CLIENT_DP_MODES = ("off", "central", "distributed")
 FLOWER_ROUNDS_ALIAS = "num-server-rounds"
 
 
@@ -86,6 +89,22 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    dp: bool = False  # example-level DP-SGD (Opacus) at every site
+    noise_multiplier: float = 0.0  # 0: derived from target_epsilon for the planned rounds and local steps
+    target_epsilon: float = 8.0  # per-site budget over the run (a site's policy file may lower it)
+    delta: float = 1e-5
+    max_grad_norm: float = 1.0  # per-example clipping norm C
+    accountant: str = "prv"  # prv (tight) | rdp
+    grad_sample_mode: str = "hooks"  # Opacus per-sample gradients: hooks | functorch
+    client_dp: str = "off"  # client-level DP on the update: off | central (server adds noise) | distributed
+    client_clip: float = 1.0  # S: each site's whole update is clipped to this L2 norm
+    client_noise_multiplier: float = 1.0  # z: noise std on the sum is z * S
+    policy_file: str = ""  # the site's own policy (TOML); it wins over this run config
+    ledger_dir: str = ""  # where site ledgers live; "": <run dir>/sites
+
+
+@dataclass(frozen=True)
 class RunSection:
     name: str = "quickstart"
     out_dir: str = "runs"
@@ -99,6 +118,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     run: RunSection = field(default_factory=RunSection)
 
     def to_flat(self) -> dict[str, bool | int | float | str]:
@@ -256,6 +276,26 @@ def _check_values(cfg: RunConfig, origin: str) -> None:
         ("data.partition_column", cfg.data.partition_column,
          cfg.data.partitioner != "column" or bool(cfg.data.partition_column),
          "the 'column' partitioner needs data.partition_column naming the site-id column"),
+        ("privacy.noise_multiplier", cfg.privacy.noise_multiplier, cfg.privacy.noise_multiplier >= 0,
+         "use 0 (derive from privacy.target_epsilon) or a positive noise multiplier"),
+        ("privacy.target_epsilon", cfg.privacy.target_epsilon, cfg.privacy.target_epsilon > 0,
+         "use a positive budget (e.g. 8)"),
+        ("privacy.delta", cfg.privacy.delta, 0 < cfg.privacy.delta < 1, "use a probability well below 1/#examples"),
+        ("privacy.max_grad_norm", cfg.privacy.max_grad_norm, cfg.privacy.max_grad_norm > 0,
+         "use a positive clipping norm (e.g. 1.0)"),
+        ("privacy.accountant", cfg.privacy.accountant, cfg.privacy.accountant in ACCOUNTANTS,
+         f"use one of {list(ACCOUNTANTS)}"),
+        ("privacy.grad_sample_mode", cfg.privacy.grad_sample_mode, cfg.privacy.grad_sample_mode in GRAD_SAMPLE_MODES,
+         f"use one of {list(GRAD_SAMPLE_MODES)}"),
+        ("privacy.client_dp", cfg.privacy.client_dp, cfg.privacy.client_dp in CLIENT_DP_MODES,
+         f"use one of {list(CLIENT_DP_MODES)}"),
+        ("privacy.client_clip", cfg.privacy.client_clip, cfg.privacy.client_clip > 0, "use a positive norm"),
+        ("privacy.client_noise_multiplier", cfg.privacy.client_noise_multiplier,
+         cfg.privacy.client_noise_multiplier >= 0, "use 0 or a positive noise multiplier"),
+        ("federation.weighting", cfg.federation.weighting,
+         cfg.privacy.client_dp == "off" or cfg.federation.weighting == "uniform",
+         "client-level DP bounds each site's influence by privacy.client_clip only if weights are public and "
+         "equal: set federation.weighting = 'uniform'"),
         ("run.name", cfg.run.name, bool(cfg.run.name) and "/" not in cfg.run.name and cfg.run.name not in (".", ".."),
          "use a plain directory name without '/'"),
     ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedpeft import wire
@@ -16,7 +16,9 @@ def _site(context: Context):  # noqa: ANN202 - imported lazily so that loading t
     cfg = from_flat(context.run_config)
     partition_id = int(context.node_config[wire.NODE_PARTITION_ID])
     num_partitions = int(context.node_config.get(wire.NODE_NUM_PARTITIONS, cfg.federation.num_sites))
-    return Site(cfg, partition_id, num_partitions)
+    policy = context.node_config.get(wire.NODE_POLICY_FILE)
+    ledger = context.node_config.get(wire.NODE_LEDGER_PATH)
+    return Site(cfg, partition_id, num_partitions, str(policy) if policy else None, str(ledger) if ledger else None)
 
 
 def _received_adapter(msg: Message) -> dict:
@@ -26,11 +28,19 @@ def _received_adapter(msg: Message) -> dict:
 
 
 def train(msg: Message, context: Context) -> Message:
+    from fedpeft.errors import PrivacyError
+
     site = _site(context)
     server_round = int(msg.content[wire.CONFIG][wire.SERVER_ROUND])
-    local = site.train_round(_received_adapter(msg), server_round)
+    try:
+        local = site.train_round(_received_adapter(msg), server_round)
+    except PrivacyError as refusal:  # policy or budget: a clear answer the server records, not a crash
+        metrics = MetricRecord({wire.REFUSED: 1, wire.PARTITION_ID: site.partition_id})
+        reason = ConfigRecord({wire.REFUSAL_REASON: str(refusal)})
+        return Message(RecordDict({wire.METRICS: metrics, wire.CONFIG: reason}), reply_to=msg)
     metrics = MetricRecord({wire.NUM_EXAMPLES: local.train.num_examples, wire.TRAIN_LOSS: local.train.mean_loss,
-                            wire.TRAIN_STEPS: local.train.steps, wire.PARTITION_ID: site.partition_id})
+                            wire.TRAIN_STEPS: local.train.steps, wire.PARTITION_ID: site.partition_id,
+                            **local.privacy})
     return Message(RecordDict({wire.ADAPTER: ArrayRecord(local.update), wire.METRICS: metrics}), reply_to=msg)
 
 

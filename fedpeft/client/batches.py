@@ -69,8 +69,11 @@ def iterate_batches(data: EncodedData, batch_size: int, generator: Any | None = 
     order = torch.randperm(len(data), generator=generator) if generator is not None else torch.arange(len(data))
     for start in range(0, len(data), batch_size):
         index = order[start: start + batch_size]
-        mask = data.attention_mask[index]
-        width = max(int(mask.sum(dim=1).max()), 1)
-        labels = data.labels[index]
-        yield {"input_ids": data.input_ids[index, :width], "attention_mask": mask[:, :width],
-               "labels": labels[:, :width] if labels.dim() == 2 else labels}
+        yield trim_batch(data.input_ids[index], data.attention_mask[index], data.labels[index])
+
+
+def trim_batch(input_ids: Any, attention_mask: Any, labels: Any) -> dict[str, Any]:
+    """Drop the padding columns that no row of this batch uses (rows are right-padded)."""
+    width = max(int(attention_mask.sum(dim=1).max()), 1) if len(attention_mask) else 1
+    return {"input_ids": input_ids[:, :width], "attention_mask": attention_mask[:, :width],
+            "labels": labels[:, :width] if labels.dim() == 2 else labels}

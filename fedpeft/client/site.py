@@ -7,11 +7,16 @@ A Ray actor of the simulation engine serves many virtual sites in turn, so the p
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 from fedpeft.client.batches import EncodedData, encode_classification, encode_prompt_response
 from fedpeft.client.trainer import EvalResult, TrainResult, evaluate, train_local
+from fedpeft.privacy.client_dp import add_gaussian, clip_update, noise_share_std
+from fedpeft.privacy.accounting import planned_steps
+from fedpeft.privacy.dp_sgd import DpSettings, train_private
+from fedpeft.privacy.site_budget import SiteBudget, site_ledger_path, site_policy
 from fedpeft.config import ModelConfig, PeftConfig, RunConfig
 from fedpeft.data.records import ClassificationData
 from fedpeft.data.sites import SiteData, num_labels, site_split
@@ -22,8 +27,9 @@ from fedpeft.models.peft_model import wrap_with_peft
 
 @dataclass(frozen=True)
 class LocalRound:
-    update: AdapterState  # new local adapter minus the received global adapter
+    update: AdapterState  # new local adapter minus the received global adapter (clipped/noised under client DP)
     train: TrainResult
+    privacy: dict[str, float] = field(default_factory=dict)  # epsilon after the round, noise, sampling rate, ...
 
 
 @functools.lru_cache(maxsize=2)
@@ -48,9 +54,11 @@ def _encode(data: SiteData, tokenizer: Any, max_length: int) -> EncodedData:
 class Site:
     """Train or evaluate one site's data starting from a given global adapter."""
 
-    def __init__(self, cfg: RunConfig, partition_id: int, num_partitions: int) -> None:
+    def __init__(self, cfg: RunConfig, partition_id: int, num_partitions: int, policy_file: str | None = None,
+                 ledger_path: str | None = None) -> None:
         self.cfg = cfg
         self.partition_id = partition_id
+        self.policy_file, self.ledger_path = policy_file, ledger_path
         self.model, _ = shared_model(cfg.model, cfg.peft, num_labels(cfg))
         self.train_data, self.eval_data = encoded_site_data(cfg, partition_id, num_partitions)
 
@@ -61,10 +69,48 @@ class Site:
         self.load_global(global_state)
         return evaluate(self.model, self.eval_data, self.cfg.train.eval_batch_size, self.cfg.model.task)
 
+    def budget(self) -> SiteBudget | None:
+        """The site's privacy gate, or None when neither DP nor a site policy is in play."""
+        site = str(self.partition_id)
+        policy = site_policy(self.cfg, site, self.policy_file)
+        if policy is None and not self.cfg.privacy.dp:
+            return None
+        ledger = Path(self.ledger_path) if self.ledger_path else site_ledger_path(self.cfg, site)
+        return SiteBudget(self.cfg, site, policy, ledger)
+
     def train_round(self, global_state: AdapterState, server_round: int) -> LocalRound:
+        """Raises a PrivacyError subclass, before any training, when policy or budget forbid this round."""
+        budget = self.budget()
+        if budget is not None:
+            budget.check_policy()
         self.load_global(global_state)
         seed = self.cfg.run.seed * 1_000_003 + server_round * 1009 + self.partition_id
-        result = train_local(self.model, self.train_data, self.cfg.train, self.cfg.model.task, seed)
+        privacy: dict[str, float] = {}
+        if self.cfg.privacy.dp:
+            result, privacy = self._train_private(budget, server_round, seed)
+        else:
+            result = train_local(self.model, self.train_data, self.cfg.train, self.cfg.model.task, seed)
         trained = get_adapter_state(self.model)
         update = {name: trained[name] - global_state[name] for name in trained}
-        return LocalRound(update, result)
+        return LocalRound(self._client_level_dp(update), result, privacy)
+
+    def _train_private(self, budget: SiteBudget, server_round: int, seed: int) -> tuple[TrainResult, dict]:
+        t = self.cfg.train
+        plan = budget.plan(server_round, *planned_steps(len(self.train_data), t.batch_size, t.local_epochs,
+                                                        t.max_steps))
+        settings = DpSettings(plan.noise_multiplier, plan.max_grad_norm, self.cfg.privacy.grad_sample_mode)
+        done = train_private(self.model, self.train_data, self.cfg.train, self.cfg.model.task, seed, settings)
+        spent = budget.commit(server_round, plan, done.steps)
+        return done.train, {"epsilon": spent, "noise-multiplier": plan.noise_multiplier,
+                            "sample-rate": plan.sample_rate, "dp-steps": done.steps}
+
+    def _client_level_dp(self, update: AdapterState) -> AdapterState:
+        """Clip (and, distributed, noise) the whole update; nothing about its norm leaves the site."""
+        p = self.cfg.privacy
+        if p.client_dp == "off":
+            return update
+        clipped, _ = clip_update(update, p.client_clip)
+        if p.client_dp == "distributed":
+            clipped = add_gaussian(clipped, noise_share_std(p.client_noise_multiplier, p.client_clip,
+                                                            self.cfg.federation.min_sites))
+        return clipped

@@ -34,9 +34,12 @@ def batch_loss(model: Any, batch: dict[str, Any], task: str) -> tuple[Any, int, 
         loss = F.cross_entropy(logits.float(), labels)
         return loss, int((logits.argmax(-1) == labels).sum()), int(labels.numel())
     logits, labels = logits[:, :-1, :].float(), labels[:, 1:]
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+    token_loss = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
     scored = labels != IGNORE_INDEX
-    return loss, int(((logits.argmax(-1) == labels) & scored).sum()), int(scored.sum())
+    # Mean over each sequence's response tokens, then over sequences: one sequence is the privacy unit, and its
+    # loss must not depend on the other rows of the batch (a batch-wide token mean would couple them).
+    per_sequence = token_loss.sum(dim=1) / scored.sum(dim=1).clamp(min=1)
+    return per_sequence.mean(), int(((logits.argmax(-1) == labels) & scored).sum()), int(scored.sum())
 
 
 def param_groups(model: Any, cfg: TrainConfig) -> list[dict[str, Any]]:
@@ -78,16 +81,17 @@ def evaluate(model: Any, data: EncodedData, batch_size: int, task: str) -> EvalR
     import torch
 
     model.eval()
-    total_loss, correct, scored = 0.0, 0, 0
+    total_loss, correct, scored, rows = 0.0, 0, 0, 0
     with torch.no_grad():
         for batch in iterate_batches(data, batch_size):
             loss, batch_correct, batch_scored = batch_loss(model, batch, task)
-            total_loss += float(loss) * batch_scored
+            total_loss += float(loss) * len(batch["labels"])  # the loss is a mean over rows
+            rows += len(batch["labels"])
             correct += batch_correct
             scored += batch_scored
     if scored == 0:
         return EvalResult(math.nan, math.nan, len(data))
-    return EvalResult(total_loss / scored, correct / scored, len(data))
+    return EvalResult(total_loss / rows, correct / scored, len(data))
 
 
 def _mean(values: list[float]) -> float:

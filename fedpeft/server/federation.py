@@ -12,14 +12,16 @@ from flwr.serverapp import Grid
 
 from fedpeft import wire
 from fedpeft.config import RunConfig
-from fedpeft.errors import FederationError, FedpeftError
+from fedpeft.errors import FederationError
 from fedpeft.io.atomic import append_jsonl, write_json_atomic
-from fedpeft.models.adapter_state import AdapterState, check_adapter_state
+from fedpeft.models.adapter_state import AdapterState
 from fedpeft.server.checkpoint import latest_adapter, save_global_adapter
+from fedpeft.server.client_dp import ServerClientDp
+from fedpeft.server.collect import collect_updates
 from fedpeft.server.messaging import EVALUATE, TRAIN, broadcast, payload_bytes
 from fedpeft.server.progress import ConsoleProgress
 from fedpeft.server.run_dir import MANIFEST_FILE, METRICS_FILE, SUMMARY_FILE
-from fedpeft.strategies import WeightedSum, build_rule
+from fedpeft.strategies import build_rule
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,8 @@ class Federation:
         self.peft_config = peft_config
         self.progress = progress
         self.rule = build_rule(cfg.federation.aggregation)
+        self.client_dp = ServerClientDp(cfg)
+        self.site_epsilon: dict[str, float] = {}
         self.timeout = cfg.federation.round_timeout
 
     def run(self) -> dict[str, Any]:
@@ -77,44 +81,30 @@ class Federation:
         with self.progress.stage(f"round {server_round}: {len(sampled)} sites training"):
             replies = broadcast(self.grid, sampled, TRAIN, self.global_state,
                                 {wire.SERVER_ROUND: server_round}, self.timeout)
-        total, losses, sizes, failures = self.collect_updates(replies)
-        if total.count >= self.cfg.federation.min_sites:
-            self.global_state = self.rule.aggregate(self.global_state, total.update_sum, total.weight_sum)
+        got = collect_updates(replies, self.global_state, self.cfg.federation.weighting)
+        if got.first_record is not None:
+            self.record_manifest(got.first_record)
+        aggregated = got.total.count >= self.cfg.federation.min_sites
+        client_epsilon = None
+        if aggregated:
+            update_sum, client_epsilon = self.client_dp.apply(got.total.update_sum, len(sampled) / len(nodes))
+            self.global_state = self.rule.aggregate(self.global_state, update_sum, got.total.weight_sum)
             save_global_adapter(self.run_dir, server_round, self.global_state, self.peft_config)
         else:
-            self.progress.message(f"round {server_round}: only {total.count} usable updates (< federation.min_sites "
-                                  f"= {self.cfg.federation.min_sites}); the global adapter is unchanged")
+            self.progress.message(f"round {server_round}: only {got.total.count} usable updates (< "
+                                  f"federation.min_sites = {self.cfg.federation.min_sites}); the global adapter "
+                                  "is unchanged")
+        self.site_epsilon.update(got.site_epsilon)
         with self.progress.stage(f"round {server_round}: evaluating on {len(nodes)} sites"):
             evaluation = self.evaluate(nodes, server_round)
         self.log_round({
             "round": server_round, "seconds": time.monotonic() - started, "sites_sampled": len(sampled),
-            "sites_returned": total.count, "failures": failures,
-            "train_loss": _weighted_mean(losses), "bytes_per_client": sum(sizes) / len(sizes) if sizes else 0,
-            "aggregated": total.count >= self.cfg.federation.min_sites, **_eval_fields(evaluation)})
+            "sites_returned": got.total.count, "failures": got.failures, "refusals": got.refusals,
+            "site_epsilon": got.site_epsilon, "client_dp_epsilon": client_epsilon,
+            "train_loss": _weighted_mean(got.losses),
+            "bytes_per_client": sum(got.sizes) / len(got.sizes) if got.sizes else 0,
+            "aggregated": aggregated, **_eval_fields(evaluation)})
         return evaluation
-
-    def collect_updates(self, replies: Any) -> tuple[WeightedSum, list[tuple[float, float]], list[int], dict]:
-        import torch  # noqa: F401  (needed by ArrayRecord.to_torch_state_dict)
-
-        total, losses, sizes = WeightedSum(), [], []
-        failures = {str(node): reason for node, reason in replies.failed.items()}
-        for reply in replies.ok:
-            node = reply.metadata.src_node_id
-            try:
-                record = reply.content[wire.ADAPTER]
-                update = record.to_torch_state_dict()
-                check_adapter_state(self.global_state, update, source=f"update from node {node}")
-                metrics = reply.content[wire.METRICS]
-                examples = float(metrics[wire.NUM_EXAMPLES])
-            except (FedpeftError, KeyError, TypeError, ValueError) as err:
-                failures[str(node)] = f"rejected: {err}"
-                continue
-            weight = examples if self.cfg.federation.weighting == "num-examples" else 1.0
-            total.add(update, weight)
-            losses.append((float(metrics[wire.TRAIN_LOSS]), examples))
-            sizes.append(payload_bytes(record))
-            self.record_manifest(record)
-        return total, losses, sizes, failures
 
     def record_manifest(self, record: Any) -> None:
         """Write once what a site upload consists of (names, shapes, dtypes, bytes): the evidence of what left."""
@@ -147,7 +137,8 @@ class Federation:
         final = latest_adapter(self.run_dir)
         return {"rounds": self.cfg.federation.rounds, "seconds": seconds,
                 "initial_accuracy": history[0].global_accuracy, "final_accuracy": history[-1].global_accuracy,
-                "final_site_accuracy": history[-1].site_accuracy,
+                "final_site_accuracy": history[-1].site_accuracy, "site_epsilon": self.site_epsilon,
+                "client_dp_epsilon": self.client_dp.epsilon(),
                 "accuracy_by_round": [h.global_accuracy for h in history],
                 "final_adapter": str(final) if final else None, "config": self.cfg.to_nested()}
 

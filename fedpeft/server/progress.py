@@ -39,6 +39,14 @@ class ConsoleProgress:
                     f"{record['seconds']:.1f}s")
         self.console.print(line, highlight=False)
         self.console.print(f"            held-out acc per site: {sites}", highlight=False)
+        if record.get("site_epsilon"):
+            eps = " ".join(f"s{site}={value:.2f}" for site, value in sorted(record["site_epsilon"].items(),
+                                                                             key=lambda kv: int(kv[0])))
+            self.console.print(f"            epsilon per site (cumulative): {eps}", highlight=False)
+        if record.get("client_dp_epsilon") is not None:
+            self.console.print(f"            client-level epsilon: {record['client_dp_epsilon']:.2f}", highlight=False)
+        for site, reason in (record.get("refusals") or {}).items():
+            self.console.print(f"            [yellow]site {site} refused:[/yellow] {reason}", highlight=False)
         for node, reason in (record.get("failures") or {}).items():
             self.console.print(f"            [yellow]site node {node} failed:[/yellow] {reason}", highlight=False)
 

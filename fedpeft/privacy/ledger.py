@@ -1,0 +1,270 @@
+"""A site's privacy ledger: every DP release the site made, append-only, hash-chained, never reset.
+
+The file is JSON lines. Each line holds one ``LedgerEntry``'s fields plus ``"prev"``, the SHA-256 hex digest of the
+previous line's exact bytes (without its newline; 64 zeros on the first line). Appends rewrite the whole file
+atomically with the earlier lines byte-identical, so a crash leaves the old ledger or the new one, never a torn one;
+anything else found on disk (a partial line, an edit, a removed or reordered line) is tampering or damage, and the
+ledger refuses to load rather than silently start over from zero.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from fedpeft.errors import LedgerCorrupted, PrivacyBudgetExceeded, PrivacyError
+from fedpeft.io.atomic import write_bytes_atomic
+from fedpeft.privacy import accounting
+from fedpeft.privacy.accounting import Release
+
+KINDS = ("example",)
+GENESIS = "0" * 64
+_NEVER_RESET = (
+    "The ledger is never reset automatically: restore it from a backup or investigate; do not delete it "
+    "(deleting it would forget the privacy this site has already spent)"
+)
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    round: int
+    steps: int
+    sample_rate: float
+    noise_multiplier: float
+    max_grad_norm: float
+    epsilon: float  # the site's cumulative epsilon after this release
+    delta: float
+    accountant: str
+    kind: str = "example"  # "example": a DP-SGD release; a field so that later kinds can be added
+    timestamp: str = ""  # UTC ISO 8601, filled by commit() when empty
+
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(LedgerEntry))
+_INT_FIELDS = ("round", "steps")
+_FLOAT_FIELDS = ("sample_rate", "noise_multiplier", "max_grad_norm", "epsilon", "delta")
+_STR_FIELDS = ("accountant", "kind", "timestamp")
+
+
+def _field_problem(name: str, value: Any) -> str | None:
+    """Why ``value`` cannot be field ``name`` of a LedgerEntry, or None when it can."""
+    if name in _INT_FIELDS:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            return f"'{name}' must be an integer >= 0, got {value!r}"
+        return None
+    if name in _STR_FIELDS:
+        return None if isinstance(value, str) else f"'{name}' must be a string, got {value!r}"
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
+        return f"'{name}' must be a number, got {value!r}"
+    return None
+
+
+def _entry_problem(values: dict[str, Any]) -> str | None:
+    """Why these field values do not form a valid LedgerEntry, or None."""
+    for name in _FIELDS:
+        problem = _field_problem(name, values[name])
+        if problem:
+            return problem
+    checks = (
+        (0.0 < values["sample_rate"] <= 1.0, "sample_rate", "in (0, 1]"),
+        (0.0 <= values["noise_multiplier"] < math.inf, "noise_multiplier", "a finite number >= 0"),
+        (values["max_grad_norm"] > 0.0, "max_grad_norm", "> 0"),
+        (values["epsilon"] >= 0.0, "epsilon", ">= 0"),
+        (0.0 < values["delta"] < 1.0, "delta", "in (0, 1)"),
+        (values["accountant"] in accounting.ACCOUNTANTS, "accountant", f"one of {accounting.ACCOUNTANTS}"),
+        (values["kind"] in KINDS, "kind", f"one of {KINDS}"),
+    )
+    for ok, name, expected in checks:
+        if not ok:
+            return f"'{name}'={values[name]!r} must be {expected}"
+    return None
+
+
+def _normalized(entry: LedgerEntry) -> LedgerEntry:
+    """The entry with float fields as floats, so that what is written reads back as an equal entry."""
+    values = {name: getattr(entry, name) for name in _FIELDS}
+    problem = _entry_problem(values)
+    if problem:
+        raise PrivacyError(f"ledger entry for round {entry.round!r} is invalid: {problem}; fix the entry")
+    return dataclasses.replace(entry, **{name: float(values[name]) for name in _FLOAT_FIELDS})
+
+
+def _sha256(line: bytes) -> str:
+    return hashlib.sha256(line).hexdigest()
+
+
+def _encode(entry: LedgerEntry, prev: str) -> bytes:
+    record = {name: getattr(entry, name) for name in _FIELDS}
+    record["prev"] = prev
+    # allow_nan: a noise-free release has epsilon = inf, which must be recorded honestly (as JSON 'Infinity').
+    return json.dumps(record, allow_nan=True).encode("utf-8")
+
+
+class PrivacyLedger:
+    """The site's ledger at ``path``; a missing file is an empty ledger, anything unreadable is LedgerCorrupted."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._lines: list[bytes] = []
+        self._entries: list[LedgerEntry] = []
+        if self.path.exists():
+            self._lines, self._entries = _load(self.path)
+
+    @property
+    def entries(self) -> tuple[LedgerEntry, ...]:
+        return tuple(self._entries)
+
+    def history(self) -> list[Release]:
+        return [(e.noise_multiplier, e.sample_rate, e.steps) for e in self._entries]
+
+    def rounds(self) -> set[int]:
+        return {e.round for e in self._entries}
+
+    def epsilon_spent(self) -> float:
+        return self._entries[-1].epsilon if self._entries else 0.0
+
+    def check(self, planned: Release, delta: float, max_epsilon: float, accountant: str = "prv") -> float:
+        """Predicted cumulative epsilon after ``planned``; PrivacyBudgetExceeded when it would pass ``max_epsilon``."""
+        self._check_consistent(delta, accountant)
+        if not isinstance(max_epsilon, (int, float)) or isinstance(max_epsilon, bool) or not max_epsilon > 0:
+            raise PrivacyError(f"max_epsilon={max_epsilon!r} is invalid; the budget must be a number > 0")
+        planned = accounting.check_release(planned, where="planned release")
+        predicted = accounting.epsilon(self.history() + [planned], delta, accountant)
+        if predicted > max_epsilon:
+            spent = self.epsilon_spent()
+            sigma, q, steps = planned
+            raise PrivacyBudgetExceeded(
+                f"privacy ledger {self.path}: epsilon spent so far {spent:.4g}; this round "
+                f"({steps} steps, noise_multiplier={sigma:g}, sample_rate={q:g}) would raise it by "
+                f"{predicted - spent:.4g} to {predicted:.4g} (delta={delta:g}, {accountant}), over the site's budget "
+                f"max_epsilon={max_epsilon:g}; the site trains nothing this round. To train further, raise the "
+                "noise multiplier, plan fewer steps, or raise max_epsilon in the site policy"
+            )
+        return predicted
+
+    def commit(self, entry: LedgerEntry) -> None:
+        """Append ``entry`` (a round after every recorded one) and write the ledger atomically."""
+        entry = _normalized(entry)
+        self._check_appendable(entry)
+        self._check_consistent(entry.delta, entry.accountant)
+        if not entry.timestamp:
+            entry = dataclasses.replace(entry, timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        self._check_unchanged_on_disk()
+        line = _encode(entry, _sha256(self._lines[-1]) if self._lines else GENESIS)
+        write_bytes_atomic(self.path, b"".join(old + b"\n" for old in self._lines) + line + b"\n")
+        self._lines.append(line)
+        self._entries.append(entry)
+
+    def _check_appendable(self, entry: LedgerEntry) -> None:
+        if entry.round in self.rounds():
+            raise PrivacyError(
+                f"privacy ledger {self.path}: round {entry.round} is already recorded; a release is counted once. "
+                "Commit each round's release exactly once"
+            )
+        if self._entries and entry.round <= self._entries[-1].round:
+            raise PrivacyError(
+                f"privacy ledger {self.path}: round {entry.round} is not after the last recorded round "
+                f"{self._entries[-1].round}; rounds are committed in increasing order"
+            )
+        if entry.epsilon < self.epsilon_spent():
+            raise PrivacyError(
+                f"privacy ledger {self.path}: round {entry.round} records cumulative epsilon={entry.epsilon:g}, below "
+                f"the {self.epsilon_spent():g} already spent; record the cumulative epsilon that check() returned"
+            )
+
+    def _check_consistent(self, delta: float, accountant: str) -> None:
+        accounting.check_delta(delta)
+        accounting.check_accountant(accountant)
+        if not self._entries:
+            return
+        first = self._entries[0]
+        if delta != first.delta:
+            raise PrivacyError(
+                f"privacy ledger {self.path}: delta={delta:g} differs from delta={first.delta:g} of the recorded "
+                f"releases; epsilons at different deltas do not compose here. Use delta={first.delta:g}"
+            )
+        if accountant != first.accountant:
+            # Recorded cumulative epsilons must stay comparable (they never decrease); a switch could lower them.
+            raise PrivacyError(
+                f"privacy ledger {self.path}: accountant {accountant!r} differs from {first.accountant!r} of the "
+                f"recorded releases; use accountant {first.accountant!r} for this site"
+            )
+
+    def _check_unchanged_on_disk(self) -> None:
+        expected = b"".join(line + b"\n" for line in self._lines)
+        current = self.path.read_bytes() if self.path.exists() else b""
+        if current != expected:
+            raise LedgerCorrupted(
+                f"privacy ledger {self.path} changed on disk since it was loaded (another process, or an edit); "
+                f"nothing was appended. Make sure one process owns the ledger, then reload it. {_NEVER_RESET}"
+            )
+
+
+def _corrupted(path: Path, line_number: int, damage: str) -> LedgerCorrupted:
+    return LedgerCorrupted(f"privacy ledger {path} is corrupted at line {line_number}: {damage}. {_NEVER_RESET}")
+
+
+def _load(path: Path) -> tuple[list[bytes], list[LedgerEntry]]:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise LedgerCorrupted(f"privacy ledger {path} cannot be read ({exc}); fix its permissions. {_NEVER_RESET}")
+    if not data:
+        raise _corrupted(path, 1, "the file is empty, but a ledger file is only ever written with its entries")
+    lines = data.split(b"\n")
+    if lines[-1] != b"":
+        raise _corrupted(
+            path, len(lines), "the last line is partial (no newline at its end); atomic writes never leave one"
+        )
+    lines.pop()
+    entries: list[LedgerEntry] = []
+    prev = GENESIS
+    for number, line in enumerate(lines, start=1):
+        entry, line_prev = _parse_line(path, number, line)
+        if line_prev != prev:
+            raise _corrupted(
+                path, number, "its 'prev' hash does not match the line before it (a line was edited, removed, "
+                "inserted or reordered)"
+            )
+        _check_sequence(path, number, entries, entry)
+        entries.append(entry)
+        prev = _sha256(line)
+    return lines, entries
+
+
+def _parse_line(path: Path, number: int, line: bytes) -> tuple[LedgerEntry, str]:
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _corrupted(path, number, f"not valid JSON ({exc})") from None
+    if not isinstance(record, dict):
+        raise _corrupted(path, number, f"expected a JSON object, found {type(record).__name__}")
+    expected = set(_FIELDS) | {"prev"}
+    if set(record) != expected:
+        missing, extra = sorted(expected - set(record)), sorted(set(record) - expected)
+        raise _corrupted(path, number, f"wrong fields (missing {missing}, unexpected {extra})")
+    prev = record.pop("prev")
+    problem = _entry_problem(record)
+    if problem:
+        raise _corrupted(path, number, f"bad value: {problem}")
+    if not isinstance(prev, str):
+        raise _corrupted(path, number, f"'prev' must be a hex string, got {prev!r}")
+    record.update({name: float(record[name]) for name in _FLOAT_FIELDS})
+    return LedgerEntry(**record), prev
+
+
+def _check_sequence(path: Path, number: int, entries: list[LedgerEntry], entry: LedgerEntry) -> None:
+    if not entries:
+        return
+    last = entries[-1]
+    if entry.round <= last.round:
+        raise _corrupted(path, number, f"round {entry.round} does not come after round {last.round}")
+    if entry.epsilon < last.epsilon:
+        raise _corrupted(path, number, f"epsilon {entry.epsilon:g} is below the previous line's {last.epsilon:g}")
+    if entry.delta != last.delta or entry.accountant != last.accountant:
+        raise _corrupted(path, number, "delta or accountant differs from the earlier lines")

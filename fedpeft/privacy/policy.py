@@ -1,0 +1,176 @@
+"""A site's own privacy policy file. It beats the server's run config: a request it forbids is refused.
+
+The file is TOML with one ``[policy]`` table, e.g.::
+
+    [policy]
+    max_epsilon = 8.0            # the site's total budget over all rounds it joins (required)
+    delta = 1e-5
+    require_dp = true
+    min_noise_multiplier = 0.8
+    max_grad_norm = 1.0
+    allowed_peft_methods = ["lora"]
+    client_dp_requires_secure_aggregation = true
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedpeft.errors import PolicyViolation, PrivacyError
+
+POLICY_FILE_KEY = "privacy.policy_file"
+CLIENT_DP_MODES = ("off", "central", "distributed")
+
+
+@dataclass(frozen=True)
+class SitePolicy:
+    max_epsilon: float  # the site's total budget over all rounds it joins
+    delta: float = 1e-5
+    require_dp: bool = True  # refuse runs without example-level DP-SGD
+    min_noise_multiplier: float = 0.0
+    max_grad_norm: float = math.inf  # the largest per-example clipping norm the site accepts
+    allowed_peft_methods: tuple[str, ...] = ("lora",)
+    client_dp_requires_secure_aggregation: bool = False
+    source: str = ""  # the file it was read from, for messages
+
+
+@dataclass(frozen=True)
+class PrivacyRequest:
+    """What the server's run config asks the site to do this round."""
+
+    dp: bool
+    noise_multiplier: float
+    max_grad_norm: float
+    delta: float
+    peft_method: str
+    client_dp: str  # "off" | "central" | "distributed"
+    secure_aggregation: bool
+
+
+_BOOL_KEYS = ("require_dp", "client_dp_requires_secure_aggregation")
+_FLOAT_KEYS = ("max_epsilon", "delta", "min_noise_multiplier", "max_grad_norm")
+_KEYS = _FLOAT_KEYS + _BOOL_KEYS + ("allowed_peft_methods",)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _bad(path: Path, key: str, value: Any, fix: str) -> PrivacyError:
+    return PrivacyError(f"site policy {path}: [policy] {key} = {value!r} is invalid; {fix}")
+
+
+def _read_table(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise PrivacyError(
+            f"site policy file {path} does not exist; create it, or point the config key '{POLICY_FILE_KEY}' "
+            "at the site's policy file"
+        )
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise PrivacyError(f"site policy {path} cannot be read as TOML ({exc}); fix the file") from None
+    extra = sorted(set(document) - {"policy"})
+    if extra:
+        raise PrivacyError(f"site policy {path}: unknown top-level key(s) {extra}; put every setting in [policy]")
+    table = document.get("policy")
+    if not isinstance(table, dict):
+        raise PrivacyError(f"site policy {path} has no [policy] table; add one with at least max_epsilon = <budget>")
+    unknown = sorted(set(table) - set(_KEYS))
+    if unknown:
+        raise PrivacyError(
+            f"site policy {path}: unknown key(s) {unknown} in [policy]; the known keys are {', '.join(_KEYS)}"
+        )
+    if "max_epsilon" not in table:
+        raise PrivacyError(f"site policy {path}: [policy] max_epsilon is missing; set the site's total budget")
+    return table
+
+
+def _check_types(path: Path, table: dict[str, Any]) -> None:
+    for key, value in table.items():
+        if key in _FLOAT_KEYS and not _is_number(value):
+            raise _bad(path, key, value, "it must be a number")
+        if key in _BOOL_KEYS and not isinstance(value, bool):
+            raise _bad(path, key, value, "it must be true or false")
+        if key == "allowed_peft_methods" and (
+            not isinstance(value, list) or not all(isinstance(m, str) and m for m in value)
+        ):
+            raise _bad(path, key, value, 'it must be a list of method names, e.g. ["lora"]')
+
+
+def _check_values(path: Path, policy: SitePolicy) -> None:
+    checks = (
+        (0 < policy.max_epsilon < math.inf, "max_epsilon", "set a finite budget > 0, e.g. 8.0"),
+        (0 < policy.delta < 1, "delta", "it must be strictly between 0 and 1, e.g. 1e-5"),
+        (0 <= policy.min_noise_multiplier < math.inf, "min_noise_multiplier", "it must be a finite number >= 0"),
+        (policy.max_grad_norm > 0, "max_grad_norm", "it must be > 0 (inf accepts any clipping norm)"),
+        (len(policy.allowed_peft_methods) > 0, "allowed_peft_methods", 'list at least one method, e.g. ["lora"]'),
+    )
+    for ok, key, fix in checks:
+        if not ok:
+            raise _bad(path, key, getattr(policy, key), fix)
+
+
+def load_policy(path: str | Path) -> SitePolicy:
+    """Read and validate the site's policy file."""
+    path = Path(path)
+    table = _read_table(path)
+    _check_types(path, table)
+    values: dict[str, Any] = {key: float(table[key]) for key in _FLOAT_KEYS if key in table}
+    values.update({key: table[key] for key in _BOOL_KEYS if key in table})
+    if "allowed_peft_methods" in table:
+        values["allowed_peft_methods"] = tuple(table["allowed_peft_methods"])
+    policy = SitePolicy(**values, source=str(path))
+    _check_values(path, policy)
+    return policy
+
+
+def _violation(policy: SitePolicy, rule: str, asks: str, allows: str) -> PolicyViolation:
+    source = policy.source or "(not read from a file)"
+    return PolicyViolation(
+        f"site policy {source} rule '{rule}': the run asks {asks}, the site allows {allows}; "
+        "the site trains nothing this round"
+    )
+
+
+def _first_violation(policy: SitePolicy, request: PrivacyRequest) -> PolicyViolation | None:
+    # Without DP-SGD there is no noise and no clipping: the effective noise multiplier is 0, the norm unbounded.
+    noise = request.noise_multiplier if request.dp else 0.0
+    clip = request.max_grad_norm if request.dp else math.inf
+    if policy.require_dp and not request.dp:
+        return _violation(policy, "require_dp", "training without DP-SGD", "only training with DP-SGD")
+    # Comparisons are written so that a NaN in the request fails closed.
+    if not noise >= policy.min_noise_multiplier:
+        return _violation(
+            policy, "min_noise_multiplier", f"noise_multiplier={noise:g}", f"at least {policy.min_noise_multiplier:g}"
+        )
+    if not clip <= policy.max_grad_norm:
+        return _violation(policy, "max_grad_norm", f"max_grad_norm={clip:g}", f"at most {policy.max_grad_norm:g}")
+    if request.dp and not request.delta <= policy.delta:
+        return _violation(policy, "delta", f"delta={request.delta:g}", f"at most {policy.delta:g}")
+    if request.peft_method not in policy.allowed_peft_methods:
+        allowed = ", ".join(policy.allowed_peft_methods)
+        return _violation(policy, "allowed_peft_methods", f"peft method {request.peft_method!r}", f"only {allowed}")
+    if policy.client_dp_requires_secure_aggregation and request.client_dp != "off" and not request.secure_aggregation:
+        return _violation(
+            policy,
+            "client_dp_requires_secure_aggregation",
+            f"client-level DP '{request.client_dp}' without secure aggregation",
+            "client-level DP only with secure aggregation",
+        )
+    return None
+
+
+def check_request(policy: SitePolicy, request: PrivacyRequest) -> None:
+    """Raise PolicyViolation for the first rule of ``policy`` that ``request`` breaks."""
+    if request.client_dp not in CLIENT_DP_MODES:
+        raise PrivacyError(
+            f"privacy request: client_dp={request.client_dp!r} is unknown; use one of {', '.join(CLIENT_DP_MODES)}"
+        )
+    violation = _first_violation(policy, request)
+    if violation is not None:
+        raise violation

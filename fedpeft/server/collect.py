@@ -1,0 +1,51 @@
+"""Sort one round's train replies: usable updates into the weighted sum, refusals and failures on the record."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedpeft import wire
+from fedpeft.errors import FedpeftError
+from fedpeft.models.adapter_state import check_adapter_state
+from fedpeft.server.messaging import Replies, payload_bytes
+from fedpeft.strategies import WeightedSum
+
+
+@dataclass
+class RoundCollection:
+    total: WeightedSum = field(default_factory=WeightedSum)
+    losses: list[tuple[float, float]] = field(default_factory=list)  # (train loss, examples) per usable update
+    sizes: list[int] = field(default_factory=list)  # upload bytes per usable update
+    failures: dict[str, str] = field(default_factory=dict)  # node id -> reason
+    refusals: dict[str, str] = field(default_factory=dict)  # site -> the site's own reason (policy or budget)
+    site_epsilon: dict[str, float] = field(default_factory=dict)  # site -> cumulative example-level epsilon
+    first_record: Any = None  # one upload's ArrayRecord, for the upload manifest
+
+
+def collect_updates(replies: Replies, global_state: dict[str, Any], weighting: str) -> RoundCollection:
+    import torch  # noqa: F401  (needed by ArrayRecord.to_torch_state_dict)
+
+    out = RoundCollection(failures={str(node): reason for node, reason in replies.failed.items()})
+    for reply in replies.ok:
+        node = reply.metadata.src_node_id
+        try:
+            metrics = reply.content[wire.METRICS]
+            if int(metrics.get(wire.REFUSED, 0)):
+                site = str(int(metrics[wire.PARTITION_ID]))
+                out.refusals[site] = str(reply.content[wire.CONFIG][wire.REFUSAL_REASON])
+                continue
+            record = reply.content[wire.ADAPTER]
+            update = record.to_torch_state_dict()
+            check_adapter_state(global_state, update, source=f"update from node {node}")
+            examples = float(metrics[wire.NUM_EXAMPLES])
+        except (FedpeftError, KeyError, TypeError, ValueError) as err:
+            out.failures[str(node)] = f"rejected: {err}"
+            continue
+        out.total.add(update, examples if weighting == "num-examples" else 1.0)
+        out.losses.append((float(metrics[wire.TRAIN_LOSS]), examples))
+        out.sizes.append(payload_bytes(record))
+        if wire.EPSILON in metrics:
+            out.site_epsilon[str(int(metrics[wire.PARTITION_ID]))] = float(metrics[wire.EPSILON])
+        out.first_record = out.first_record or record
+    return out
