@@ -66,3 +66,18 @@ def test_budget_exhaustion_stops_one_site_and_the_federation_carries_on(tmp_path
     other.write_text("\n".join(lines) + "\n")
     with pytest.raises(LedgerCorrupted):
         SiteBudget(cfg, "1", None, other)
+
+
+def test_client_level_dp_with_noise_shares_reports_a_user_level_epsilon(tmp_path):
+    cfg = from_mapping({
+        "model": {"name": "tiny-llama", "max_length": 32},
+        "federation": {"rounds": 2, "num_sites": 3, "min_sites": 2, "weighting": "uniform", "fraction_train": 0.67},
+        "data": {"synthetic_examples": 180},
+        "privacy": {"client_dp": "distributed", "client_clip": 0.5, "client_noise_multiplier": 1.0},
+        "run": {"name": "cdp", "out_dir": str(tmp_path)},
+    })
+    result = simulate(cfg)
+    rounds = [json.loads(line) for line in (result.run_dir / METRICS_FILE).read_text().splitlines()]
+    assert [r["sites_sampled"] for r in rounds[1:]] == [2, 2]
+    assert 0 < rounds[1]["client_dp_epsilon"] < rounds[2]["client_dp_epsilon"] < math.inf
+    assert result.summary["client_dp_epsilon"] == rounds[2]["client_dp_epsilon"]
