@@ -24,6 +24,12 @@ def print_result(result: SimulationResult) -> None:
         rows.append(("majority-class baseline", f"{result.majority_baseline:.3f}"))
     rows += [("round 0 (untrained adapter)", f"{summary['initial_accuracy']:.3f}"),
              ("final global accuracy", f"{summary['final_accuracy']:.3f}"),
-             ("final adapter", str(summary["final_adapter"])),
-             ("metrics", str(result.run_dir / METRICS_FILE))]
+             ("final adapter", str(summary["final_adapter"]))]
+    if summary.get("site_epsilon"):
+        spent = summary["site_epsilon"]
+        rows.append(("epsilon per site (cumulative)",
+                     " ".join(f"s{k}={v:.2f}" for k, v in sorted(spent.items(), key=lambda kv: int(kv[0])))))
+    if summary.get("client_dp_epsilon") is not None:
+        rows.append(("client-level epsilon", f"{summary['client_dp_epsilon']:.2f}"))
+    rows.append(("metrics", str(result.run_dir / METRICS_FILE)))
     ConsoleProgress(summary["rounds"]).summary_table(rows)
