@@ -44,3 +44,11 @@ class PolicyViolation(PrivacyError):
 
 class LedgerCorrupted(PrivacyError):
     """A site's privacy ledger cannot be read or fails its integrity check; it is never silently reset."""
+
+
+class SecAggError(FedpeftError):
+    """Secure aggregation input or message is invalid (malformed, tampered, would overflow the ring)."""
+
+
+class SecAggAbort(SecAggError):
+    """A secure-aggregation round cannot decode (fewer than the threshold survived); nothing partial is released."""
