@@ -72,6 +72,7 @@ class FederationConfig:
     aggregation: str = "fedavg"
     weighting: str = "num-examples"
     round_timeout: float = 600.0
+    secure_aggregation: bool = False  # the server learns only the sum of the sites' updates (SecAgg+)
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,15 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class SecAggConfig:
+    degree: int = 0  # neighbours each site shares its secrets with; 0: complete graph for small n, O(log n) above
+    threshold: int = 0  # shares needed to reconstruct a secret; 0: the SecAgg+ default for the degree
+    clip_range: float = 8.0  # each update value is clipped to [-clip_range, clip_range] before fixed-point encoding
+    max_weight: float = 100000.0  # the largest site weight (example count); weights travel normalised by it
+    bits: int = 32  # ring Z_2^bits of the masked values
+
+
+@dataclass(frozen=True)
 class RunSection:
     name: str = "quickstart"
     out_dir: str = "runs"
@@ -119,6 +129,7 @@ class RunConfig:
     federation: FederationConfig = field(default_factory=FederationConfig)
     data: DataConfig = field(default_factory=DataConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
     run: RunSection = field(default_factory=RunSection)
 
     def to_flat(self) -> dict[str, bool | int | float | str]:
@@ -296,6 +307,12 @@ def _check_values(cfg: RunConfig, origin: str) -> None:
          cfg.privacy.client_dp == "off" or cfg.federation.weighting == "uniform",
          "client-level DP bounds each site's influence by privacy.client_clip only if weights are public and "
          "equal: set federation.weighting = 'uniform'"),
+        ("secagg.degree", cfg.secagg.degree, cfg.secagg.degree >= 0, "use 0 (automatic) or a positive degree"),
+        ("secagg.threshold", cfg.secagg.threshold, cfg.secagg.threshold >= 0,
+         "use 0 (automatic) or a positive threshold"),
+        ("secagg.clip_range", cfg.secagg.clip_range, cfg.secagg.clip_range > 0, "use a positive range (e.g. 8.0)"),
+        ("secagg.max_weight", cfg.secagg.max_weight, cfg.secagg.max_weight >= 1, "use at least 1"),
+        ("secagg.bits", cfg.secagg.bits, cfg.secagg.bits in (32, 64), "use 32 (4 bytes per value) or 64"),
         ("run.name", cfg.run.name, bool(cfg.run.name) and "/" not in cfg.run.name and cfg.run.name not in (".", ".."),
          "use a plain directory name without '/'"),
     ]
@@ -308,6 +325,11 @@ def _check_values(cfg: RunConfig, origin: str) -> None:
 def _check_registered(cfg: RunConfig, origin: str) -> None:
     from fedpeft.strategies import registered_rules  # local: strategies import torch, config must stay light
 
-    if cfg.federation.aggregation not in registered_rules():
+    rules = registered_rules()
+    if cfg.federation.aggregation not in rules:
+        _fail(origin, "federation.aggregation", cfg.federation.aggregation, f"use one of {sorted(rules)}")
+    if cfg.federation.secure_aggregation and not rules[cfg.federation.aggregation].works_on_secure_sum:
+        secure = sorted(name for name, rule in rules.items() if rule.works_on_secure_sum)
         _fail(origin, "federation.aggregation", cfg.federation.aggregation,
-              f"use one of {sorted(registered_rules())}")
+              f"this rule needs individual updates, which secure aggregation never reveals; use one of {secure} "
+              "or set federation.secure_aggregation = false")

@@ -30,3 +30,28 @@ REFUSAL_REASON = "refusal-reason"
 NODE_NUM_PARTITIONS = "num-partitions"
 NODE_POLICY_FILE = "policy-file"  # a site's own privacy policy (node-local path), wins over privacy.policy_file
 NODE_LEDGER_PATH = "ledger-path"  # where the site keeps its privacy ledger
+
+# Secure aggregation (SecAgg+) stages: message types and keys (ConfigRecord unless noted)
+SECAGG_KEYS = "query.secagg_keys"  # stage 1: advertise public keys
+SECAGG_SHARES = "query.secagg_shares"  # stage 2: encrypted Shamir shares for each neighbour
+SECAGG_UNMASK = "query.secagg_unmask"  # stage 4: reveal shares for survivors' self masks / dropped sites' keys
+# stage 3 (masked input) rides the ordinary TRAIN message
+SA_INDEX = "secagg-index"  # the site's index in this round (1..n; Shamir share ids)
+SA_NUM = "secagg-n"
+SA_THRESHOLD = "secagg-threshold"
+SA_CHANNEL_PK = "secagg-channel-pk"
+SA_MASK_PK = "secagg-mask-pk"
+SA_NEIGHBOURS = "secagg-neighbours"  # indices
+SA_NEIGHBOUR_CHANNEL_PKS = "secagg-neighbour-channel-pks"
+SA_NEIGHBOUR_MASK_PKS = "secagg-neighbour-mask-pks"
+SA_TO = "secagg-to"  # recipients of the ciphertexts, parallel to SA_CIPHERTEXTS
+SA_FROM = "secagg-from"  # senders of the ciphertexts, parallel to SA_CIPHERTEXTS
+SA_CIPHERTEXTS = "secagg-ciphertexts"
+SA_SURVIVORS = "secagg-survivors"  # indices that delivered what the previous stage asked
+SA_DROPPED = "secagg-dropped"
+SA_SELF_MASK_FROM = "secagg-self-mask-from"
+SA_SELF_MASK_SHARES = "secagg-self-mask-shares"
+SA_KEY_FROM = "secagg-key-from"
+SA_KEY_SHARES = "secagg-key-shares"
+SA_MASKED = "secagg-masked"  # ArrayRecord key of the masked, fixed-point upload (uint ring vector)
+SA_STATE = "secagg"  # the site's per-round secrets in its node state (never sent)

@@ -38,10 +38,25 @@ def train(msg: Message, context: Context) -> Message:
         metrics = MetricRecord({wire.REFUSED: 1, wire.PARTITION_ID: site.partition_id})
         reason = ConfigRecord({wire.REFUSAL_REASON: str(refusal)})
         return Message(RecordDict({wire.METRICS: metrics, wire.CONFIG: reason}), reply_to=msg)
-    metrics = MetricRecord({wire.NUM_EXAMPLES: local.train.num_examples, wire.TRAIN_LOSS: local.train.mean_loss,
-                            wire.TRAIN_STEPS: local.train.steps, wire.PARTITION_ID: site.partition_id,
-                            **local.privacy})
-    return Message(RecordDict({wire.ADAPTER: ArrayRecord(local.update), wire.METRICS: metrics}), reply_to=msg)
+    metrics = {wire.TRAIN_LOSS: local.train.mean_loss, wire.TRAIN_STEPS: local.train.steps,
+               wire.PARTITION_ID: site.partition_id, **local.privacy}
+    if wire.SA_SURVIVORS in msg.content[wire.CONFIG]:
+        return _secure_reply(msg, context, site, local, metrics)
+    metrics[wire.NUM_EXAMPLES] = local.train.num_examples
+    content = RecordDict({wire.ADAPTER: ArrayRecord(local.update), wire.METRICS: MetricRecord(metrics)})
+    return Message(content, reply_to=msg)
+
+
+def _secure_reply(msg: Message, context: Context, site, local, metrics: dict) -> Message:  # noqa: ANN001
+    """Only the masked ring vector leaves the site; its weight travels inside it, not as a metric."""
+    from fedpeft.secagg.client import masked_upload
+    from fedpeft.secagg.vector import flatten
+
+    cfg = site.cfg
+    weight = local.train.num_examples / cfg.secagg.max_weight if cfg.federation.weighting == "num-examples" else 1.0
+    masked = masked_upload(msg.content[wire.CONFIG], context, flatten(local.update), weight,
+                           cfg.secagg.clip_range, cfg.secagg.bits)
+    return Message(RecordDict({wire.SA_MASKED: masked, wire.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
 def evaluate(msg: Message, context: Context) -> Message:
@@ -53,9 +68,14 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 
 def build_client_app(mods: list[Mod] | None = None) -> ClientApp:
+    from fedpeft.secagg.client import handle_keys, handle_shares, handle_unmask
+
     client_app = ClientApp(mods=list(mods or []))
     client_app.train()(train)
     client_app.evaluate()(evaluate)
+    for stage, handler in ((wire.SECAGG_KEYS, handle_keys), (wire.SECAGG_SHARES, handle_shares),
+                           (wire.SECAGG_UNMASK, handle_unmask)):
+        client_app.query(stage.split(".", 1)[1])(handler)
     return client_app
 
 

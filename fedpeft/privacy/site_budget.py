@@ -62,7 +62,7 @@ class SiteBudget:
         p = self.cfg.privacy
         return PrivacyRequest(dp=p.dp, noise_multiplier=p.noise_multiplier, max_grad_norm=p.max_grad_norm,
                               delta=p.delta, peft_method=self.cfg.peft.method, client_dp=p.client_dp,
-                              secure_aggregation=False)
+                              secure_aggregation=self.cfg.federation.secure_aggregation)
 
     def check_policy(self) -> None:
         """Raise PolicyViolation naming the rule if the run config asks what the site's policy forbids."""

@@ -49,3 +49,28 @@ def collect_updates(replies: Replies, global_state: dict[str, Any], weighting: s
             out.site_epsilon[str(int(metrics[wire.PARTITION_ID]))] = float(metrics[wire.EPSILON])
         out.first_record = out.first_record or record
     return out
+
+
+def collect_secure(secure: Any, global_state: dict[str, Any], weight_scale: float) -> RoundCollection:
+    """The decoded secure sum as a RoundCollection; per-site metrics come from the replies' metric records only.
+
+    ``weight_scale`` undoes the weight normalisation (weights travel as w / max_weight); the rule only ever sees
+    the sum, and a mean is unchanged by the scale.
+    """
+    from fedpeft.secagg.vector import unflatten
+
+    out = RoundCollection(failures={str(node): reason for node, reason in secure.failures.items()})
+    out.total.update_sum = unflatten(secure.values * weight_scale, global_state)
+    out.total.weight_sum = secure.weight_sum * weight_scale
+    out.total.count = len(secure.survivors)
+    for reply, size in zip(secure.train_replies, secure.upload_bytes, strict=True):
+        metrics = reply.content[wire.METRICS]
+        out.losses.append((float(metrics[wire.TRAIN_LOSS]), 1.0))
+        out.sizes.append(size)
+        if wire.EPSILON in metrics:
+            out.site_epsilon[str(int(metrics[wire.PARTITION_ID]))] = float(metrics[wire.EPSILON])
+    for node, reason in list(out.failures.items()):
+        if reason.startswith("masked input: refused: "):
+            out.refusals[node] = reason.removeprefix("masked input: refused: ")
+            del out.failures[node]
+    return out

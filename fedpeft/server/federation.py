@@ -8,16 +8,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 
 from fedpeft import wire
 from fedpeft.config import RunConfig
-from fedpeft.errors import FederationError
+from fedpeft.errors import FederationError, SecAggAbort
 from fedpeft.io.atomic import append_jsonl, write_json_atomic
 from fedpeft.models.adapter_state import AdapterState
 from fedpeft.server.checkpoint import latest_adapter, save_global_adapter
 from fedpeft.server.client_dp import ServerClientDp
-from fedpeft.server.collect import collect_updates
+from fedpeft.secagg.server import SecAggRound
+from fedpeft.server.collect import RoundCollection, collect_secure, collect_updates
 from fedpeft.server.messaging import EVALUATE, TRAIN, broadcast, payload_bytes
 from fedpeft.server.progress import ConsoleProgress
 from fedpeft.server.run_dir import MANIFEST_FILE, METRICS_FILE, SUMMARY_FILE
@@ -79,11 +81,7 @@ class Federation:
         started = time.monotonic()
         sampled = self.sample(nodes, server_round)
         with self.progress.stage(f"round {server_round}: {len(sampled)} sites training"):
-            replies = broadcast(self.grid, sampled, TRAIN, self.global_state,
-                                {wire.SERVER_ROUND: server_round}, self.timeout)
-        got = collect_updates(replies, self.global_state, self.cfg.federation.weighting)
-        if got.first_record is not None:
-            self.record_manifest(got.first_record)
+            got = self.train_round(sampled, server_round)
         aggregated = got.total.count >= self.cfg.federation.min_sites
         client_epsilon = None
         if aggregated:
@@ -105,6 +103,26 @@ class Federation:
             "bytes_per_client": sum(got.sizes) / len(got.sizes) if got.sizes else 0,
             "aggregated": aggregated, **_eval_fields(evaluation)})
         return evaluation
+
+    def train_round(self, sampled: list[int], server_round: int) -> RoundCollection:
+        config = {wire.SERVER_ROUND: server_round}
+        if not self.cfg.federation.secure_aggregation:
+            replies = broadcast(self.grid, sampled, TRAIN, self.global_state, config, self.timeout)
+            got = collect_updates(replies, self.global_state, self.cfg.federation.weighting)
+            if got.first_record is not None:
+                self.record_manifest(got.first_record)
+            return got
+        import torch  # noqa: F401  (ArrayRecord needs torch imported to accept a state dict)
+
+        content = RecordDict({wire.ADAPTER: ArrayRecord(self.global_state), wire.CONFIG: ConfigRecord(config)})
+        length = sum(t.numel() for t in self.global_state.values())
+        try:
+            secure = SecAggRound(self.grid, sampled, server_round, self.cfg.secagg, self.timeout).run(content, length)
+        except SecAggAbort as abort:
+            self.progress.message(f"[yellow]{abort}[/yellow]")
+            return RoundCollection(failures={"secagg": str(abort)})
+        scale = self.cfg.secagg.max_weight if self.cfg.federation.weighting == "num-examples" else 1.0
+        return collect_secure(secure, self.global_state, scale)
 
     def record_manifest(self, record: Any) -> None:
         """Write once what a site upload consists of (names, shapes, dtypes, bytes): the evidence of what left."""

@@ -23,13 +23,19 @@ class Replies:
 
 def broadcast(grid: Grid, node_ids: Iterable[int], message_type: str, adapter: dict[str, Any],
               config: dict[str, Any], timeout: float) -> Replies:
+    """The same adapter and config to every node."""
     import torch  # noqa: F401  (ArrayRecord needs torch imported to accept a state dict)
 
     content = RecordDict({wire.ADAPTER: ArrayRecord(adapter), wire.CONFIG: ConfigRecord(config)})
-    group = str(config.get(wire.SERVER_ROUND, ""))
-    node_ids = list(node_ids)
+    return exchange(grid, {node: content for node in node_ids}, message_type,
+                    str(config.get(wire.SERVER_ROUND, "")), timeout)
+
+
+def exchange(grid: Grid, contents: dict[int, RecordDict], message_type: str, group: str,
+             timeout: float) -> Replies:
+    """Send each node its own content; a node that errs or does not answer in time is a failure."""
     messages = [Message(content=content, dst_node_id=node, message_type=message_type, group_id=group)
-                for node in node_ids]
+                for node, content in contents.items()]
     replies = Replies()
     answered: set[int] = set()
     for reply in grid.send_and_receive(messages, timeout=timeout):
@@ -39,7 +45,7 @@ def broadcast(grid: Grid, node_ids: Iterable[int], message_type: str, adapter: d
             replies.failed[node] = short_reason(reply.error.reason)
         else:
             replies.ok.append(reply)
-    for node in node_ids:
+    for node in contents:
         if node not in answered:
             replies.failed[node] = f"no reply within {timeout:.0f} s"
     return replies
