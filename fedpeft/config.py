@@ -76,6 +76,23 @@ class FederationConfig:
 
 
 @dataclass(frozen=True)
+class StrategyConfig:
+    server_learning_rate: float = 0.0  # 0: the rule's default (fedavgm 1.0, fedadam/fedadagrad 0.1, fedyogi 0.01)
+    server_momentum: float = 0.9  # fedavgm
+    beta_1: float = 0.9  # fedadam, fedyogi
+    beta_2: float = 0.99  # fedadam, fedyogi
+    tau: float = 0.0  # adaptivity; 0: the rule's default (1e-9, fedyogi 1e-3)
+    proximal_mu: float = 0.01  # fedprox: weight of the proximal term each site adds to its loss
+
+    def rule_options(self) -> dict[str, float]:
+        options = {"server_momentum": self.server_momentum, "beta_1": self.beta_1, "beta_2": self.beta_2,
+                   "tau": self.tau}
+        if self.server_learning_rate:
+            options["server_learning_rate"] = self.server_learning_rate
+        return options
+
+
+@dataclass(frozen=True)
 class DataConfig:
     source: str = "synthetic"  # "synthetic" or a path to a .csv/.jsonl file
     synthetic_examples: int = 1500
@@ -127,6 +144,7 @@ class RunConfig:
     peft: PeftConfig = field(default_factory=PeftConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
     data: DataConfig = field(default_factory=DataConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
@@ -307,6 +325,18 @@ def _check_values(cfg: RunConfig, origin: str) -> None:
          cfg.privacy.client_dp == "off" or cfg.federation.weighting == "uniform",
          "client-level DP bounds each site's influence by privacy.client_clip only if weights are public and "
          "equal: set federation.weighting = 'uniform'"),
+        ("strategy.server_learning_rate", cfg.strategy.server_learning_rate, cfg.strategy.server_learning_rate >= 0,
+         "use 0 (the rule's default) or a positive rate"),
+        ("strategy.server_momentum", cfg.strategy.server_momentum, 0 <= cfg.strategy.server_momentum < 1,
+         "use a momentum in [0, 1)"),
+        ("strategy.beta_1", cfg.strategy.beta_1, 0 <= cfg.strategy.beta_1 < 1, "use a value in [0, 1)"),
+        ("strategy.beta_2", cfg.strategy.beta_2, 0 <= cfg.strategy.beta_2 < 1, "use a value in [0, 1)"),
+        ("strategy.tau", cfg.strategy.tau, cfg.strategy.tau >= 0, "use 0 (the rule's default) or a positive tau"),
+        ("strategy.proximal_mu", cfg.strategy.proximal_mu, cfg.strategy.proximal_mu >= 0, "use 0 or a positive mu"),
+        ("federation.aggregation", cfg.federation.aggregation,
+         not (cfg.federation.aggregation == "fedprox" and cfg.privacy.dp),
+         "FedProx's proximal term is not per-example, so DP-SGD would drop its gradient: use 'fedavg' with "
+         "privacy.dp, or turn privacy.dp off"),
         ("secagg.degree", cfg.secagg.degree, cfg.secagg.degree >= 0, "use 0 (automatic) or a positive degree"),
         ("secagg.threshold", cfg.secagg.threshold, cfg.secagg.threshold >= 0,
          "use 0 (automatic) or a positive threshold"),

@@ -89,7 +89,8 @@ class Site:
         if self.cfg.privacy.dp:
             result, privacy = self._train_private(budget, server_round, seed)
         else:
-            result = train_local(self.model, self.train_data, self.cfg.train, self.cfg.model.task, seed)
+            mu = self.cfg.strategy.proximal_mu if self.cfg.federation.aggregation == "fedprox" else 0.0
+            result = train_local(self.model, self.train_data, self.cfg.train, self.cfg.model.task, seed, mu)
         trained = get_adapter_state(self.model)
         update = {name: trained[name] - global_state[name] for name in trained}
         return LocalRound(self._client_level_dp(update), result, privacy)

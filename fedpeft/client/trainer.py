@@ -56,22 +56,32 @@ def param_groups(model: Any, cfg: TrainConfig) -> list[dict[str, Any]]:
     return groups
 
 
-def train_local(model: Any, data: EncodedData, cfg: TrainConfig, task: str, seed: int) -> TrainResult:
-    """Fresh AdamW over the trainable parameters each round; stops after local_epochs or max_steps."""
+def train_local(model: Any, data: EncodedData, cfg: TrainConfig, task: str, seed: int,
+                proximal_mu: float = 0.0) -> TrainResult:
+    """Fresh AdamW over the trainable parameters each round; stops after local_epochs or max_steps.
+
+    ``proximal_mu`` > 0 adds FedProx's (mu / 2) * ||w - w_start||^2 over the trainable tensors, w_start being the
+    received global adapter.
+    """
     import torch
 
     torch.manual_seed(seed)  # dropout masks: reproducible per (run, site, round)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), weight_decay=cfg.weight_decay)
     model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    anchor = [p.detach().clone() for p in trainable] if proximal_mu else []
     losses: list[float] = []
     for _ in range(cfg.local_epochs):
         for batch in iterate_batches(data, cfg.batch_size, generator):
             loss, _, _ = batch_loss(model, batch, task)
+            data_loss = float(loss.detach())
+            if proximal_mu:
+                loss = loss + proximal_mu / 2 * sum((p - a).pow(2).sum() for p, a in zip(trainable, anchor))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(float(loss.detach()))
+            losses.append(data_loss)
             if cfg.max_steps and len(losses) >= cfg.max_steps:
                 return TrainResult(_mean(losses), len(losses), len(data))
     return TrainResult(_mean(losses), len(losses), len(data))

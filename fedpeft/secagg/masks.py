@@ -35,7 +35,9 @@ def _nonce(label: bytes) -> bytes:
 def _check_seed(seed: Any, name: str) -> bytes:
     if not isinstance(seed, (bytes, bytearray)) or len(seed) != SEED_BYTES:
         got = f"{len(seed)} bytes" if isinstance(seed, (bytes, bytearray)) else type(seed).__name__
-        raise SecAggError(f"{name} must be exactly {SEED_BYTES} bytes, got {got}; pass a seed from agree() or os.urandom(32)")
+        raise SecAggError(
+            f"{name} must be exactly {SEED_BYTES} bytes, got {got}; pass a seed from agree() or os.urandom(32)"
+        )
     return bytes(seed)
 
 

@@ -92,7 +92,9 @@ def combine(shares: Mapping[int, bytes], threshold: int, secret_length: int) -> 
         raise SecAggError(f"shares must be a mapping share id -> bytes, got {type(shares).__name__}")
     t = _check_threshold(threshold, None)
     if not _is_int(secret_length) or not 0 <= secret_length <= MAX_SECRET_BYTES:
-        raise SecAggError(f"secret_length={secret_length!r} is invalid; it must be an integer in [0, {MAX_SECRET_BYTES}]")
+        raise SecAggError(
+            f"secret_length={secret_length!r} is invalid; it must be an integer in [0, {MAX_SECRET_BYTES}]"
+        )
     if len(shares) < t:
         raise SecAggAbort(
             f"only {len(shares)} shares are available but threshold={t} are needed to reconstruct the secret; "

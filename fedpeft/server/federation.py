@@ -42,7 +42,7 @@ class Federation:
         self.global_state = global_state
         self.peft_config = peft_config
         self.progress = progress
-        self.rule = build_rule(cfg.federation.aggregation)
+        self.rule = build_rule(cfg.federation.aggregation, **cfg.strategy.rule_options())
         self.client_dp = ServerClientDp(cfg)
         self.site_epsilon: dict[str, float] = {}
         self.timeout = cfg.federation.round_timeout

@@ -24,6 +24,9 @@ class AggregationRule(ABC):
     name: ClassVar[str]
     works_on_secure_sum: ClassVar[bool] = True
 
+    def __init__(self, **options: Any) -> None:
+        """Rules take the ``[strategy]`` options they use and ignore the others (all rules get the same set)."""
+
     @abstractmethod
     def aggregate(self, global_state: Mapping[str, Any], update_sum: Mapping[str, Any], weight_sum: float) -> State:
         """Return the next global state from the current one and the weighted sum of client deltas."""

@@ -23,3 +23,10 @@ class FedAvg(AggregationRule):
         if missing:
             raise FederationError(f"update sum lacks {len(missing)} global tensors, e.g. {sorted(missing)[:3]}")
         return {key: global_state[key] + update_sum[key] / weight_sum for key in global_state}
+
+
+@register_rule
+class FedProx(FedAvg):
+    """FedAvg on the server; each site adds (mu / 2) * ||w - w_global||^2 to its local loss (Li et al., 2020)."""
+
+    name = "fedprox"
