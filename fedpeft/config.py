@@ -127,7 +127,7 @@ class SecAggConfig:
     degree: int = 0  # neighbours each site shares its secrets with; 0: complete graph for small n, O(log n) above
     threshold: int = 0  # shares needed to reconstruct a secret; 0: the SecAgg+ default for the degree
     clip_range: float = 8.0  # each update value is clipped to [-clip_range, clip_range] before fixed-point encoding
-    max_weight: float = 100000.0  # the largest site weight (example count); weights travel normalised by it
+    max_weight: float = 10000.0  # the largest site weight (example count); weights travel normalised by it
     bits: int = 32  # ring Z_2^bits of the masked values
 
 
