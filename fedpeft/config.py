@@ -350,6 +350,8 @@ def _check_values(cfg: RunConfig, origin: str) -> None:
         if not ok:
             _fail(origin, key, value, fix)
     _check_registered(cfg, origin)
+    if cfg.federation.secure_aggregation:
+        _check_secure(cfg, origin)
 
 
 def _check_registered(cfg: RunConfig, origin: str) -> None:
@@ -363,3 +365,20 @@ def _check_registered(cfg: RunConfig, origin: str) -> None:
         _fail(origin, "federation.aggregation", cfg.federation.aggregation,
               f"this rule needs individual updates, which secure aggregation never reveals; use one of {secure} "
               "or set federation.secure_aggregation = false")
+
+
+def _check_secure(cfg: RunConfig, origin: str) -> None:
+    """The neighbour graph and threshold must be buildable for the sites a round samples."""
+    from fedpeft.errors import SecAggError
+    from fedpeft.secagg.graph import default_degree, default_threshold, validate
+
+    fed = cfg.federation
+    sampled = max(fed.min_sites, round(fed.fraction_train * fed.num_sites))
+    if sampled < 2:
+        _fail(origin, "federation.num_sites", fed.num_sites, "secure aggregation needs at least 2 sites per round")
+    degree = min(cfg.secagg.degree or default_degree(sampled), sampled - 1)
+    threshold = cfg.secagg.threshold or default_threshold(degree)
+    try:
+        validate(sampled, degree, threshold)
+    except SecAggError as err:
+        raise ConfigError(f"{origin}: [secagg] for {sampled} sites per round: {err}") from None

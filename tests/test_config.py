@@ -48,6 +48,14 @@ BAD_INPUTS = [
     ({"run": {"name": "a/b"}}, ["run.name", "'/'"]),
     ({"model": {"num_labels": 1}}, ["model.num_labels", "at least 2"]),
     ({"train": {"batch_size": True}}, ["train.batch_size", "expected int"]),
+    ({"federation": {"secure_aggregation": True, "num_sites": 1}}, ["federation.num_sites", "at least 2"]),
+    ({"federation": {"secure_aggregation": True, "num_sites": 30}, "secagg": {"degree": 5}},
+     ["[secagg]", "degree=5", "even degree"]),
+    ({"federation": {"secure_aggregation": True}, "secagg": {"threshold": 2}}, ["threshold=2", "default_threshold"]),
+    ({"secagg": {"bits": 16}}, ["secagg.bits", "32"]),
+    ({"privacy": {"client_dp": "central"}}, ["federation.weighting", "uniform"]),
+    ({"privacy": {"dp": True}, "federation": {"aggregation": "fedprox"}}, ["fedprox", "DP-SGD"]),
+    ({"privacy": {"accountant": "gdp"}}, ["privacy.accountant", "prv"]),
 ]
 
 
