@@ -23,6 +23,7 @@ TASKS = ("classification", "causal-lm")
 QUANTIZATIONS = ("auto", "none", "nf4", "fp4", "int8")
 COMPUTE_DTYPES = ("fp32", "bf16")
 PEFT_METHODS = ("lora",)
+LORA_MODES = ("fedit", "ffa")
 PARTITIONERS = ("iid", "dirichlet", "column")
 WEIGHTINGS = ("num-examples", "uniform")
 ACCOUNTANTS = ("prv", "rdp")
@@ -50,6 +51,7 @@ class PeftConfig:
     alpha: float = 16.0
     dropout: float = 0.05
     target_modules: tuple[str, ...] = ()  # empty: the architecture's default targets
+    lora_mode: str = "fedit"  # fedit: train and average A and B; ffa: A frozen at a shared seeded init (FFA-LoRA)
 
 
 @dataclass(frozen=True)
@@ -272,6 +274,7 @@ def _check_values(cfg: RunConfig, origin: str) -> None:
          f"use one of {list(COMPUTE_DTYPES)}"),
         ("model.max_length", cfg.model.max_length, cfg.model.max_length >= 8, "use at least 8 tokens (e.g. 64)"),
         ("peft.method", cfg.peft.method, cfg.peft.method in PEFT_METHODS, f"use one of {list(PEFT_METHODS)}"),
+        ("peft.lora_mode", cfg.peft.lora_mode, cfg.peft.lora_mode in LORA_MODES, f"use one of {list(LORA_MODES)}"),
         ("peft.r", cfg.peft.r, cfg.peft.r >= 1, "the LoRA rank must be a positive integer (e.g. 8)"),
         ("peft.alpha", cfg.peft.alpha, cfg.peft.alpha > 0, "use a positive scaling (commonly 2 x r)"),
         ("peft.dropout", cfg.peft.dropout, 0.0 <= cfg.peft.dropout < 1.0, "use a probability in [0, 1)"),

@@ -20,7 +20,7 @@ from fedpeft.privacy.site_budget import SiteBudget, site_ledger_path, site_polic
 from fedpeft.config import ModelConfig, PeftConfig, RunConfig
 from fedpeft.data.records import ClassificationData
 from fedpeft.data.sites import SiteData, num_labels, site_split
-from fedpeft.models.adapter_state import AdapterState, get_adapter_state, set_adapter_state
+from fedpeft.models.adapter_state import AdapterState, get_wire_state, set_adapter_state
 from fedpeft.models.loader import load_base_model
 from fedpeft.models.peft_model import wrap_with_peft
 
@@ -33,15 +33,15 @@ class LocalRound:
 
 
 @functools.lru_cache(maxsize=2)
-def shared_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, labels: int) -> tuple[Any, Any]:
+def shared_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, labels: int, seed: int) -> tuple[Any, Any]:
     base, tokenizer = load_base_model(model_cfg, labels)
-    return wrap_with_peft(base, peft_cfg, model_cfg.task), tokenizer
+    return wrap_with_peft(base, peft_cfg, model_cfg.task, seed), tokenizer
 
 
 @functools.lru_cache(maxsize=256)
 def encoded_site_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> tuple[EncodedData, EncodedData]:
     split = site_split(cfg, partition_id, num_partitions)
-    _, tokenizer = shared_model(cfg.model, cfg.peft, num_labels(cfg))
+    _, tokenizer = shared_model(cfg.model, cfg.peft, num_labels(cfg), cfg.run.seed)
     return _encode(split.train, tokenizer, cfg.model.max_length), _encode(split.eval, tokenizer, cfg.model.max_length)
 
 
@@ -59,7 +59,7 @@ class Site:
         self.cfg = cfg
         self.partition_id = partition_id
         self.policy_file, self.ledger_path = policy_file, ledger_path
-        self.model, _ = shared_model(cfg.model, cfg.peft, num_labels(cfg))
+        self.model, _ = shared_model(cfg.model, cfg.peft, num_labels(cfg), cfg.run.seed)
         self.train_data, self.eval_data = encoded_site_data(cfg, partition_id, num_partitions)
 
     def load_global(self, global_state: AdapterState) -> None:
@@ -91,7 +91,7 @@ class Site:
         else:
             mu = self.cfg.strategy.proximal_mu if self.cfg.federation.aggregation == "fedprox" else 0.0
             result = train_local(self.model, self.train_data, self.cfg.train, self.cfg.model.task, seed, mu)
-        trained = get_adapter_state(self.model)
+        trained = get_wire_state(self.model)
         update = {name: trained[name] - global_state[name] for name in trained}
         return LocalRound(self._client_level_dp(update), result, privacy)
 

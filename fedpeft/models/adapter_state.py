@@ -22,6 +22,22 @@ def get_adapter_state(model: Any) -> AdapterState:
             for name, tensor in get_peft_model_state_dict(model).items()}
 
 
+def trainable_adapter_names(model: Any) -> set[str]:
+    """Names (in peft's state-dict form) of the adapter tensors that train, i.e. that travel."""
+    from peft import get_peft_model_state_dict
+
+    # named_parameters() spells the adapter name into the path; the state dict does not.
+    trainable = {name.replace(".modules_to_save.default.", ".").replace(".default.", ".")
+                 for name, p in model.named_parameters() if p.requires_grad}
+    return {name for name in get_peft_model_state_dict(model) if name in trainable}
+
+
+def get_wire_state(model: Any) -> AdapterState:
+    """The trainable part of the adapter state: what a site sends and receives each round."""
+    names = trainable_adapter_names(model)
+    return {name: tensor for name, tensor in get_adapter_state(model).items() if name in names}
+
+
 def check_adapter_state(expected: Mapping[str, Any], received: Mapping[str, Any], source: str) -> None:
     """Raise AdapterMismatchError naming the first missing/unexpected key or the first shape disagreement."""
     missing = sorted(set(expected) - set(received))
@@ -41,9 +57,13 @@ def check_adapter_state(expected: Mapping[str, Any], received: Mapping[str, Any]
 
 
 def set_adapter_state(model: Any, state: Mapping[str, Any], source: str = "received adapter") -> None:
+    """Apply a full adapter state, or the wire state (its trainable part); anything else is refused."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-    check_adapter_state(get_peft_model_state_dict(model), state, source)
+    full = get_peft_model_state_dict(model)
+    names = trainable_adapter_names(model)
+    expected = full if set(state) == set(full) else {k: v for k, v in full.items() if k in names}
+    check_adapter_state(expected, state, source)
     result = set_peft_model_state_dict(model, dict(state))
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:

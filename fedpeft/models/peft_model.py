@@ -35,19 +35,36 @@ def build_peft_config(model: Any, cfg: PeftConfig, task: str) -> Any:
                       target_modules=lora_targets(model, cfg))
 
 
-def wrap_with_peft(model: Any, cfg: PeftConfig, task: str) -> Any:
-    """Return the peft model; only the adapter (and, for classification, the head) is trainable."""
+def wrap_with_peft(model: Any, cfg: PeftConfig, task: str, seed: int = 0) -> Any:
+    """Return the peft model; only the adapter (and, for classification, the head) is trainable.
+
+    The adapter's initial values come from ``seed``, so every process that wraps the same base with the same seed
+    holds the same initial adapter -- which FFA-LoRA relies on: its A matrices stay at that shared init.
+    """
+    import torch
     from peft import get_peft_model
 
     peft_config = build_peft_config(model, cfg, task)
     try:
-        peft_model = get_peft_model(model, peft_config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            peft_model = get_peft_model(model, peft_config)
     except ValueError as err:
         raise ModelError(f"peft could not wrap {type(model).__name__} with targets "
                          f"{peft_config.target_modules}: {err}. Set peft.target_modules to module names of this "
                          "model") from err
     train_heads_in_fp32(peft_model)
+    if cfg.lora_mode == "ffa":
+        freeze_lora_a(peft_model)
     return peft_model
+
+
+def freeze_lora_a(peft_model: Any) -> None:
+    """FFA-LoRA (Sun et al., 2024): A stays fixed, only B (and a head) train and travel; the aggregate of
+    B_k A is then exactly the mean of the sites' B_k A, and half the adapter is out of DP noise's reach."""
+    for name, param in peft_model.named_parameters():
+        if ".lora_A." in name:
+            param.requires_grad_(False)
 
 
 def train_heads_in_fp32(peft_model: Any) -> None:

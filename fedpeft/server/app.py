@@ -17,10 +17,10 @@ def main(grid: Grid, context: Context) -> None:
 
     cfg = from_flat(context.run_config)
     run_dir = prepare_run_dir(cfg)
-    state, peft_config = initial_adapter(cfg)
+    initial = initial_adapter(cfg)
     progress = ConsoleProgress(cfg.federation.rounds)
-    progress.start(str(run_dir), cfg.federation.num_sites, sum(t.numel() for t in state.values()))
-    Federation(grid, cfg, run_dir, state, peft_config, progress).run()
+    progress.start(str(run_dir), cfg.federation.num_sites, sum(t.numel() for t in initial.wire.values()))
+    Federation(grid, cfg, run_dir, initial, progress).run()
 
 
 def build_server_app(run_config: Mapping[str, bool | int | float | str] | None = None) -> ServerApp:

@@ -17,6 +17,7 @@ from fedpeft.errors import FederationError, SecAggAbort
 from fedpeft.io.atomic import append_jsonl, write_json_atomic
 from fedpeft.models.adapter_state import AdapterState
 from fedpeft.server.checkpoint import latest_adapter, save_global_adapter
+from fedpeft.server.initial import InitialAdapter
 from fedpeft.server.client_dp import ServerClientDp
 from fedpeft.secagg.server import SecAggRound
 from fedpeft.server.collect import RoundCollection, collect_secure, collect_updates
@@ -36,11 +37,12 @@ class Evaluation:
 class Federation:
     """One federated run: the global adapter, the aggregation rule, and what is written after each round."""
 
-    def __init__(self, grid: Grid, cfg: RunConfig, run_dir: Path, global_state: AdapterState, peft_config: Any,
+    def __init__(self, grid: Grid, cfg: RunConfig, run_dir: Path, initial: InitialAdapter,
                  progress: ConsoleProgress) -> None:
         self.grid, self.cfg, self.run_dir = grid, cfg, run_dir
-        self.global_state = global_state
-        self.peft_config = peft_config
+        self.global_state: AdapterState = dict(initial.wire)
+        self.frozen_state = initial.frozen
+        self.peft_config = initial.peft_config
         self.progress = progress
         self.rule = build_rule(cfg.federation.aggregation, **cfg.strategy.rule_options())
         self.client_dp = ServerClientDp(cfg)
@@ -87,7 +89,8 @@ class Federation:
         if aggregated:
             update_sum, client_epsilon = self.client_dp.apply(got.total.update_sum, len(sampled) / len(nodes))
             self.global_state = self.rule.aggregate(self.global_state, update_sum, got.total.weight_sum)
-            save_global_adapter(self.run_dir, server_round, self.global_state, self.peft_config)
+            save_global_adapter(self.run_dir, server_round, {**self.frozen_state, **self.global_state},
+                                self.peft_config)
         else:
             self.progress.message(f"round {server_round}: only {got.total.count} usable updates (< "
                                   f"federation.min_sites = {self.cfg.federation.min_sites}); the global adapter "

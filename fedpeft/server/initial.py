@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from fedpeft.config import RunConfig
 from fedpeft.data.sites import num_labels
-from fedpeft.models.adapter_state import AdapterState, get_adapter_state
+from fedpeft.models.adapter_state import AdapterState, get_adapter_state, get_wire_state
 from fedpeft.models.loader import load_base_model
 from fedpeft.models.peft_model import wrap_with_peft
 
 
-def initial_adapter(cfg: RunConfig) -> tuple[AdapterState, Any]:
-    """Return (adapter state, peft config); the seeded init makes round 0 reproducible."""
-    import torch
+@dataclass(frozen=True)
+class InitialAdapter:
+    wire: AdapterState  # the trainable tensors: what travels and what the rule aggregates
+    frozen: AdapterState  # adapter tensors that never train (FFA-LoRA's A): needed to save a loadable adapter
+    peft_config: Any
 
+
+def initial_adapter(cfg: RunConfig) -> InitialAdapter:
+    """The round-0 adapter; the seeded init is the same in every process (sites rebuild the frozen parts)."""
     base, _ = load_base_model(cfg.model, num_labels(cfg))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.run.seed)
-        model = wrap_with_peft(base, cfg.peft, cfg.model.task)
-        state = get_adapter_state(model)
-    return state, model.peft_config["default"]
+    model = wrap_with_peft(base, cfg.peft, cfg.model.task, cfg.run.seed)
+    wire = get_wire_state(model)
+    frozen = {name: t for name, t in get_adapter_state(model).items() if name not in wire}
+    return InitialAdapter(wire, frozen, model.peft_config["default"])

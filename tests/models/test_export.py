@@ -17,10 +17,10 @@ from fedpeft.server.run_dir import prepare_run_dir
 def _run_with_adapter(tmp_path):
     """A run directory as the server leaves it: config, and a trained (here: perturbed) NF4-base adapter."""
     cfg = from_mapping({"model": {"name": "tiny-llama", "task": "causal-lm"}, "run": {"out_dir": str(tmp_path)}})
-    state, peft_config = initial_adapter(cfg)
-    state = {k: v + 0.05 * torch.randn_like(v) for k, v in state.items()}
+    initial = initial_adapter(cfg)
+    state = {k: v + 0.05 * torch.randn_like(v) for k, v in initial.wire.items()}
     run_dir = prepare_run_dir(cfg)
-    save_global_adapter(run_dir, 1, state, peft_config)
+    save_global_adapter(run_dir, 1, {**initial.frozen, **state}, initial.peft_config)
     return cfg, run_dir
 
 

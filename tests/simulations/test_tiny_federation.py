@@ -64,5 +64,5 @@ def test_three_sites_two_rounds_ship_only_adapter_tensors(tmp_path, task):
         full_base, _ = load_base_model(replace(cfg.model, quantization="none"), labels)
         served = PeftModel.from_pretrained(full_base, str(result.run_dir / "adapters" / "round-0002"))
         assert set(get_adapter_state(served)) == set(expected)
-    initial, _ = initial_adapter(cfg)
+    initial = initial_adapter(cfg).wire
     assert any(not torch.equal(state[k], initial[k]) for k in initial), "training changed the global adapter"
