@@ -64,3 +64,30 @@ def test_secure_fedavg_equals_plain_fedavg_and_the_server_sees_only_masked_vecto
     print("max |secure - plain| after round 1:", worst)
     assert worst < 1e-5
     assert secure.summary["final_accuracy"] == pytest.approx(plain.summary["final_accuracy"], abs=0.05)
+
+
+def test_ffa_with_dp_sgd_noise_shares_and_secure_aggregation_together(tmp_path):
+    cfg = from_mapping({
+        "model": {"name": "tiny-llama", "max_length": 32},
+        "peft": {"lora_mode": "ffa"},
+        "federation": {"rounds": 2, "num_sites": 4, "min_sites": 3, "secure_aggregation": True,
+                       "weighting": "uniform"},
+        "data": {"synthetic_examples": 240},
+        "privacy": {"dp": True, "noise_multiplier": 1.0, "client_dp": "distributed", "client_clip": 0.5},
+        "run": {"name": "all", "out_dir": str(tmp_path)},
+    })
+    result = simulate(cfg)
+    import json
+
+    rounds = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["aggregated"] and r["sites_returned"] == 4 for r in rounds[1:])
+    assert len(rounds[2]["site_epsilon"]) == 4 and rounds[2]["client_dp_epsilon"] > 0
+    from fedpeft.models.adapter_state import get_wire_state
+    from fedpeft.models.loader import load_base_model
+    from fedpeft.models.peft_model import wrap_with_peft
+
+    wire = get_wire_state(wrap_with_peft(load_base_model(cfg.model, 6)[0], cfg.peft, "classification"))
+    values = sum(t.numel() for t in wire.values())
+    assert rounds[1]["bytes_per_client"] <= 1.05 * 4 * values  # B + head only, as one uint32 vector
+    saved = load_file(str(result.run_dir / "adapters" / "round-0002" / "adapter_model.safetensors"))
+    assert any(".lora_A." in name for name in saved), "the checkpoint is complete: the frozen A is saved too"
