@@ -18,7 +18,7 @@ from fedpeft import wire
 from fedpeft.config import SecAggConfig
 from fedpeft.errors import SecAggAbort, SecAggError
 from fedpeft.secagg.client import MASK_INFO, SEED_BYTES, labels
-from fedpeft.secagg.encoding import decode_sum, ring_encoding, ring_sub, ring_sum
+from fedpeft.secagg.encoding import decode_sum, ring_add, ring_encoding, ring_sub
 from fedpeft.secagg.graph import default_degree, default_threshold, neighbours, validate
 from fedpeft.secagg.keys import agree
 from fedpeft.secagg.masks import expand_mask, pairwise_mask
@@ -139,7 +139,10 @@ class SecAggRound:
         self._require(alive, "masked input")
         dropped = set(graph) - alive
         seed_shares, key_shares = self.unmask(graph, inbox, alive, dropped)
-        total = ring_sum([uploads[i].content[wire.SA_MASKED][wire.SA_MASKED].numpy() for i in sorted(alive)])
+        order = sorted(alive)
+        total = masked_vector(uploads[order[0]])
+        for i in order[1:]:  # one upload deserialized at a time: n x 4 MB per 1M values never coexist
+            total = ring_add(total, masked_vector(uploads[i]))
         total = self._remove_self_masks(total, alive, seed_shares, length + 1)
         total = self._remove_dropped_pairwise(total, graph, keys, alive, dropped, key_shares, length + 1)
         decoded = decode_sum(total, ring_encoding(self.settings.clip_range, len(self.index), self.settings.bits))
@@ -170,6 +173,11 @@ class SecAggRound:
                     seed = agree(mask_sk, keys[j][1], MASK_INFO)
                     total = ring_sub(total, pairwise_mask(seed, j, d, length, self.settings.bits, pair_label))
         return total
+
+
+def masked_vector(reply: Message) -> np.ndarray:
+    """The one thing the server reads from a site's stage-3 upload: its masked ring vector."""
+    return reply.content[wire.SA_MASKED][wire.SA_MASKED].numpy()
 
 
 def _malformed(reply: Message, length: int, bits: int) -> str | None:

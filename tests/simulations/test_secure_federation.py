@@ -33,11 +33,11 @@ def test_secure_fedavg_equals_plain_fedavg_and_the_server_sees_only_masked_vecto
 
     seen_uploads: list[np.ndarray] = []
     rule_inputs: list[dict] = []
-    original_ring_sum, original_aggregate = secagg_server.ring_sum, FedAvg.aggregate
+    original_vector, original_aggregate = secagg_server.masked_vector, FedAvg.aggregate
 
-    def recording_ring_sum(arrays):
-        seen_uploads.extend(arrays)
-        return original_ring_sum(arrays)
+    def recording_vector(reply):
+        seen_uploads.append(original_vector(reply))
+        return seen_uploads[-1]
 
     def recording_aggregate(self, global_state, update_sum, weight_sum):
         rule_inputs.append({k: v.clone() for k, v in update_sum.items()})
@@ -46,7 +46,7 @@ def test_secure_fedavg_equals_plain_fedavg_and_the_server_sees_only_masked_vecto
     def no_plain_path(*args, **kwargs):
         raise AssertionError("the plain path that handles individual updates ran under secure aggregation")
 
-    monkeypatch.setattr(secagg_server, "ring_sum", recording_ring_sum)
+    monkeypatch.setattr(secagg_server, "masked_vector", recording_vector)
     monkeypatch.setattr(FedAvg, "aggregate", recording_aggregate)
     monkeypatch.setattr(federation, "collect_updates", no_plain_path)
     secure = simulate(_config(tmp_path, "secure", secure=True))
