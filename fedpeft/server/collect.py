@@ -69,6 +69,7 @@ def collect_secure(secure: Any, global_state: dict[str, Any], weight_scale: floa
         out.sizes.append(size)
         if wire.EPSILON in metrics:
             out.site_epsilon[str(int(metrics[wire.PARTITION_ID]))] = float(metrics[wire.EPSILON])
+        out.first_record = out.first_record or reply.content[wire.SA_MASKED]
     for node, reason in list(out.failures.items()):
         if reason.startswith("masked input: refused: "):
             out.refusals[node] = reason.removeprefix("masked input: refused: ")

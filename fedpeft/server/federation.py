@@ -108,16 +108,21 @@ class Federation:
         return evaluation
 
     def train_round(self, sampled: list[int], server_round: int) -> RoundCollection:
-        config = {wire.SERVER_ROUND: server_round}
-        if not self.cfg.federation.secure_aggregation:
-            replies = broadcast(self.grid, sampled, TRAIN, self.global_state, config, self.timeout)
+        if self.cfg.federation.secure_aggregation:
+            got = self.secure_train_round(sampled, server_round)
+        else:
+            replies = broadcast(self.grid, sampled, TRAIN, self.global_state, {wire.SERVER_ROUND: server_round},
+                                self.timeout)
             got = collect_updates(replies, self.global_state, self.cfg.federation.weighting)
-            if got.first_record is not None:
-                self.record_manifest(got.first_record)
-            return got
+        if got.first_record is not None:
+            self.record_manifest(got.first_record)
+        return got
+
+    def secure_train_round(self, sampled: list[int], server_round: int) -> RoundCollection:
         import torch  # noqa: F401  (ArrayRecord needs torch imported to accept a state dict)
 
-        content = RecordDict({wire.ADAPTER: ArrayRecord(self.global_state), wire.CONFIG: ConfigRecord(config)})
+        config = ConfigRecord({wire.SERVER_ROUND: server_round})
+        content = RecordDict({wire.ADAPTER: ArrayRecord(self.global_state), wire.CONFIG: config})
         length = sum(t.numel() for t in self.global_state.values())
         try:
             secure = SecAggRound(self.grid, sampled, server_round, self.cfg.secagg, self.timeout).run(content, length)

@@ -11,6 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPTS = {
+    "secure_round.py": ["--model", "tiny-llama", "--sites", "3", "--rounds", "2", "--examples", "90"],
     "quantization.py": ["--hidden", "64", "--layers", "1", "--steps", "1", "--batch", "2", "--seq", "8"],
     "dp_overhead.py": ["--model", "tiny-llama", "--batch", "8", "--seq", "16", "--steps", "1"],
     "secagg_cost.py": ["--clients", "5", "--values", "1000", "--dropout-clients", "5"],

@@ -89,5 +89,7 @@ def test_ffa_with_dp_sgd_noise_shares_and_secure_aggregation_together(tmp_path):
     wire = get_wire_state(wrap_with_peft(load_base_model(cfg.model, 6)[0], cfg.peft, "classification"))
     values = sum(t.numel() for t in wire.values())
     assert rounds[1]["bytes_per_client"] <= 1.05 * 4 * values  # B + head only, as one uint32 vector
+    manifest = json.loads((result.run_dir / "upload_manifest.json").read_text())
+    assert list(manifest["tensors"]) == ["secagg-masked"] and manifest["tensors"]["secagg-masked"]["dtype"] == "uint32"
     saved = load_file(str(result.run_dir / "adapters" / "round-0002" / "adapter_model.safetensors"))
     assert any(".lora_A." in name for name in saved), "the checkpoint is complete: the frozen A is saved too"
