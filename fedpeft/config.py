@@ -52,6 +52,10 @@ class PeftConfig:
     dropout: float = 0.05
     target_modules: tuple[str, ...] = ()  # empty: the architecture's default targets
     lora_mode: str = "fedit"  # fedit: train and average A and B; ffa: A frozen at a shared seeded init (FFA-LoRA)
+    site_ranks: str = ""  # heterogeneous ranks, one per site ("4,8,8"), each <= r; "": every site uses r
+
+    def rank_list(self) -> list[int]:
+        return [int(x) for x in self.site_ranks.split(",") if x.strip()] if self.site_ranks.strip() else []
 
 
 @dataclass(frozen=True)
@@ -275,6 +279,9 @@ def _check_values(cfg: RunConfig, origin: str) -> None:
         ("model.max_length", cfg.model.max_length, cfg.model.max_length >= 8, "use at least 8 tokens (e.g. 64)"),
         ("peft.method", cfg.peft.method, cfg.peft.method in PEFT_METHODS, f"use one of {list(PEFT_METHODS)}"),
         ("peft.lora_mode", cfg.peft.lora_mode, cfg.peft.lora_mode in LORA_MODES, f"use one of {list(LORA_MODES)}"),
+        ("peft.site_ranks", cfg.peft.site_ranks, _valid_ranks(cfg), "give one rank per site, comma-separated, each "
+         f"between 1 and peft.r ({cfg.peft.r}), for federation.num_sites ({cfg.federation.num_sites}) sites; "
+         "not with peft.lora_mode = 'ffa' (a frozen A of another rank is another A)"),
         ("peft.r", cfg.peft.r, cfg.peft.r >= 1, "the LoRA rank must be a positive integer (e.g. 8)"),
         ("peft.alpha", cfg.peft.alpha, cfg.peft.alpha > 0, "use a positive scaling (commonly 2 x r)"),
         ("peft.dropout", cfg.peft.dropout, 0.0 <= cfg.peft.dropout < 1.0, "use a probability in [0, 1)"),
@@ -355,6 +362,17 @@ def _check_values(cfg: RunConfig, origin: str) -> None:
     _check_registered(cfg, origin)
     if cfg.federation.secure_aggregation:
         _check_secure(cfg, origin)
+
+
+def _valid_ranks(cfg: RunConfig) -> bool:
+    if not cfg.peft.site_ranks.strip():
+        return True
+    try:
+        ranks = cfg.peft.rank_list()
+    except ValueError:
+        return False
+    return (len(ranks) == cfg.federation.num_sites and all(1 <= r <= cfg.peft.r for r in ranks)
+            and cfg.peft.lora_mode != "ffa")
 
 
 def _check_registered(cfg: RunConfig, origin: str) -> None:

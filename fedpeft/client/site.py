@@ -17,6 +17,7 @@ from fedpeft.privacy.client_dp import add_gaussian, clip_update, noise_share_std
 from fedpeft.privacy.accounting import planned_steps
 from fedpeft.privacy.dp_sgd import DpSettings, train_private
 from fedpeft.privacy.site_budget import SiteBudget, site_ledger_path, site_policy
+from fedpeft.strategies.hetero_rank import RANK_WEIGHT, pad, site_peft_config, site_rank, truncate
 from fedpeft.config import ModelConfig, PeftConfig, RunConfig
 from fedpeft.data.records import ClassificationData
 from fedpeft.data.sites import SiteData, num_labels, site_split
@@ -32,7 +33,7 @@ class LocalRound:
     privacy: dict[str, float] = field(default_factory=dict)  # epsilon after the round, noise, sampling rate, ...
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=4)  # one per distinct LoRA rank a process serves
 def shared_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, labels: int, seed: int) -> tuple[Any, Any]:
     base, tokenizer = load_base_model(model_cfg, labels)
     return wrap_with_peft(base, peft_cfg, model_cfg.task, seed), tokenizer
@@ -41,7 +42,8 @@ def shared_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, labels: int, seed
 @functools.lru_cache(maxsize=256)
 def encoded_site_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> tuple[EncodedData, EncodedData]:
     split = site_split(cfg, partition_id, num_partitions)
-    _, tokenizer = shared_model(cfg.model, cfg.peft, num_labels(cfg), cfg.run.seed)
+    _, tokenizer = shared_model(cfg.model, site_peft_config(cfg.peft, site_rank(cfg, partition_id)),
+                                num_labels(cfg), cfg.run.seed)
     return _encode(split.train, tokenizer, cfg.model.max_length), _encode(split.eval, tokenizer, cfg.model.max_length)
 
 
@@ -59,11 +61,18 @@ class Site:
         self.cfg = cfg
         self.partition_id = partition_id
         self.policy_file, self.ledger_path = policy_file, ledger_path
-        self.model, _ = shared_model(cfg.model, cfg.peft, num_labels(cfg), cfg.run.seed)
+        self.rank = site_rank(cfg, partition_id)
+        self.hetero = bool(cfg.peft.site_ranks)
+        self.model, _ = shared_model(cfg.model, site_peft_config(cfg.peft, self.rank), num_labels(cfg), cfg.run.seed)
         self.train_data, self.eval_data = encoded_site_data(cfg, partition_id, num_partitions)
 
+    def local_view(self, global_state: AdapterState) -> AdapterState:
+        """The global adapter at this site's LoRA rank (truncated with heterogeneous ranks)."""
+        return truncate(global_state, self.rank) if self.hetero else dict(global_state)
+
     def load_global(self, global_state: AdapterState) -> None:
-        set_adapter_state(self.model, global_state, source=f"global adapter received by site {self.partition_id}")
+        set_adapter_state(self.model, self.local_view(global_state),
+                          source=f"global adapter received by site {self.partition_id}")
 
     def evaluate(self, global_state: AdapterState) -> EvalResult:
         self.load_global(global_state)
@@ -91,8 +100,10 @@ class Site:
         else:
             mu = self.cfg.strategy.proximal_mu if self.cfg.federation.aggregation == "fedprox" else 0.0
             result = train_local(self.model, self.train_data, self.cfg.train, self.cfg.model.task, seed, mu)
-        trained = get_wire_state(self.model)
-        update = {name: trained[name] - global_state[name] for name in trained}
+        trained, start = get_wire_state(self.model), self.local_view(global_state)
+        update = {name: trained[name] - start[name] for name in trained}
+        if self.hetero:
+            update = pad(update, global_state, self.rank)
         return LocalRound(self._client_level_dp(update), result, privacy)
 
     def _train_private(self, budget: SiteBudget, server_round: int, seed: int) -> tuple[TrainResult, dict]:
@@ -110,8 +121,10 @@ class Site:
         p = self.cfg.privacy
         if p.client_dp == "off":
             return update
+        update = dict(update)
+        rank_weight = update.pop(RANK_WEIGHT, None)  # public bookkeeping, not part of the update's norm
         clipped, _ = clip_update(update, p.client_clip)
         if p.client_dp == "distributed":
             clipped = add_gaussian(clipped, noise_share_std(p.client_noise_multiplier, p.client_clip,
                                                             self.cfg.federation.min_sites))
-        return clipped
+        return clipped if rank_weight is None else {**clipped, RANK_WEIGHT: rank_weight}

@@ -25,6 +25,7 @@ from fedpeft.server.messaging import EVALUATE, TRAIN, broadcast, payload_bytes
 from fedpeft.server.progress import ConsoleProgress
 from fedpeft.server.run_dir import MANIFEST_FILE, METRICS_FILE, SUMMARY_FILE
 from fedpeft.strategies import build_rule
+from fedpeft.strategies.hetero_rank import RANK_WEIGHT, rank_aware_mean, wire_template
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class Federation:
                  progress: ConsoleProgress) -> None:
         self.grid, self.cfg, self.run_dir = grid, cfg, run_dir
         self.global_state: AdapterState = dict(initial.wire)
+        self.template = wire_template(initial.wire, hetero=bool(cfg.peft.site_ranks))  # one upload's shapes
         self.frozen_state = initial.frozen
         self.peft_config = initial.peft_config
         self.progress = progress
@@ -87,8 +89,13 @@ class Federation:
         aggregated = got.total.count >= self.cfg.federation.min_sites
         client_epsilon = None
         if aggregated:
-            update_sum, client_epsilon = self.client_dp.apply(got.total.update_sum, len(sampled) / len(nodes))
-            self.global_state = self.rule.aggregate(self.global_state, update_sum, got.total.weight_sum)
+            update_sum = dict(got.total.update_sum)
+            rank_weight = update_sum.pop(RANK_WEIGHT, None)
+            update_sum, client_epsilon = self.client_dp.apply(update_sum, len(sampled) / len(nodes))
+            weight_sum = got.total.weight_sum
+            if rank_weight is not None:  # heterogeneous ranks: each rank slice has its own weight
+                update_sum, weight_sum = rank_aware_mean({**update_sum, RANK_WEIGHT: rank_weight}, weight_sum), 1.0
+            self.global_state = self.rule.aggregate(self.global_state, update_sum, weight_sum)
             save_global_adapter(self.run_dir, server_round, {**self.frozen_state, **self.global_state},
                                 self.peft_config)
         else:
@@ -113,7 +120,7 @@ class Federation:
         else:
             replies = broadcast(self.grid, sampled, TRAIN, self.global_state, {wire.SERVER_ROUND: server_round},
                                 self.timeout)
-            got = collect_updates(replies, self.global_state, self.cfg.federation.weighting)
+            got = collect_updates(replies, self.template, self.cfg.federation.weighting)
         if got.first_record is not None:
             self.record_manifest(got.first_record)
         return got
@@ -123,14 +130,14 @@ class Federation:
 
         config = ConfigRecord({wire.SERVER_ROUND: server_round})
         content = RecordDict({wire.ADAPTER: ArrayRecord(self.global_state), wire.CONFIG: config})
-        length = sum(t.numel() for t in self.global_state.values())
+        length = sum(t.numel() for t in self.template.values())
         try:
             secure = SecAggRound(self.grid, sampled, server_round, self.cfg.secagg, self.timeout).run(content, length)
         except SecAggAbort as abort:
             self.progress.message(f"[yellow]{abort}[/yellow]")
             return RoundCollection(failures={"secagg": str(abort)})
         scale = self.cfg.secagg.max_weight if self.cfg.federation.weighting == "num-examples" else 1.0
-        return collect_secure(secure, self.global_state, scale)
+        return collect_secure(secure, self.template, scale)
 
     def record_manifest(self, record: Any) -> None:
         """Write once what a site upload consists of (names, shapes, dtypes, bytes): the evidence of what left."""

@@ -93,3 +93,32 @@ def test_ffa_with_dp_sgd_noise_shares_and_secure_aggregation_together(tmp_path):
     assert list(manifest["tensors"]) == ["secagg-masked"] and manifest["tensors"]["secagg-masked"]["dtype"] == "uint32"
     saved = load_file(str(result.run_dir / "adapters" / "round-0002" / "adapter_model.safetensors"))
     assert any(".lora_A." in name for name in saved), "the checkpoint is complete: the frozen A is saved too"
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_heterogeneous_ranks_federate_and_the_checkpoint_loads(tmp_path, secure):
+    import json
+
+    from peft import PeftModel
+
+    from fedpeft.models.loader import load_base_model
+    from fedpeft.server.initial import initial_adapter
+
+    cfg = from_mapping({
+        "model": {"name": "tiny-llama", "max_length": 32},
+        "peft": {"r": 8, "site_ranks": "2,4,8"},
+        "train": {"learning_rate": 5e-3},
+        "federation": {"rounds": 2, "num_sites": 3, "secure_aggregation": secure},
+        "data": {"synthetic_examples": 180},
+        "run": {"name": f"het-{secure}", "out_dir": str(tmp_path)},
+    })
+    result = simulate(cfg)
+    rounds = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["aggregated"] and r["sites_returned"] == 3 for r in rounds[1:])
+    saved = str(result.run_dir / "adapters" / "round-0002")
+    loaded = PeftModel.from_pretrained(load_base_model(cfg.model, 6)[0], saved)
+    assert loaded.peft_config["default"].r == 8
+    state = load_file(saved + "/adapter_model.safetensors")
+    initial = initial_adapter(cfg).wire
+    a_name = next(n for n in state if ".lora_A." in n)
+    assert not torch.equal(state[a_name][4:], initial[a_name][4:]), "the rank-8 site trained the top slices"
