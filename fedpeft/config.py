@@ -27,7 +27,7 @@ LORA_MODES = ("fedit", "ffa")
 PARTITIONERS = ("iid", "dirichlet", "column")
 WEIGHTINGS = ("num-examples", "uniform")
 ACCOUNTANTS = ("prv", "rdp")
-GRAD_SAMPLE_MODES = ("hooks", "functorch")
+GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ghost")
 CLIENT_DP_MODES = ("off", "central", "distributed")
 FLOWER_ROUNDS_ALIAS = "num-server-rounds"
 
@@ -120,7 +120,7 @@ class PrivacyConfig:
     delta: float = 1e-5
     max_grad_norm: float = 1.0  # per-example clipping norm C
     accountant: str = "prv"  # prv (tight) | rdp
-    grad_sample_mode: str = "hooks"  # Opacus per-sample gradients: hooks | functorch
+    grad_sample_mode: str = "auto"  # Opacus: auto (hooks on CPU, ghost clipping on CUDA) | hooks | functorch | ghost
     client_dp: str = "off"  # client-level DP on the update: off | central (server adds noise) | distributed
     client_clip: float = 1.0  # S: each site's whole update is clipped to this L2 norm
     client_noise_multiplier: float = 1.0  # z: noise std on the sum is z * S

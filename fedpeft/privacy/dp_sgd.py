@@ -12,7 +12,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from fedpeft.client.batches import EncodedData, trim_batch
+from fedpeft.client.batches import IGNORE_INDEX, EncodedData, trim_batch
 from fedpeft.client.trainer import TrainResult, batch_loss, param_groups
 from fedpeft.config import TrainConfig
 from fedpeft.privacy.accounting import planned_steps
@@ -22,7 +22,21 @@ from fedpeft.privacy.accounting import planned_steps
 class DpSettings:
     noise_multiplier: float
     max_grad_norm: float
-    grad_sample_mode: str = "hooks"
+    grad_sample_mode: str = "hooks"  # hooks | functorch | ghost (resolve "auto" with resolve_grad_sample_mode)
+
+
+def resolve_grad_sample_mode(mode: str) -> str:
+    """``auto``: per-sample gradients through hooks on CPU, ghost clipping on CUDA.
+
+    Measured: on the 2-core CPU hooks were the cheapest mode (1.11-1.12x a plain step for MiniLM LoRA at batch 32;
+    functorch 1.22x; ghost 1.4-2.0x in the stack measurements); on an H100, ghost clipping cut peak memory by 15 %
+    at equal speed, because it never materialises per-sample gradients.
+    """
+    if mode != "auto":
+        return mode
+    import torch
+
+    return "ghost" if torch.cuda.is_available() else "hooks"
 
 
 @dataclass(frozen=True)
@@ -40,54 +54,85 @@ def train_private(model: Any, data: EncodedData, cfg: TrainConfig, task: str, se
     torch.manual_seed(seed)
     rate, budget = planned_steps(len(data), cfg.batch_size, cfg.local_epochs, cfg.max_steps)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), weight_decay=cfg.weight_decay)
-    module, optimizer, private_loader = make_private(model, optimizer, data, cfg.batch_size, dp)
+    private = make_private(model, optimizer, data, cfg.batch_size, dp)
     try:
-        losses = _run_steps(module, optimizer, private_loader, task, budget)
+        losses = _run_steps(private, task, budget)
     finally:
-        module._close()  # remove hooks and per-sample buffers: the cached model is reused by other sites
+        private.module._close()  # remove hooks and per-sample buffers: the cached model is reused by other sites
     mean = sum(losses) / len(losses) if losses else math.nan
     return DpTrainResult(TrainResult(mean, budget, len(data)), budget, rate)
 
 
+@dataclass(frozen=True)
+class Private:
+    module: Any  # Opacus GradSampleModule around the peft model
+    optimizer: Any  # DPOptimizer (clips, adds noise)
+    loader: Any  # Poisson-sampled batches
+    criterion: Any = None  # ghost clipping only: the per-sample loss wrapper whose backward clips
+
+
 def make_private(model: Any, optimizer: Any, data: EncodedData, batch_size: int, dp: DpSettings,
-                 poisson_sampling: bool = True) -> tuple[Any, Any, Any]:
-    """Opacus' (GradSampleModule, DPOptimizer, DP data loader) over the site's encoded data."""
+                 poisson_sampling: bool = True) -> Private:
+    """Opacus' module, optimizer and DP data loader (and, for ghost clipping, criterion) over the site's data."""
+    import torch
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
     loader = DataLoader(TensorDataset(data.input_ids, data.attention_mask, data.labels), batch_size=batch_size)
     model.train()  # Opacus refuses a module in eval mode (the site has just evaluated the received adapter)
+    mode = resolve_grad_sample_mode(dp.grad_sample_mode)
+    extra = {"criterion": torch.nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)} if mode == "ghost" else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # secure_mode=False: torch's default generator draws the noise
-        return PrivacyEngine(accountant="rdp").make_private(
+        parts = PrivacyEngine(accountant="rdp").make_private(
             module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=dp.noise_multiplier,
-            max_grad_norm=dp.max_grad_norm, poisson_sampling=poisson_sampling, grad_sample_mode=dp.grad_sample_mode)
+            max_grad_norm=dp.max_grad_norm, poisson_sampling=poisson_sampling, grad_sample_mode=mode, **extra)
+    if mode == "ghost":
+        module, optimizer, criterion, loader = parts
+        return Private(module, optimizer, loader, criterion)
+    return Private(*parts)
 
 
-def _run_steps(module: Any, optimizer: Any, loader: Any, task: str, budget: int) -> list[float]:
+def private_loss(private: Private, batch: dict[str, Any], task: str) -> Any:
+    """The batch loss whose backward yields clipped per-example gradients (one sequence = one example)."""
+    if private.criterion is None:
+        return batch_loss(private.module, batch, task)[0]
+    logits = private.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    labels = batch["labels"]
+    if task == "classification":
+        return private.criterion(logits, labels)
+    logits, labels = logits[:, :-1, :], labels[:, 1:]
+    return private.criterion(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), shape=logits.shape)
+
+
+def _run_steps(private: Private, task: str, budget: int) -> list[float]:
     """Exactly ``budget`` noisy steps (an empty Poisson batch still takes one: skipping it would leak that)."""
-    module.train()
+    private.module.train()
     losses: list[float] = []
     steps = 0
     while steps < budget:
-        for input_ids, attention_mask, labels in loader:
-            optimizer.zero_grad(set_to_none=True)
+        for input_ids, attention_mask, labels in private.loader:
+            private.optimizer.zero_grad(set_to_none=True)
             if len(input_ids) == 0:
-                _empty_grad_samples(module)
+                _empty_gradients(private)
             else:
-                loss, _, _ = batch_loss(module, trim_batch(input_ids, attention_mask, labels), task)
+                loss = private_loss(private, trim_batch(input_ids, attention_mask, labels), task)
                 loss.backward()
-                losses.append(float(loss.detach()))
-            optimizer.step()
+                losses.append(float(loss.detach().mean()) if private.criterion is not None else float(loss.detach()))
+            private.optimizer.step()
             steps += 1
             if steps >= budget:
                 break
     return losses
 
 
-def _empty_grad_samples(module: Any) -> None:
+def _empty_gradients(private: Private) -> None:
+    """What an empty batch contributes before noise: nothing (zero per-sample gradients / a zero clipped sum)."""
     import torch
 
-    for param in module.parameters():
+    for param in private.module.parameters():
         if param.requires_grad:
-            param.grad_sample = torch.zeros((0, *param.shape), dtype=param.dtype)
+            if private.criterion is None:
+                param.grad_sample = torch.zeros((0, *param.shape), dtype=param.dtype)
+            else:
+                param.grad = torch.zeros_like(param)

@@ -12,7 +12,8 @@ from fedpeft.config import ModelConfig, PeftConfig, TrainConfig
 from fedpeft.models.loader import load_base_model
 from fedpeft.models.peft_model import wrap_with_peft
 from fedpeft.privacy.accounting import planned_steps
-from fedpeft.privacy.dp_sgd import DpSettings, _empty_grad_samples, make_private, train_private
+from fedpeft.privacy.dp_sgd import (DpSettings, _empty_gradients, make_private, private_loss,
+                                    resolve_grad_sample_mode, train_private)
 
 TASKS = ["classification", "causal-lm"]
 
@@ -48,12 +49,11 @@ def test_no_noise_and_no_clipping_equals_plain_sgd(task):
     model.zero_grad()
 
     optimizer = torch.optim.SGD(list(_trainable(model).values()), lr=1.0)
-    module, optimizer, _ = make_private(model, optimizer, data, len(data), DpSettings(0.0, 1e6),
-                                       poisson_sampling=False)
-    module.train()
-    batch_loss(module, batch, task)[0].backward()
-    optimizer.step()
-    module._close()
+    private = make_private(model, optimizer, data, len(data), DpSettings(0.0, 1e6), poisson_sampling=False)
+    private.module.train()
+    batch_loss(private.module, batch, task)[0].backward()
+    private.optimizer.step()
+    private.module._close()
     for name, param in _trainable(model).items():
         assert torch.allclose(before[name] - param.detach(), plain[name], atol=1e-6, rtol=1e-4), name
 
@@ -62,14 +62,13 @@ def _summed_clipped_gradient(task: str, data, clip: float) -> tuple[torch.Tensor
     """(sum of the clipped per-example gradients, each example's unclipped gradient norm)."""
     model, _ = _setup(task)
     optimizer = torch.optim.SGD(list(_trainable(model).values()), lr=1.0)
-    module, optimizer, _ = make_private(model, optimizer, data, len(data), DpSettings(0.0, clip),
-                                        poisson_sampling=False)
-    module.train()
-    batch_loss(module, trim_batch(data.input_ids, data.attention_mask, data.labels), task)[0].backward()
-    per_example = torch.stack([p.grad_sample.flatten(1).norm(dim=1) for p in optimizer.params]).norm(dim=0)
-    optimizer.clip_and_accumulate()
-    summed = torch.cat([p.summed_grad.flatten() for p in optimizer.params])
-    module._close()
+    private = make_private(model, optimizer, data, len(data), DpSettings(0.0, clip, "hooks"), poisson_sampling=False)
+    private.module.train()
+    batch_loss(private.module, trim_batch(data.input_ids, data.attention_mask, data.labels), task)[0].backward()
+    per_example = torch.stack([p.grad_sample.flatten(1).norm(dim=1) for p in private.optimizer.params]).norm(dim=0)
+    private.optimizer.clip_and_accumulate()
+    summed = torch.cat([p.summed_grad.flatten() for p in private.optimizer.params])
+    private.module._close()
     return summed, per_example
 
 
@@ -87,16 +86,41 @@ def test_replacing_one_example_moves_the_clipped_sum_by_at_most_2c(task):
     assert float((a - b).norm()) > 0.1 * clip, "the replaced example must matter"
 
 
-def test_an_empty_poisson_batch_still_takes_a_noisy_step():
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_an_empty_poisson_batch_still_takes_a_noisy_step(mode):
     model, data = _setup("classification")
     optimizer = torch.optim.SGD(list(_trainable(model).values()), lr=1.0)
-    module, optimizer, _ = make_private(model, optimizer, data, 4, DpSettings(1.0, 1.0))
+    private = make_private(model, optimizer, data, 4, DpSettings(1.0, 1.0, mode))
     before = {n: p.detach().clone() for n, p in _trainable(model).items()}
-    optimizer.zero_grad(set_to_none=True)
-    _empty_grad_samples(module)
-    optimizer.step()
-    module._close()
+    private.optimizer.zero_grad(set_to_none=True)
+    _empty_gradients(private)
+    private.optimizer.step()
+    private.module._close()
     assert all(not torch.equal(before[n], p.detach()) for n, p in _trainable(model).items())
+
+
+def _one_clipped_step(task: str, mode: str, clip: float) -> dict[str, torch.Tensor]:
+    model, data = _setup(task)
+    before = {n: p.detach().clone() for n, p in _trainable(model).items()}
+    optimizer = torch.optim.SGD(list(_trainable(model).values()), lr=1.0)
+    private = make_private(model, optimizer, data, len(data), DpSettings(0.0, clip, mode), poisson_sampling=False)
+    private.module.train()
+    private_loss(private, trim_batch(data.input_ids, data.attention_mask, data.labels), task).backward()
+    private.optimizer.step()
+    private.module._close()
+    return {n: before[n] - p.detach() for n, p in _trainable(model).items()}
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_ghost_clipping_takes_the_same_clipped_step_as_per_sample_hooks(task):
+    hooks, ghost = _one_clipped_step(task, "hooks", 0.05), _one_clipped_step(task, "ghost", 0.05)
+    for name, step in hooks.items():
+        assert torch.allclose(ghost[name], step, atol=1e-6, rtol=1e-3), name
+
+
+def test_auto_mode_is_hooks_on_cpu():
+    assert resolve_grad_sample_mode("auto") == ("ghost" if torch.cuda.is_available() else "hooks")
+    assert resolve_grad_sample_mode("functorch") == "functorch"
 
 
 def test_train_private_takes_the_planned_steps_and_leaves_no_hooks():
