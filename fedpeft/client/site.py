@@ -7,23 +7,23 @@ A Ray actor of the simulation engine serves many virtual sites in turn, so the p
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fedpeft.client.batches import EncodedData, encode_classification, encode_prompt_response
 from fedpeft.client.trainer import EvalResult, TrainResult, evaluate, train_local
-from fedpeft.privacy.client_dp import add_gaussian, clip_update, noise_share_std
-from fedpeft.privacy.accounting import planned_steps
-from fedpeft.privacy.dp_sgd import DpSettings, train_private
-from fedpeft.privacy.site_budget import SiteBudget, site_ledger_path, site_policy
-from fedpeft.strategies.hetero_rank import RANK_WEIGHT, pad, site_peft_config, site_rank, truncate
 from fedpeft.config import ModelConfig, PeftConfig, RunConfig
 from fedpeft.data.records import ClassificationData
 from fedpeft.data.sites import SiteData, num_labels, site_split
 from fedpeft.models.adapter_state import AdapterState, get_wire_state, set_adapter_state
 from fedpeft.models.loader import load_base_model
 from fedpeft.models.peft_model import wrap_with_peft
+from fedpeft.privacy.accounting import planned_steps
+from fedpeft.privacy.client_dp import add_gaussian, clip_update, noise_share_std
+from fedpeft.privacy.dp_sgd import DpSettings, train_private
+from fedpeft.privacy.site_budget import SiteBudget, site_ledger_path, site_policy
+from fedpeft.strategies.hetero_rank import RANK_WEIGHT, pad, site_peft_config, site_rank, truncate
 
 
 @dataclass(frozen=True)

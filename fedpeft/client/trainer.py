@@ -77,7 +77,8 @@ def train_local(model: Any, data: EncodedData, cfg: TrainConfig, task: str, seed
             loss, _, _ = batch_loss(model, batch, task)
             data_loss = float(loss.detach())
             if proximal_mu:
-                loss = loss + proximal_mu / 2 * sum((p - a).pow(2).sum() for p, a in zip(trainable, anchor))
+                drift = sum((p - a).pow(2).sum() for p, a in zip(trainable, anchor, strict=True))
+                loss = loss + proximal_mu / 2 * drift
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

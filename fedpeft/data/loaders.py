@@ -155,7 +155,7 @@ def _require_column(table: _Table, column: str, config_key: str) -> None:
 def _column(table: _Table, column: str, config_key: str, strip: bool) -> list[str]:
     _require_column(table, column, config_key)
     values = []
-    for row, location in zip(table.rows, table.locations):
+    for row, location in zip(table.rows, table.locations, strict=True):
         value = row[column]
         if value is None or not value.strip():
             raise DataError(
@@ -178,7 +178,7 @@ def _encode_labels(
     as_ints = [_parse_int(value) for value in raw]
     if all(value is not None for value in as_ints):
         ids = [int(value) for value in as_ints if value is not None]
-        for value, location in zip(ids, table.locations):
+        for value, location in zip(ids, table.locations, strict=True):
             if value < 0:
                 raise DataError(
                     f"data file '{table.path}' {location}: label {value} in column '{column}' is "

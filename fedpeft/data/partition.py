@@ -73,7 +73,7 @@ def _dirichlet_draw(
         members = rng.permutation(np.flatnonzero(labels == cls))
         proportions = rng.dirichlet(np.full(num_partitions, alpha))
         cuts = (np.cumsum(proportions)[:-1] * len(members)).astype(int)
-        for part, chunk in zip(parts, np.split(members, cuts)):
+        for part, chunk in zip(parts, np.split(members, cuts), strict=True):
             part.extend(int(i) for i in chunk)
     return [sorted(p) for p in parts]
 

@@ -213,7 +213,8 @@ def _load(path: Path) -> tuple[list[bytes], list[LedgerEntry]]:
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise LedgerCorrupted(f"privacy ledger {path} cannot be read ({exc}); fix its permissions. {_NEVER_RESET}")
+        raise LedgerCorrupted(
+            f"privacy ledger {path} cannot be read ({exc}); fix its permissions. {_NEVER_RESET}") from exc
     if not data:
         raise _corrupted(path, 1, "the file is empty, but a ledger file is only ever written with its entries")
     lines = data.split(b"\n")

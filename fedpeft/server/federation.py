@@ -16,11 +16,11 @@ from fedpeft.config import RunConfig
 from fedpeft.errors import FederationError, SecAggAbort
 from fedpeft.io.atomic import append_jsonl, write_json_atomic
 from fedpeft.models.adapter_state import AdapterState
-from fedpeft.server.checkpoint import latest_adapter, save_global_adapter
-from fedpeft.server.initial import InitialAdapter
-from fedpeft.server.client_dp import ServerClientDp
 from fedpeft.secagg.server import SecAggRound
+from fedpeft.server.checkpoint import latest_adapter, save_global_adapter
+from fedpeft.server.client_dp import ServerClientDp
 from fedpeft.server.collect import RoundCollection, collect_secure, collect_updates
+from fedpeft.server.initial import InitialAdapter
 from fedpeft.server.messaging import EVALUATE, TRAIN, broadcast, payload_bytes
 from fedpeft.server.progress import ConsoleProgress
 from fedpeft.server.run_dir import MANIFEST_FILE, METRICS_FILE, SUMMARY_FILE
