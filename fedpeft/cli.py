@@ -76,18 +76,46 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pki_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pki", help="the federation's certificates and site keys")
+    pki = p.add_subparsers(dest="pki_command", required=True)
+    init = pki.add_parser("init", help="create the CA and the coordinator's TLS certificate")
+    init.add_argument("--dir", required=True, help="PKI directory to create (keep it with the coordinator)")
+    init.add_argument("--host", action="append", default=[], required=True,
+                      help="a host name or IP the coordinator serves (repeatable)")
+    site = pki.add_parser("add-site", help="create a site's node key pair and the bundle for its IT team")
+    site.add_argument("name", help="the site's name (letters, digits, '.', '_', '-')")
+    site.add_argument("--dir", required=True, help="the PKI directory made by `fedpeft pki init`")
+    site.add_argument("--coordinator", required=True, help="host:port the site's agent dials out to")
+
+
+def _cmd_pki(args: argparse.Namespace) -> int:
+    from fedpeft.deploy.pki import add_site, init_pki
+
+    if args.pki_command == "init":
+        directory = init_pki(args.dir, args.host)
+        print(f"created the CA and the coordinator certificate for {', '.join(args.host)} in {directory} "
+              "(private keys: ca.key, server.key, mode 0600)")
+    else:
+        bundle = add_site(args.dir, args.name, args.coordinator)
+        print(f"site '{args.name}': bundle in {bundle.directory}; register its public key {bundle.public_key} "
+              "with the coordinator (see docs/deployment.md)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedpeft", description="Federated parameter-efficient fine-tuning.")
     sub = parser.add_subparsers(dest="command", required=True)
     _simulate_parser(sub)
     _export_parser(sub)
+    _pki_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"simulate": _cmd_simulate, "export": _cmd_export}[args.command](args)
+        return {"simulate": _cmd_simulate, "export": _cmd_export, "pki": _cmd_pki}[args.command](args)
     except FedpeftError as err:
         print(f"fedpeft: error: {err}", file=sys.stderr)
         return 2

@@ -52,3 +52,7 @@ class SecAggError(FedpeftError):
 
 class SecAggAbort(SecAggError):
     """A secure-aggregation round cannot decode (fewer than the threshold survived); nothing partial is released."""
+
+
+class PkiError(FedpeftError):
+    """The PKI directory is missing, incomplete, or would be overwritten."""

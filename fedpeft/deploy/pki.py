@@ -1,0 +1,156 @@
+"""The federation's PKI, made with ``cryptography``: a CA, the coordinator's TLS certificate, and per-site node keys.
+
+Layout of a PKI directory:
+    ca.pem, ca.key                  the federation's CA (the key stays with the coordinator's operators)
+    server.pem, server.key          the coordinator's TLS certificate (SANs: the host names/IPs it serves) and key
+    sites/<name>/                   one bundle per site, handed to that site's IT team:
+        ca.pem                      to verify the coordinator
+        node.key, node.pub          the site's node-authentication key pair (OpenSSH format, NIST P-384), as
+                                    flower-supernode --auth-supernode-private-key and `flwr supernode register` expect
+        site.toml                   the coordinator address and a template of the site's local settings
+        policy.toml                 a starting point for the site's own privacy policy (the site edits and owns it)
+Private keys are written 0600 and never printed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedpeft.errors import PkiError
+
+CA_DAYS = 3650
+SERVER_DAYS = 825
+SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+@dataclass(frozen=True)
+class SiteBundle:
+    directory: Path
+    public_key: Path
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Create the file with mode 0600 from the start (no window where another user could read it)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+
+
+def _name(common_name: str):  # noqa: ANN202
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedpeft federation"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _subject_alt_names(hosts: list[str]):  # noqa: ANN202
+    from cryptography import x509
+
+    names = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    return x509.SubjectAlternativeName(names)
+
+
+def init_pki(directory: str | Path, hosts: list[str]) -> Path:
+    """Create the CA and the coordinator's certificate for ``hosts``; refuses to overwrite an existing PKI."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    directory = Path(directory)
+    if (directory / "ca.pem").exists():
+        raise PkiError(f"'{directory}' already holds a PKI (ca.pem); use another --dir, or add sites with "
+                       "`fedpeft pki add-site`")
+    if not hosts:
+        raise PkiError("give the host names/IPs the coordinator serves, e.g. --host coordinator.example.org "
+                       "--host 10.0.0.5")
+    directory.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca = (x509.CertificateBuilder().subject_name(_name("fedpeft CA")).issuer_name(_name("fedpeft CA"))
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now).not_valid_after(now + dt.timedelta(days=CA_DAYS))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                       key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+          .sign(ca_key, hashes.SHA384()))
+    server_key = ec.generate_private_key(ec.SECP384R1())
+    server = (x509.CertificateBuilder().subject_name(_name(hosts[0])).issuer_name(ca.subject)
+              .public_key(server_key.public_key()).serial_number(x509.random_serial_number())
+              .not_valid_before(now).not_valid_after(now + dt.timedelta(days=SERVER_DAYS))
+              .add_extension(_subject_alt_names(hosts), critical=False)
+              .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+              .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+              .sign(ca_key, hashes.SHA384()))
+    pem = serialization.Encoding.PEM
+    plain = serialization.NoEncryption()
+    (directory / "ca.pem").write_bytes(ca.public_bytes(pem))
+    (directory / "server.pem").write_bytes(server.public_bytes(pem))
+    _write_private(directory / "ca.key", ca_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, plain))
+    _write_private(directory / "server.key",
+                   server_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, plain))
+    return directory
+
+
+def add_site(directory: str | Path, name: str, coordinator: str) -> SiteBundle:
+    """A site's node-authentication key pair and the bundle its IT team receives."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    directory = Path(directory)
+    if not (directory / "ca.pem").is_file():
+        raise PkiError(f"'{directory}' has no ca.pem; run `fedpeft pki init --dir {directory} --host ...` first")
+    if not SITE_NAME.match(name):
+        raise PkiError(f"site name {name!r} must be 1-63 letters, digits, '.', '_' or '-' (it names a directory)")
+    bundle = directory / "sites" / name
+    if bundle.exists():
+        raise PkiError(f"site '{name}' already exists in '{bundle}'; to rotate its key, remove the site "
+                       "(see docs) and add it again")
+    bundle.mkdir(parents=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    _write_private(bundle / "node.key", key.private_bytes(serialization.Encoding.PEM,
+                                                          serialization.PrivateFormat.OpenSSH,
+                                                          serialization.NoEncryption()))
+    (bundle / "node.pub").write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                                    serialization.PublicFormat.OpenSSH) + b"\n")
+    (bundle / "ca.pem").write_bytes((directory / "ca.pem").read_bytes())
+    (bundle / "site.toml").write_text(_site_template(name, coordinator), encoding="utf-8")
+    (bundle / "policy.toml").write_text(POLICY_TEMPLATE, encoding="utf-8")
+    return SiteBundle(bundle, bundle / "node.pub")
+
+
+def _site_template(name: str, coordinator: str) -> str:
+    return f"""# fedpeft site agent settings for site '{name}' -- edit the paths to this site's own files.
+[site]
+name = "{name}"
+coordinator = "{coordinator}"        # host:port of the coordinator's Fleet API (outbound connection only)
+root_certificates = "ca.pem"
+node_key = "node.key"
+data_path = "/path/to/local/data.csv"
+base_model = "minilm"                # or a local model directory
+ledger_path = "privacy_ledger.jsonl"
+policy_file = "policy.toml"
+"""
+
+
+POLICY_TEMPLATE = """# This site's own privacy policy; it beats the coordinator's run config (docs/privacy.md).
+[policy]
+max_epsilon = 8.0
+delta = 1e-5
+require_dp = true
+min_noise_multiplier = 0.5
+max_grad_norm = 1.0
+allowed_peft_methods = ["lora"]
+client_dp_requires_secure_aggregation = true
+"""

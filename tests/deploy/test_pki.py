@@ -1,0 +1,68 @@
+"""The PKI made by `fedpeft pki`: a CA that signed the coordinator certificate for its hosts, 0600 private keys that
+are never printed, and site bundles whose keys are in the formats Flower's SuperNode and CLI load."""
+
+from __future__ import annotations
+
+import stat
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+from fedpeft.cli import main as cli_main
+from fedpeft.privacy.policy import load_policy
+
+
+def _init(tmp_path, capsys):
+    pki = tmp_path / "pki"
+    assert cli_main(["pki", "init", "--dir", str(pki), "--host", "coordinator.local", "--host", "127.0.0.1"]) == 0
+    return pki
+
+
+def test_ca_signs_the_coordinator_certificate_for_its_hosts(tmp_path, capsys):
+    pki = _init(tmp_path, capsys)
+    ca = x509.load_pem_x509_certificate((pki / "ca.pem").read_bytes())
+    server = x509.load_pem_x509_certificate((pki / "server.pem").read_bytes())
+    server.verify_directly_issued_by(ca)
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == ["coordinator.local"]
+    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    for key in ("ca.key", "server.key"):
+        assert stat.S_IMODE((pki / key).stat().st_mode) == 0o600
+    assert "PRIVATE KEY" not in capsys.readouterr().out
+
+
+def test_site_bundle_holds_flower_loadable_keys_and_a_valid_policy(tmp_path, capsys):
+    pki = _init(tmp_path, capsys)
+    assert cli_main(["pki", "add-site", "hospital-a", "--dir", str(pki), "--coordinator", "127.0.0.1:9092"]) == 0
+    bundle = pki / "sites" / "hospital-a"
+    private = load_ssh_private_key((bundle / "node.key").read_bytes(), password=None)
+    public = load_ssh_public_key((bundle / "node.pub").read_bytes())
+    assert isinstance(public, ec.EllipticCurvePublicKey) and public.curve.name == "secp384r1"
+    assert private.public_key().public_numbers() == public.public_numbers()
+    assert stat.S_IMODE((bundle / "node.key").stat().st_mode) == 0o600
+    assert (bundle / "ca.pem").read_bytes() == (pki / "ca.pem").read_bytes()
+    assert 'coordinator = "127.0.0.1:9092"' in (bundle / "site.toml").read_text()
+    assert load_policy(bundle / "policy.toml").max_epsilon == 8.0
+    out = capsys.readouterr().out
+    assert "PRIVATE KEY" not in out and "hospital-a" in out
+
+
+def test_clear_errors_and_nothing_is_overwritten(tmp_path, capsys):
+    pki = _init(tmp_path, capsys)
+    before = (pki / "ca.key").read_bytes()
+    assert cli_main(["pki", "init", "--dir", str(pki), "--host", "x"]) == 2
+    assert (pki / "ca.key").read_bytes() == before
+    assert cli_main(["pki", "add-site", "bank-1", "--dir", str(pki), "--coordinator", "h:1"]) == 0
+    assert cli_main(["pki", "add-site", "bank-1", "--dir", str(pki), "--coordinator", "h:1"]) == 2
+    assert cli_main(["pki", "add-site", "../evil", "--dir", str(pki), "--coordinator", "h:1"]) == 2
+    assert cli_main(["pki", "add-site", "s", "--dir", str(tmp_path / "none"), "--coordinator", "h:1"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a PKI" in err and "already exists" in err and "must be 1-63" in err and "pki init" in err
+
+
+def test_init_needs_a_host(tmp_path):
+    with pytest.raises(SystemExit):
+        cli_main(["pki", "init", "--dir", str(tmp_path / "p")])
