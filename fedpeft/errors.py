@@ -56,3 +56,7 @@ class SecAggAbort(SecAggError):
 
 class PkiError(FedpeftError):
     """The PKI directory is missing, incomplete, or would be overwritten."""
+
+
+class DeployError(FedpeftError):
+    """A coordinator or site agent cannot start: a missing or invalid file, certificate, key or address."""
