@@ -34,6 +34,8 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:
                    help="override one config value; repeatable (e.g. --set federation.rounds=3)")
     p.add_argument("--out", help="directory under which the run directory is created (default: ./runs)")
     p.add_argument("--name", help="run name (default: quickstart)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run named --name after its last completed round (e.g. with more rounds)")
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
 
 
@@ -54,7 +56,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from fedpeft.simulations.engine import simulate
 
-    print_result(simulate(cfg, verbose=args.verbose))
+    print_result(simulate(cfg, verbose=args.verbose, resume=args.resume))
     return 0
 
 

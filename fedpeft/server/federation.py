@@ -23,7 +23,8 @@ from fedpeft.server.collect import RoundCollection, collect_secure, collect_upda
 from fedpeft.server.initial import InitialAdapter
 from fedpeft.server.messaging import EVALUATE, TRAIN, broadcast, payload_bytes
 from fedpeft.server.progress import ConsoleProgress
-from fedpeft.server.run_dir import MANIFEST_FILE, METRICS_FILE, SUMMARY_FILE
+from fedpeft.server.run_dir import MANIFEST_FILE, METRICS_FILE, SUMMARY_FILE, last_logged_round
+from fedpeft.server.state import ServerState, check_resumable, load_server_state, save_server_state
 from fedpeft.strategies import build_rule
 from fedpeft.strategies.hetero_rank import RANK_WEIGHT, rank_aware_mean, wire_template
 
@@ -49,20 +50,54 @@ class Federation:
         self.rule = build_rule(cfg.federation.aggregation, **cfg.strategy.rule_options())
         self.client_dp = ServerClientDp(cfg)
         self.site_epsilon: dict[str, float] = {}
+        self.accuracy_by_round: list[float] = []
+        self.last_site_accuracy: dict[str, float] = {}
         self.timeout = cfg.federation.round_timeout
 
     def run(self) -> dict[str, Any]:
         nodes = self.wait_for_sites()
         started = time.monotonic()
-        with self.progress.stage("round 0: evaluating the initial (untrained) adapter"):
-            initial = self.evaluate(nodes, 0)
-        self.log_round({"round": 0, "seconds": time.monotonic() - started, **_eval_fields(initial)})
-        history = [initial]
-        for server_round in range(1, self.cfg.federation.rounds + 1):
-            history.append(self.run_round(nodes, server_round))
-        summary = self.summary(history, time.monotonic() - started)
+        first_round = self.resume()
+        if first_round == 1:
+            with self.progress.stage("round 0: evaluating the initial (untrained) adapter"):
+                initial = self.evaluate(nodes, 0)
+            self.complete_round(0, initial, {"round": 0, "seconds": time.monotonic() - started})
+        for server_round in range(first_round, self.cfg.federation.rounds + 1):
+            self.complete_round(server_round, *self.run_round(nodes, server_round))
+        summary = self.summary(time.monotonic() - started)
         write_json_atomic(self.run_dir / SUMMARY_FILE, summary)
         return summary
+
+    def resume(self) -> int:
+        """Restore the last completed round's state, if the run directory has one; returns the next round."""
+        state = load_server_state(self.run_dir)
+        if state is None:
+            return 1
+        check_resumable(state, self.cfg, self.run_dir)
+        self.global_state = state.global_state
+        self.rule.load_state_dict(state.rule_state)
+        self.client_dp.releases = list(state.client_dp_releases)
+        self.site_epsilon = dict(state.site_epsilon)
+        self.accuracy_by_round = list(state.accuracy_by_round)
+        self.last_site_accuracy = dict(state.last_site_accuracy)
+        if last_logged_round(self.run_dir / METRICS_FILE) < state.completed_round:  # crashed between the two writes
+            append_jsonl(self.run_dir / METRICS_FILE, state.last_record)
+        self.progress.message(f"resuming {self.run_dir} after round {state.completed_round} (its checkpoint); "
+                              "nothing before it is run again")
+        return state.completed_round + 1
+
+    def complete_round(self, server_round: int, evaluation: Evaluation, record: dict[str, Any]) -> None:
+        """Checkpoint first, then log: a crash in between is repaired by resume(), so no round is lost or doubled."""
+        record = {**record, **_eval_fields(evaluation)}
+        self.accuracy_by_round.append(evaluation.global_accuracy)
+        self.last_site_accuracy = evaluation.site_accuracy
+        save_server_state(self.run_dir, ServerState(
+            completed_round=server_round, global_state=self.global_state, rule_state=self.rule.state_dict(),
+            client_dp_releases=list(self.client_dp.releases), site_epsilon=self.site_epsilon,
+            accuracy_by_round=self.accuracy_by_round, last_site_accuracy=self.last_site_accuracy,
+            last_record=record, config=self.cfg.to_flat()))
+        append_jsonl(self.run_dir / METRICS_FILE, record)
+        self.progress.round_done(record)
 
     def wait_for_sites(self) -> list[int]:
         wanted, deadline = self.cfg.federation.num_sites, time.monotonic() + self.timeout
@@ -81,7 +116,7 @@ class Federation:
         count = max(self.cfg.federation.min_sites, round(self.cfg.federation.fraction_train * len(nodes)))
         return sorted(random.Random(self.cfg.run.seed * 7919 + server_round).sample(nodes, min(count, len(nodes))))
 
-    def run_round(self, nodes: list[int], server_round: int) -> Evaluation:
+    def run_round(self, nodes: list[int], server_round: int) -> tuple[Evaluation, dict[str, Any]]:
         started = time.monotonic()
         sampled = self.sample(nodes, server_round)
         with self.progress.stage(f"round {server_round}: {len(sampled)} sites training"):
@@ -105,14 +140,12 @@ class Federation:
         self.site_epsilon.update(got.site_epsilon)
         with self.progress.stage(f"round {server_round}: evaluating on {len(nodes)} sites"):
             evaluation = self.evaluate(nodes, server_round)
-        self.log_round({
+        return evaluation, {
             "round": server_round, "seconds": time.monotonic() - started, "sites_sampled": len(sampled),
             "sites_returned": got.total.count, "failures": got.failures, "refusals": got.refusals,
             "site_epsilon": got.site_epsilon, "client_dp_epsilon": client_epsilon,
             "train_loss": _weighted_mean(got.losses),
-            "bytes_per_client": sum(got.sizes) / len(got.sizes) if got.sizes else 0,
-            "aggregated": aggregated, **_eval_fields(evaluation)})
-        return evaluation
+            "bytes_per_client": sum(got.sizes) / len(got.sizes) if got.sizes else 0, "aggregated": aggregated}
 
     def train_round(self, sampled: list[int], server_round: int) -> RoundCollection:
         if self.cfg.federation.secure_aggregation:
@@ -162,17 +195,12 @@ class Federation:
             raise FederationError(f"round {server_round}: no site could evaluate ({replies.failed})")
         return Evaluation(_weighted_mean(accuracies), _weighted_mean(losses), site_accuracy)
 
-    def log_round(self, record: dict[str, Any]) -> None:
-        append_jsonl(self.run_dir / METRICS_FILE, record)
-        self.progress.round_done(record)
-
-    def summary(self, history: list[Evaluation], seconds: float) -> dict[str, Any]:
+    def summary(self, seconds: float) -> dict[str, Any]:
         final = latest_adapter(self.run_dir)
         return {"rounds": self.cfg.federation.rounds, "seconds": seconds,
-                "initial_accuracy": history[0].global_accuracy, "final_accuracy": history[-1].global_accuracy,
-                "final_site_accuracy": history[-1].site_accuracy, "site_epsilon": self.site_epsilon,
-                "client_dp_epsilon": self.client_dp.epsilon(),
-                "accuracy_by_round": [h.global_accuracy for h in history],
+                "initial_accuracy": self.accuracy_by_round[0], "final_accuracy": self.accuracy_by_round[-1],
+                "final_site_accuracy": self.last_site_accuracy, "site_epsilon": self.site_epsilon,
+                "client_dp_epsilon": self.client_dp.epsilon(), "accuracy_by_round": self.accuracy_by_round,
                 "final_adapter": str(final) if final else None, "config": self.cfg.to_nested()}
 
 

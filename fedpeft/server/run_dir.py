@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from fedpeft.config import RunConfig
@@ -27,3 +28,11 @@ def prepare_run_dir(cfg: RunConfig) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_dir / CONFIG_FILE, cfg.to_nested())
     return run_dir
+
+
+def last_logged_round(metrics_file: Path) -> int:
+    """The round of the last complete line of ``metrics.jsonl`` (-1 when there is none)."""
+    if not metrics_file.exists():
+        return -1
+    lines = [line for line in metrics_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return int(json.loads(lines[-1])["round"]) if lines else -1

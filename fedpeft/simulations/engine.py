@@ -44,14 +44,16 @@ def majority_baseline(splits: list[SiteSplit]) -> float | None:
     return sum(label == majority for label in held_out) / len(held_out)
 
 
-def simulate(cfg: RunConfig, verbose: bool = False, cpus_per_site: float = 1.0) -> SimulationResult:
+def simulate(cfg: RunConfig, verbose: bool = False, cpus_per_site: float = 1.0, resume: bool = False) -> SimulationResult:
+    """Run a federation; ``resume`` continues ``run.name`` after its last completed round instead of starting anew."""
     from flwr.simulation import run_simulation
 
     from fedpeft.client.app import build_client_app
     from fedpeft.client.mods import run_config_mod
     from fedpeft.server.app import build_server_app
 
-    cfg = replace(cfg, run=replace(cfg.run, name=free_run_name(cfg.run.out_dir, cfg.run.name)))
+    if not resume:
+        cfg = replace(cfg, run=replace(cfg.run, name=free_run_name(cfg.run.out_dir, cfg.run.name)))
     baseline = majority_baseline(check_sites(cfg))
     flat = cfg.to_flat()
     started = time.monotonic()

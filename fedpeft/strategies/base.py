@@ -31,6 +31,15 @@ class AggregationRule(ABC):
     def aggregate(self, global_state: Mapping[str, Any], update_sum: Mapping[str, Any], weight_sum: float) -> State:
         """Return the next global state from the current one and the weighted sum of client deltas."""
 
+    def state_dict(self) -> State:
+        """Tensors the rule carries between rounds (server momentum, moments), for resumable runs."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state:
+            raise FederationError(f"aggregation rule '{self.name}' keeps no state between rounds, but the checkpoint "
+                                  f"holds {len(state)} rule tensors; resume with the aggregation the run started with")
+
 
 def register_rule(cls: type[AggregationRule]) -> type[AggregationRule]:
     if cls.name in _RULES:

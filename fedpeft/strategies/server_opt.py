@@ -20,6 +20,21 @@ def mean_update(update_sum: Mapping[str, Any], weight_sum: float) -> State:
     return {key: value / weight_sum for key, value in update_sum.items()}
 
 
+def prefixed(parts: Mapping[str, State]) -> State:
+    return {f"{part}/{key}": value for part, tensors in parts.items() for key, value in tensors.items()}
+
+
+def unprefixed(state: Mapping[str, Any], parts: tuple[str, ...], rule: str) -> dict[str, State]:
+    out: dict[str, State] = {part: {} for part in parts}
+    for name, value in state.items():
+        part, _, key = name.partition("/")
+        if part not in out or not key:
+            raise FederationError(f"checkpoint tensor '{name}' is not state of aggregation rule '{rule}'; resume "
+                                  "with the aggregation the run started with")
+        out[part][key] = value
+    return out
+
+
 @register_rule
 class FedAvgM(AggregationRule):
     """Server momentum: v = beta * v + delta; x = x + lr * v (Hsu et al., 2019)."""
@@ -34,6 +49,12 @@ class FedAvgM(AggregationRule):
         delta = mean_update(update_sum, weight_sum)
         self.velocity = {k: self.momentum * self.velocity[k] + d if k in self.velocity else d for k, d in delta.items()}
         return {k: global_state[k] + self.lr * self.velocity[k] for k in global_state}
+
+    def state_dict(self) -> State:
+        return prefixed({"velocity": self.velocity})
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.velocity = unprefixed(state, ("velocity",), self.name)["velocity"]
 
 
 class _Adaptive(AggregationRule):
@@ -59,6 +80,13 @@ class _Adaptive(AggregationRule):
             self.m[k] = self.beta_1 * self.m[k] + (1 - self.beta_1) * d if k in self.m else (1 - self.beta_1) * d
             self.v[k] = self.second_moment(self.v.get(k, d * 0), d)
         return {k: global_state[k] + self.lr * self.m[k] / (self.v[k].sqrt() + self.tau) for k in global_state}
+
+    def state_dict(self) -> State:
+        return prefixed({"m": self.m, "v": self.v})
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        parts = unprefixed(state, ("m", "v"), self.name)
+        self.m, self.v = parts["m"], parts["v"]
 
 
 @register_rule

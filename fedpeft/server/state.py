@@ -1,0 +1,84 @@
+"""The coordinator's resumable state: one atomically written file after every completed round.
+
+``server_state.safetensors`` holds the global adapter (``global/<name>``), the aggregation rule's tensors
+(``rule/<name>``) and, as JSON metadata, the completed round, the client-level DP releases, the sites' epsilons,
+the accuracy history and the completed round's metrics record. A coordinator that crashes and restarts continues
+from the round after it; a round that was under way when it crashed is run again (its checkpoint was never written).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedpeft.config import RunConfig
+from fedpeft.errors import ConfigError, FederationError
+from fedpeft.io.atomic import write_bytes_atomic
+
+STATE_FILE = "server_state.safetensors"
+_META_KEY = "fedpeft"
+# A finished run may be extended with more rounds, and its timeout changed; anything else would mix two runs.
+RESUMABLE_CHANGES = ("federation.rounds", "federation.round_timeout")
+
+
+@dataclass
+class ServerState:
+    completed_round: int
+    global_state: dict[str, Any]
+    rule_state: dict[str, Any] = field(default_factory=dict)
+    client_dp_releases: list[tuple[float, float, int]] = field(default_factory=list)
+    site_epsilon: dict[str, float] = field(default_factory=dict)
+    accuracy_by_round: list[float] = field(default_factory=list)
+    last_site_accuracy: dict[str, float] = field(default_factory=dict)
+    last_record: dict[str, Any] = field(default_factory=dict)  # the completed round's metrics.jsonl record
+    config: dict[str, Any] = field(default_factory=dict)  # the run config (flat) the state belongs to
+
+
+def save_server_state(run_dir: Path, state: ServerState) -> Path:
+    from safetensors.torch import save
+
+    tensors = {f"global/{k}": v.contiguous() for k, v in state.global_state.items()}
+    tensors.update({f"rule/{k}": v.contiguous() for k, v in state.rule_state.items()})
+    meta = {"completed_round": state.completed_round, "client_dp_releases": state.client_dp_releases,
+            "site_epsilon": state.site_epsilon, "accuracy_by_round": state.accuracy_by_round,
+            "last_site_accuracy": state.last_site_accuracy, "last_record": state.last_record,
+            "config": state.config}
+    path = run_dir / STATE_FILE
+    write_bytes_atomic(path, save(tensors, metadata={_META_KEY: json.dumps(meta, allow_nan=True)}))
+    return path
+
+
+def load_server_state(run_dir: Path) -> ServerState | None:
+    """The last completed round's state, or None for a fresh run directory."""
+    from safetensors import safe_open
+
+    path = run_dir / STATE_FILE
+    if not path.exists():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = json.loads((handle.metadata() or {})[_META_KEY])
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    except Exception as err:  # noqa: BLE001 - any damage reads the same to the operator
+        raise FederationError(f"{path} cannot be read ({err}); restore it from a backup, or start the run under a "
+                              "new run.name (the adapters of completed rounds are in adapters/)") from err
+    return ServerState(
+        completed_round=int(meta["completed_round"]),
+        global_state={k.removeprefix("global/"): v for k, v in tensors.items() if k.startswith("global/")},
+        rule_state={k.removeprefix("rule/"): v for k, v in tensors.items() if k.startswith("rule/")},
+        client_dp_releases=[tuple(r) for r in meta["client_dp_releases"]],
+        site_epsilon=meta["site_epsilon"], accuracy_by_round=meta["accuracy_by_round"],
+        last_site_accuracy=meta["last_site_accuracy"], last_record=meta["last_record"], config=meta["config"])
+
+
+def check_resumable(state: ServerState, cfg: RunConfig, run_dir: Path) -> None:
+    """Refuse to continue a run directory's state under a different run config."""
+    current = {k: v for k, v in cfg.to_flat().items() if k not in RESUMABLE_CHANGES}
+    saved = {k: v for k, v in state.config.items() if k not in RESUMABLE_CHANGES}
+    changed = sorted(k for k in current.keys() | saved.keys() if current.get(k) != saved.get(k))
+    if changed:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed[:5])
+        raise ConfigError(f"{run_dir} holds a run (completed round {state.completed_round}) with a different run "
+                          f"config ({details}); resume it with the same config, or choose a new run.name")

@@ -1,0 +1,43 @@
+"""A run continues from its last completed round's checkpoint: nothing is run or logged twice."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedpeft.config import from_mapping
+from fedpeft.server.checkpoint import ADAPTER_WEIGHTS, round_dir
+from fedpeft.server.run_dir import METRICS_FILE
+from fedpeft.server.state import load_server_state
+from fedpeft.simulations.engine import simulate
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_resumed_run_continues_after_its_last_round(tmp_path):
+    cfg = from_mapping({
+        "model": {"name": "tiny-llama", "max_length": 32},
+        "federation": {"rounds": 1, "num_sites": 2, "aggregation": "fedadam"},
+        "data": {"synthetic_examples": 80},
+        "run": {"name": "resumed", "out_dir": str(tmp_path)},
+    })
+    first = simulate(cfg)
+    after_one = load_server_state(first.run_dir)
+    assert after_one.completed_round == 1 and after_one.rule_state, "fedadam's moments are part of the state"
+
+    longer = replace(cfg, federation=replace(cfg.federation, rounds=2))
+    second = simulate(longer, resume=True)
+    assert second.run_dir == first.run_dir
+    rounds = [json.loads(line)["round"] for line in (second.run_dir / METRICS_FILE).read_text().splitlines()]
+    assert rounds == [0, 1, 2], "round 0 and 1 are not run again"
+    assert second.summary["accuracy_by_round"][:2] == first.summary["accuracy_by_round"]
+    saved = load_file(str(round_dir(second.run_dir, 2) / ADAPTER_WEIGHTS))
+    state = load_server_state(second.run_dir)
+    assert state.completed_round == 2
+    assert state.global_state, "the global adapter is in the state"
+    for name, tensor in state.global_state.items():  # the state's global adapter is the round-2 checkpoint
+        assert torch.equal(saved[name], tensor), name
