@@ -62,11 +62,11 @@ def load_certificate(path: str | Path, what: str, fix: str = PKI_FIX) -> x509.Ce
 def check_validity(cert: x509.Certificate, path: str | Path, what: str, now: dt.datetime | None = None,
                    fix: str = PKI_FIX) -> None:
     """Raise unless ``now`` (default: the current time) lies within the certificate's validity period."""
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or dt.datetime.now(dt.UTC)
     if now.tzinfo is None:
-        now = now.replace(tzinfo=dt.timezone.utc)
+        now = now.replace(tzinfo=dt.UTC)
     before, after = cert.not_valid_before_utc, cert.not_valid_after_utc
-    period = f"valid from {before:{_TIME}} to {after:{_TIME}}, now is {now.astimezone(dt.timezone.utc):{_TIME}}"
+    period = f"valid from {before:{_TIME}} to {after:{_TIME}}, now is {now.astimezone(dt.UTC):{_TIME}}"
     if now < before:
         raise DeployError(f"{what} '{path}' is not valid yet ({period}); check this machine's clock, or {fix}")
     if now > after:
@@ -237,9 +237,9 @@ def check_tls_endpoint(host: str, port: int, ca_path: str | Path, timeout: float
     context.set_alpn_protocols(["h2"])  # as a gRPC client does
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
-            with context.wrap_socket(sock, server_hostname=host):
-                pass
+        with (socket.create_connection((host, port), timeout=timeout) as sock,
+              context.wrap_socket(sock, server_hostname=host)):
+            pass
     except ssl.SSLCertVerificationError as err:
         reason = err.verify_message or str(err)
         raise DeployError(f"the coordinator's certificate at {where} failed verification against '{ca_path}' "

@@ -43,12 +43,13 @@ class LedgerEntry:
     accountant: str
     kind: str = "example"  # "example": a DP-SGD release; a field so that later kinds can be added
     timestamp: str = ""  # UTC ISO 8601, filled by commit() when empty
+    run: str = ""  # the federation run (run.name) the round belongs to; rounds are numbered per run
 
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(LedgerEntry))
 _INT_FIELDS = ("round", "steps")
 _FLOAT_FIELDS = ("sample_rate", "noise_multiplier", "max_grad_norm", "epsilon", "delta")
-_STR_FIELDS = ("accountant", "kind", "timestamp")
+_STR_FIELDS = ("accountant", "kind", "timestamp", "run")
 
 
 def _field_problem(name: str, value: Any) -> str | None:
@@ -122,8 +123,12 @@ class PrivacyLedger:
     def history(self) -> list[Release]:
         return [(e.noise_multiplier, e.sample_rate, e.steps) for e in self._entries]
 
-    def rounds(self) -> set[int]:
-        return {e.round for e in self._entries}
+    def rounds(self, run: str = "") -> set[int]:
+        """The rounds of ``run`` this site has released."""
+        return {e.round for e in self._entries if e.run == run}
+
+    def released(self, run: str, server_round: int) -> bool:
+        return server_round in self.rounds(run)
 
     def epsilon_spent(self) -> float:
         return self._entries[-1].epsilon if self._entries else 0.0
@@ -161,15 +166,16 @@ class PrivacyLedger:
         self._entries.append(entry)
 
     def _check_appendable(self, entry: LedgerEntry) -> None:
-        if entry.round in self.rounds():
+        if self.released(entry.run, entry.round):
             raise PrivacyError(
-                f"privacy ledger {self.path}: round {entry.round} is already recorded; a release is counted once. "
-                "Commit each round's release exactly once"
+                f"privacy ledger {self.path}: round {entry.round} of run {entry.run!r} is already recorded; a release "
+                "is counted once. Commit each round's release exactly once"
             )
-        if self._entries and entry.round <= self._entries[-1].round:
+        last = self._entries[-1] if self._entries else None
+        if last is not None and last.run == entry.run and entry.round <= last.round:
             raise PrivacyError(
                 f"privacy ledger {self.path}: round {entry.round} is not after the last recorded round "
-                f"{self._entries[-1].round}; rounds are committed in increasing order"
+                f"{last.round} of run {entry.run!r}; rounds are committed in increasing order"
             )
         if entry.epsilon < self.epsilon_spent():
             raise PrivacyError(
@@ -246,6 +252,7 @@ def _parse_line(path: Path, number: int, line: bytes) -> tuple[LedgerEntry, str]
     if not isinstance(record, dict):
         raise _corrupted(path, number, f"expected a JSON object, found {type(record).__name__}")
     expected = set(_FIELDS) | {"prev"}
+    record.setdefault("run", "")  # lines written before runs were recorded belong to run ""
     if set(record) != expected:
         missing, extra = sorted(expected - set(record)), sorted(set(record) - expected)
         raise _corrupted(path, number, f"wrong fields (missing {missing}, unexpected {extra})")
@@ -263,8 +270,9 @@ def _check_sequence(path: Path, number: int, entries: list[LedgerEntry], entry: 
     if not entries:
         return
     last = entries[-1]
-    if entry.round <= last.round:
-        raise _corrupted(path, number, f"round {entry.round} does not come after round {last.round}")
+    if entry.run == last.run and entry.round <= last.round:
+        raise _corrupted(path, number, f"round {entry.round} does not come after round {last.round} of run "
+                                       f"{entry.run!r}")
     if entry.epsilon < last.epsilon:
         raise _corrupted(path, number, f"epsilon {entry.epsilon:g} is below the previous line's {last.epsilon:g}")
     if entry.delta != last.delta or entry.accountant != last.accountant:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedpeft.config import RunConfig
+from fedpeft.errors import PrivacyError
 from fedpeft.privacy.accounting import epsilon, noise_multiplier_for
 from fedpeft.privacy.ledger import LedgerEntry, PrivacyLedger
 from fedpeft.privacy.policy import PrivacyRequest, SitePolicy, check_request, load_policy
@@ -72,6 +73,11 @@ class SiteBudget:
     def plan(self, server_round: int, sample_rate: float, steps: int) -> RoundPlan:
         """Raise PolicyViolation / PrivacyBudgetExceeded / PrivacyError before any training happens."""
         self.check_policy()
+        if self.ledger.released(self.cfg.run.name, server_round):
+            raise PrivacyError(
+                f"site {self.site}: round {server_round} of run {self.cfg.run.name!r} is already in the privacy ledger "
+                f"{self.ledger.path} (the coordinator restarted mid-round?); training it again would be a second "
+                "release of the same round, so the site sits this round out and trains the next one")
         p = self.cfg.privacy
         sigma = p.noise_multiplier or self._derived_noise(server_round, sample_rate, steps)
         if self.policy is not None:
@@ -92,5 +98,5 @@ class SiteBudget:
         self.ledger.commit(LedgerEntry(round=server_round, steps=steps_taken, sample_rate=plan.sample_rate,
                                        noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
                                        epsilon=spent, delta=self.cfg.privacy.delta,
-                                       accountant=self.cfg.privacy.accountant))
+                                       accountant=self.cfg.privacy.accountant, run=self.cfg.run.name))
         return spent

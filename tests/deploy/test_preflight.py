@@ -32,7 +32,7 @@ from fedpeft.deploy.preflight import (
 )
 from fedpeft.errors import DeployError
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +48,11 @@ def other(tmp_path_factory) -> Path:
     return init_pki(tmp_path_factory.mktemp("other") / "pki", ["coordinator.local"])
 
 
-def _pem_key(path: Path):  # noqa: ANN202
+def _pem_key(path: Path):
     return serialization.load_pem_private_key(path.read_bytes(), password=None)
 
 
-def _issue(out: Path, ca_cert: x509.Certificate, ca_key, public_key, *, start: dt.datetime,  # noqa: ANN001
+def _issue(out: Path, ca_cert: x509.Certificate, ca_key, public_key, *, start: dt.datetime,
            end: dt.datetime, hosts: tuple[str, ...] = ("coordinator.local",)) -> Path:
     builder = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "c")]))
                .issuer_name(ca_cert.subject).public_key(public_key).serial_number(x509.random_serial_number())
@@ -63,7 +63,7 @@ def _issue(out: Path, ca_cert: x509.Certificate, ca_key, public_key, *, start: d
     return out
 
 
-def _issue_from(pki: Path, out: Path, *, days: tuple[int, int] = (-1, 30), hosts=("coordinator.local",)) -> Path:  # noqa: ANN001
+def _issue_from(pki: Path, out: Path, *, days: tuple[int, int] = (-1, 30), hosts=("coordinator.local",)) -> Path:
     now = dt.datetime.now(UTC)
     ca = x509.load_pem_x509_certificate((pki / "ca.pem").read_bytes())
     return _issue(out, ca, _pem_key(pki / "ca.key"), _pem_key(pki / "server.key").public_key(),
@@ -81,7 +81,7 @@ def test_readable_file_names_the_path_the_problem_and_the_fix(tmp_path, monkeypa
     (tmp_path / "x.csv").write_text("a\n")
     assert check_readable_file(tmp_path / "x.csv", "data file", "fix it") == (tmp_path / "x.csv").resolve()
 
-    def denied(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+    def denied(self, *args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(pathlib.Path, "open", denied)
@@ -249,7 +249,7 @@ def test_data_files_must_be_nonempty_csv_or_jsonl(tmp_path):
 
 
 @contextlib.contextmanager
-def _tls_server(pki: Path, outcome: list[str]):  # noqa: ANN202
+def _tls_server(pki: Path, outcome: list[str]):
     """A TLS server on 127.0.0.1 serving ``pki``'s coordinator certificate for one connection."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(pki / "server.pem", pki / "server.key")
@@ -330,7 +330,7 @@ def test_a_plaintext_server_fails_the_handshake(pki):
 
 
 def test_an_unresolvable_host_is_named(pki, monkeypatch):
-    def unresolvable(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def unresolvable(*args, **kwargs):
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
     monkeypatch.setattr(preflight.socket, "create_connection", unresolvable)

@@ -91,13 +91,27 @@ def test_check_predicts_the_composed_epsilon(tmp_path):
 def test_duplicate_or_earlier_round_is_refused(three_rounds):
     ledger = PrivacyLedger(three_rounds)
     before = three_rounds.read_bytes()
-    with pytest.raises(PrivacyError, match="round 3 is already recorded"):
+    with pytest.raises(PrivacyError, match="round 3 of run '' is already recorded"):
         ledger.commit(ledger.entries[-1])
     with pytest.raises(PrivacyError, match="round 0 is not after the last recorded round 3"):
         ledger.commit(LedgerEntry(0, 63, Q, 1.0, 1.0, 99.0, DELTA, "rdp"))
     with pytest.raises(PrivacyError, match="below"):
         ledger.commit(LedgerEntry(4, 63, Q, 1.0, 1.0, 0.5, DELTA, "rdp"))
     assert three_rounds.read_bytes() == before
+
+
+def test_rounds_are_numbered_per_run_and_epsilon_still_composes(three_rounds):
+    ledger = PrivacyLedger(three_rounds)
+    spent = ledger.epsilon_spent()
+    ledger.commit(LedgerEntry(1, 63, Q, 1.0, 1.0, spent + 1.0, DELTA, "rdp", run="second-run"))
+    assert ledger.released("second-run", 1) and ledger.released("", 1) and not ledger.released("second-run", 2)
+    with pytest.raises(PrivacyError, match="round 1 of run 'second-run' is already recorded"):
+        ledger.commit(LedgerEntry(1, 63, Q, 1.0, 1.0, spent + 2.0, DELTA, "rdp", run="second-run"))
+    with pytest.raises(PrivacyError, match="below"):
+        ledger.commit(LedgerEntry(2, 63, Q, 1.0, 1.0, spent, DELTA, "rdp", run="second-run"))
+    reloaded = PrivacyLedger(three_rounds)
+    assert [e.run for e in reloaded.entries] == ["", "", "", "second-run"]
+    assert reloaded.epsilon_spent() == spent + 1.0
 
 
 def test_differing_delta_or_accountant_is_refused(three_rounds):
