@@ -110,6 +110,7 @@ class DataConfig:
     dirichlet_alpha: float = 1.0
     partition_column: str = ""
     eval_fraction: float = 0.2
+    label_names: tuple[str, ...] = ()  # the federation's classes in id order; needed when sites read their own files
 
 
 @dataclass(frozen=True)

@@ -119,6 +119,10 @@ def _data_rules(cfg: RunConfig) -> list[Rule]:
         ("data.partition_column", cfg.data.partition_column,
          cfg.data.partitioner != "column" or bool(cfg.data.partition_column),
          "the 'column' partitioner needs data.partition_column naming the site-id column"),
+        ("data.label_names", ",".join(cfg.data.label_names),
+         len(set(cfg.data.label_names)) == len(cfg.data.label_names)
+         and cfg.model.num_labels in (0, len(cfg.data.label_names)),
+         "list each class once, in id order; model.num_labels (when set) must equal their number"),
     ]
 
 

@@ -28,12 +28,20 @@ def load_classification(
     text_column: str = "text",
     label_column: str = "label",
     group_column: str | None = None,
+    label_names: tuple[str, ...] = (),
 ) -> ClassificationData:
-    """Read texts and labels; integer labels are kept as ids, string labels are mapped in sorted order."""
+    """Read texts and labels; integer labels are kept as ids, string labels are mapped in sorted order.
+
+    ``label_names`` fixes the mapping instead (name i is id i): every site of a deployment must use the same ids,
+    and a site whose file lacks a class would otherwise shift every id after it.
+    """
     table = _read_table(path)
     texts = _column(table, text_column, "data.text_column", strip=False)
     raw_labels = _column(table, label_column, "data.label_column", strip=True)
-    labels, label_names = _encode_labels(table, raw_labels, label_column)
+    if label_names:
+        labels = _labels_by_name(table, raw_labels, label_column, label_names)
+    else:
+        labels, label_names = _encode_labels(table, raw_labels, label_column)
     groups = _optional_column(table, group_column)
     return ClassificationData(
         texts=tuple(texts), labels=tuple(labels), label_names=label_names, groups=groups
@@ -188,6 +196,19 @@ def _encode_labels(
     names = tuple(sorted(set(raw)))
     index = {name: i for i, name in enumerate(names)}
     return [index[value] for value in raw], names
+
+
+def _labels_by_name(table: _Table, raw: list[str], column: str, names: tuple[str, ...]) -> list[int]:
+    index = {name: i for i, name in enumerate(names)}
+    ids = []
+    for value, location in zip(raw, table.locations, strict=True):
+        if value not in index:
+            raise DataError(
+                f"data file '{table.path}' {location}: label {value!r} in column '{column}' is not one of "
+                f"data.label_names {list(names)}; fix the label, or add it to data.label_names in the run config"
+            )
+        ids.append(index[value])
+    return ids
 
 
 def _parse_int(value: str) -> int | None:

@@ -38,7 +38,7 @@ def _load_dataset_cached(data: DataConfig, task: str, seed: int) -> SiteData:
         return make_prompt_response(data.synthetic_examples, seed)
     path = Path(data.source).expanduser()
     if task == "classification":
-        return load_classification(path, data.text_column, data.label_column, group_column)
+        return load_classification(path, data.text_column, data.label_column, group_column, data.label_names)
     return load_prompt_response(path, data.prompt_column, data.response_column, group_column)
 
 
@@ -69,5 +69,7 @@ def num_labels(cfg: RunConfig) -> int:
         return 0
     if cfg.model.num_labels:
         return cfg.model.num_labels
+    if cfg.data.label_names:
+        return len(cfg.data.label_names)
     dataset = load_dataset(cfg.data, cfg.model.task, cfg.run.seed)
     return len(dataset.label_names)

@@ -35,6 +35,14 @@ def test_csv_string_labels_sorted_ids(tmp_path: Path) -> None:
     assert data.label_counts() == [1, 2]
 
 
+def test_fixed_label_names_keep_ids_stable_when_a_site_lacks_a_class(tmp_path: Path) -> None:
+    path = _write(tmp_path / "d.csv", "text,label\nhello,spam\nagain,spam\n")
+    data = load_classification(path, label_names=("ham", "spam", "phish"))
+    assert data.label_names == ("ham", "spam", "phish") and data.labels == (1, 1)
+    with pytest.raises(DataError, match=r"label 'spam' in column 'label' is not one of data.label_names \['ham'\]"):
+        load_classification(path, label_names=("ham",))
+
+
 def test_csv_int_labels_kept_as_ids(tmp_path: Path) -> None:
     path = _write(tmp_path / "d.csv", "text,label\na,2\nb,0\nc,2\n")
     data = load_classification(path)
