@@ -1,4 +1,4 @@
-"""The `fedpeft` command: one entry with sub-commands (`simulate` now; deployment and audit commands later)."""
+"""The `fedpeft` command: one entry with sub-commands (simulate, export, pki, server, client)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,6 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
-    from fedpeft.config import RunConfig, from_mapping, load_toml, unflatten
     from fedpeft.simulations.report import print_result
 
     overrides = _parse_overrides(args.overrides)
@@ -48,10 +47,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         overrides["run.out_dir"] = args.out
     if args.name:
         overrides["run.name"] = args.name
-    if args.config:
-        cfg = load_toml(args.config, overrides)
-    else:
-        cfg = from_mapping(unflatten(overrides), origin="command line") if overrides else RunConfig()
+    cfg = _load_config(args.config, overrides)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from fedpeft.simulations.engine import simulate
@@ -105,19 +101,86 @@ def _cmd_pki(args: argparse.Namespace) -> int:
     return 0
 
 
+def _server_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("server", help="run the coordinator: SuperLink (TLS, node authentication) and one run",
+                       description="Start the coordinator, register the sites of the PKI, run the federation to its "
+                                   "end. Started again with the same config, it resumes after the last completed "
+                                   "round.")
+    p.add_argument("--pki", required=True, help="the PKI directory made by `fedpeft pki init`")
+    p.add_argument("--config", help="TOML run config (as for `fedpeft simulate`)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value; repeatable")
+    p.add_argument("--state-dir", default="coordinator", help="the coordinator's working directory "
+                   "(SuperLink database, logs; default ./coordinator)")
+    p.add_argument("--host", default="0.0.0.0", help="interface to listen on (default: all)")  # noqa: S104
+    p.add_argument("--port", type=int, default=9092, help="port the sites connect to (default 9092)")
+    p.add_argument("--site", action="append", default=[], help="only these sites (default: every site of the PKI)")
+
+
+def _cmd_server(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+    from pathlib import Path
+
+    from fedpeft.deploy.coordinator import Coordinator, CoordinatorSettings
+
+    cfg = _load_config(args.config, _parse_overrides(args.overrides))
+    cfg = replace(cfg, run=replace(cfg.run, out_dir=str(Path(cfg.run.out_dir).expanduser().resolve())))
+    settings = CoordinatorSettings(pki_dir=Path(args.pki), config=cfg, state_dir=Path(args.state_dir).resolve(),
+                                   host=args.host, port=args.port, sites=tuple(args.site))
+    status = Coordinator(settings).run()
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    print(f"run {status}; results in {run_dir}")
+    return 0 if status == "finished:completed" else 1
+
+
+def _client_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("client", help="run a site's agent: it dials out to the coordinator and trains locally",
+                       description="Start this site's agent with the settings of its site.toml (from the bundle "
+                                   "of `fedpeft pki add-site`).")
+    p.add_argument("--site-config", required=True, help="the site's site.toml")
+    p.add_argument("--check", action="store_true",
+                   help="only check the files, the key and the connection to the coordinator, then exit")
+    p.add_argument("--attempts", type=int, default=None,
+                   help="give up after this many retries while the coordinator is unreachable or does not accept "
+                        "this site's key yet (default: keep trying)")
+
+
+def _cmd_client(args: argparse.Namespace) -> int:
+    from fedpeft.deploy.agent import check_site, load_site_settings, run_agent
+
+    site = load_site_settings(args.site_config)
+    if args.check:
+        check_site(site)
+        print(f"site '{site.name}': files, node key and the TLS connection to {site.coordinator} are in order")
+        return 0
+    return run_agent(site, attempts=args.attempts)
+
+
+def _load_config(path: str | None, overrides: dict[str, object]):  # noqa: ANN202
+    from fedpeft.config import RunConfig, from_mapping, load_toml, unflatten
+
+    if path:
+        return load_toml(path, overrides)
+    return from_mapping(unflatten(overrides), origin="command line") if overrides else RunConfig()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedpeft", description="Federated parameter-efficient fine-tuning.")
     sub = parser.add_subparsers(dest="command", required=True)
     _simulate_parser(sub)
     _export_parser(sub)
     _pki_parser(sub)
+    _server_parser(sub)
+    _client_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"simulate": _cmd_simulate, "export": _cmd_export, "pki": _cmd_pki}[args.command](args)
+        commands = {"simulate": _cmd_simulate, "export": _cmd_export, "pki": _cmd_pki, "server": _cmd_server,
+                    "client": _cmd_client}
+        return commands[args.command](args)
     except FedpeftError as err:
         print(f"fedpeft: error: {err}", file=sys.stderr)
         return 2

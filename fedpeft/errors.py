@@ -60,3 +60,7 @@ class PkiError(FedpeftError):
 
 class DeployError(FedpeftError):
     """A coordinator or site agent cannot start: a missing or invalid file, certificate, key or address."""
+
+
+class CoordinatorUnreachable(DeployError):
+    """Nothing answers at the coordinator's address (yet): a site's agent waits and tries again."""

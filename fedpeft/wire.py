@@ -21,15 +21,12 @@ EPSILON = "epsilon"  # the site's cumulative example-level epsilon after the rou
 REFUSAL_REASON = "refusal-reason"
 
 # Flower node_config keys set by the simulation engine for each virtual SuperNode
-NODE_PARTITION_ID = "partition-id"
-REFUSED = "refused"  # 1 when the site refused the round (policy or budget) and trained nothing
-EPSILON = "epsilon"  # the site's cumulative example-level epsilon after the round
-
-# ConfigRecord keys (site -> server)
-REFUSAL_REASON = "refusal-reason"
+NODE_PARTITION_ID = "partition-id"  # in a deployment: the site's index (seeds, metrics), set by `fedpeft client`
 NODE_NUM_PARTITIONS = "num-partitions"
 NODE_POLICY_FILE = "policy-file"  # a site's own privacy policy (node-local path), wins over privacy.policy_file
 NODE_LEDGER_PATH = "ledger-path"  # where the site keeps its privacy ledger
+NODE_DATA_PATH = "data-path"  # deployment: the site's own data file, read whole (no partitioning)
+NODE_BASE_MODEL = "base-model"  # deployment: the site's local copy of the base model (name or directory)
 
 # Secure aggregation (SecAgg+) stages: message types and keys (ConfigRecord unless noted)
 SECAGG_KEYS = "query.secagg_keys"  # stage 1: advertise public keys

@@ -14,11 +14,26 @@ def _site(context: Context):  # noqa: ANN202 - imported lazily so that loading t
     from fedpeft.config import from_flat
 
     cfg = from_flat(context.run_config)
-    partition_id = int(context.node_config[wire.NODE_PARTITION_ID])
-    num_partitions = int(context.node_config.get(wire.NODE_NUM_PARTITIONS, cfg.federation.num_sites))
-    policy = context.node_config.get(wire.NODE_POLICY_FILE)
-    ledger = context.node_config.get(wire.NODE_LEDGER_PATH)
-    return Site(cfg, partition_id, num_partitions, str(policy) if policy else None, str(ledger) if ledger else None)
+    node = context.node_config
+    partition_id = int(node[wire.NODE_PARTITION_ID])
+    data_partition = (partition_id, int(node.get(wire.NODE_NUM_PARTITIONS, cfg.federation.num_sites)))
+    cfg, local_data = _with_local_files(cfg, node)
+    if local_data:
+        data_partition = (0, 1)  # a deployed site reads its whole file; nothing is partitioned
+    policy, ledger = node.get(wire.NODE_POLICY_FILE), node.get(wire.NODE_LEDGER_PATH)
+    return Site(cfg, partition_id, data_partition, str(policy) if policy else None, str(ledger) if ledger else None)
+
+
+def _with_local_files(cfg, node: dict):  # noqa: ANN001, ANN202
+    """The run config with the site's own data file and base-model copy, where its node config names them."""
+    from dataclasses import replace
+
+    data_path, base_model = node.get(wire.NODE_DATA_PATH), node.get(wire.NODE_BASE_MODEL)
+    if data_path:
+        cfg = replace(cfg, data=replace(cfg.data, source=str(data_path), partitioner="iid"))
+    if base_model:
+        cfg = replace(cfg, model=replace(cfg.model, name=str(base_model)))
+    return cfg, bool(data_path)
 
 
 def _received_adapter(msg: Message) -> dict:

@@ -56,15 +56,16 @@ def _encode(data: SiteData, tokenizer: Any, max_length: int) -> EncodedData:
 class Site:
     """Train or evaluate one site's data starting from a given global adapter."""
 
-    def __init__(self, cfg: RunConfig, partition_id: int, num_partitions: int, policy_file: str | None = None,
-                 ledger_path: str | None = None) -> None:
+    def __init__(self, cfg: RunConfig, partition_id: int, data_partition: tuple[int, int],
+                 policy_file: str | None = None, ledger_path: str | None = None) -> None:
+        """``data_partition`` = (index, count) of the rows this site reads from ``cfg.data`` ((0, 1): all of them)."""
         self.cfg = cfg
         self.partition_id = partition_id
         self.policy_file, self.ledger_path = policy_file, ledger_path
         self.rank = site_rank(cfg, partition_id)
         self.hetero = bool(cfg.peft.site_ranks)
         self.model, _ = shared_model(cfg.model, site_peft_config(cfg.peft, self.rank), num_labels(cfg), cfg.run.seed)
-        self.train_data, self.eval_data = encoded_site_data(cfg, partition_id, num_partitions)
+        self.train_data, self.eval_data = encoded_site_data(cfg, *data_partition)
 
     def local_view(self, global_state: AdapterState) -> AdapterState:
         """The global adapter at this site's LoRA rank (truncated with heterogeneous ranks)."""

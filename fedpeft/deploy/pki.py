@@ -125,22 +125,27 @@ def add_site(directory: str | Path, name: str, coordinator: str) -> SiteBundle:
     (bundle / "node.pub").write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                                     serialization.PublicFormat.OpenSSH) + b"\n")
     (bundle / "ca.pem").write_bytes((directory / "ca.pem").read_bytes())
-    (bundle / "site.toml").write_text(_site_template(name, coordinator), encoding="utf-8")
+    index = sum(1 for d in (directory / "sites").iterdir() if d.is_dir()) - 1  # this site's dir exists already
+    (bundle / "site.toml").write_text(_site_template(name, index, coordinator), encoding="utf-8")
     (bundle / "policy.toml").write_text(POLICY_TEMPLATE, encoding="utf-8")
     return SiteBundle(bundle, bundle / "node.pub")
 
 
-def _site_template(name: str, coordinator: str) -> str:
+def _site_template(name: str, index: int, coordinator: str) -> str:
     return f"""# fedpeft site agent settings for site '{name}' -- edit the paths to this site's own files.
+# Relative paths are relative to this file. Start the agent with: fedpeft client --site-config site.toml
 [site]
 name = "{name}"
-coordinator = "{coordinator}"        # host:port of the coordinator's Fleet API (outbound connection only)
+index = {index}                          # this site's number in the federation (seeds, metrics); do not change
+coordinator = "{coordinator}"        # host:port of the coordinator (outbound connection only)
 root_certificates = "ca.pem"
 node_key = "node.key"
 data_path = "/path/to/local/data.csv"
-base_model = "minilm"                # or a local model directory
+base_model = ""                      # empty: the run's model; or this site's local copy (a directory)
 ledger_path = "privacy_ledger.jsonl"
 policy_file = "policy.toml"
+state_dir = "agent-state"            # the agent's working files (installed app, logs)
+local_port = 9094                    # local-only port between the agent's processes; change if taken
 """
 
 

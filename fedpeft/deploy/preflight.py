@@ -15,7 +15,7 @@ import stat
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fedpeft.errors import DeployError
+from fedpeft.errors import CoordinatorUnreachable, DeployError
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -245,13 +245,13 @@ def check_tls_endpoint(host: str, port: int, ca_path: str | Path, timeout: float
         raise DeployError(f"the coordinator's certificate at {where} failed verification against '{ca_path}' "
                           f"({reason}); {_verification_fix(reason, host)}") from err
     except ConnectionRefusedError as err:
-        raise DeployError(f"nothing listens at {where} (connection refused); check that the coordinator is running "
+        raise CoordinatorUnreachable(f"nothing listens at {where} (connection refused); check that the coordinator is running "
                           f"and that the firewall allows outbound connections to port {port}") from err
     except socket.gaierror as err:
         raise DeployError(f"the host name '{host}' cannot be resolved ({err.strerror or err}); check the coordinator "
                           f"address in site.toml and this machine's DNS settings") from err
     except TimeoutError as err:
-        raise DeployError(f"no answer from {where} within {timeout:g} s; check that the coordinator is running and "
+        raise CoordinatorUnreachable(f"no answer from {where} within {timeout:g} s; check that the coordinator is running and "
                           f"that the firewall allows outbound connections to port {port}") from err
     except ssl.SSLError as err:
         raise DeployError(f"the TLS handshake with {where} failed ({err.reason or err}); check that {where} is the "

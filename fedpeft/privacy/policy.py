@@ -143,8 +143,10 @@ def _first_violation(policy: SitePolicy, request: PrivacyRequest) -> PolicyViola
     clip = request.max_grad_norm if request.dp else math.inf
     if policy.require_dp and not request.dp:
         return _violation(policy, "require_dp", "training without DP-SGD", "only training with DP-SGD")
-    # Comparisons are written so that a NaN in the request fails closed.
-    if not noise >= policy.min_noise_multiplier:
+    # noise_multiplier 0 with DP means "derive it from the budget": the site derives it and raises it to the policy's
+    # minimum itself (SiteBudget.plan), so there is nothing to refuse. Comparisons fail closed on a NaN request.
+    derived = request.dp and request.noise_multiplier == 0
+    if not derived and not noise >= policy.min_noise_multiplier:
         return _violation(
             policy, "min_noise_multiplier", f"noise_multiplier={noise:g}", f"at least {policy.min_noise_multiplier:g}"
         )

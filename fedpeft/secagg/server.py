@@ -61,8 +61,10 @@ class SecAggRound:
 
     def _require(self, survivors: set[int] | list[int], stage: str) -> None:
         if len(survivors) < self.threshold:
+            why = "; ".join(f"site node {node}: {reason}" for node, reason in list(self.failures.items())[:3])
             raise SecAggAbort(f"round {self.round}: only {len(survivors)} sites completed {stage}, below the "
-                              f"threshold {self.threshold}; nothing is decoded and the global adapter stays")
+                              f"threshold {self.threshold}; nothing is decoded and the global adapter stays"
+                              + (f" ({why})" if why else ""))
 
     def advertise_keys(self) -> dict[int, tuple[bytes, bytes]]:
         base = {wire.SERVER_ROUND: self.round, wire.SA_NUM: len(self.index), wire.SA_THRESHOLD: self.threshold}

@@ -112,6 +112,11 @@ def test_compliant_requests_pass(tmp_path):
     check_request(lenient, dataclasses.replace(COMPLIANT, dp=False, noise_multiplier=0.0, max_grad_norm=0.0))
 
 
+def test_a_derived_noise_multiplier_is_not_refused_the_site_applies_its_minimum():
+    policy = SitePolicy(max_epsilon=8.0, min_noise_multiplier=0.5)
+    check_request(policy, dataclasses.replace(COMPLIANT, noise_multiplier=0.0))  # 0: derived from the budget
+
+
 def test_without_dp_the_noise_rules_still_apply():
     policy = SitePolicy(max_epsilon=8.0, require_dp=False, min_noise_multiplier=0.5)
     request = dataclasses.replace(COMPLIANT, dp=False, noise_multiplier=1.0)

@@ -1,0 +1,187 @@
+"""`fedpeft client`: a site's agent. Flower's SuperNode dialling out to the coordinator over TLS with the site's node
+key, with the site's own files (data, base model, privacy policy, ledger) handed to fedpeft's ClientApp as node config.
+
+Only outbound connections leave the site; the agent's local port is bound to 127.0.0.1. Flower's own messages for
+a wrong CA, an unknown key or an unreachable coordinator are terse, so the agent checks these first and explains.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedpeft import wire
+from fedpeft.deploy import preflight
+from fedpeft.deploy.preflight import BUNDLE_FIX
+from fedpeft.deploy.processes import flower_executable, runtime_env, start, stop
+from fedpeft.errors import CoordinatorUnreachable, DeployError
+
+_KEYS = {"name": str, "index": int, "coordinator": str, "root_certificates": str, "node_key": str,
+         "data_path": str, "base_model": str, "ledger_path": str, "policy_file": str, "state_dir": str,
+         "local_port": int}
+_OPTIONAL = {"base_model": "", "policy_file": "", "state_dir": "agent-state", "local_port": 9094}
+_ACTIVATION_FAILED = "Failed to activate SuperNode"
+# What Flower prints for each failure, and what it means for the site's IT team.
+_DIAGNOSES = (
+    ("CERTIFICATE_VERIFY_FAILED", "the coordinator's TLS certificate does not verify against root_certificates "
+                                  "(another federation's CA, an expired certificate, or a host name it does not "
+                                  "carry); " + BUNDLE_FIX),
+    (_ACTIVATION_FAILED, "the coordinator does not accept this site's node key (not registered, or "
+                                     "removed from the federation); ask its operators to register node.pub"),
+    ("Unable to parse the private key", "node_key is not a key Flower can use; " + BUNDLE_FIX),
+)
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    name: str
+    index: int
+    coordinator: str
+    root_certificates: Path
+    node_key: Path
+    data_path: Path
+    base_model: str
+    ledger_path: Path
+    policy_file: Path | None
+    state_dir: Path
+    local_port: int
+
+
+def load_site_settings(path: str | Path) -> SiteSettings:
+    """Read site.toml ([site] table); relative paths are relative to the file."""
+    path = Path(path)
+    preflight.check_readable_file(path, "site config", "pass the site.toml of the site's bundle")
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8")).get("site")
+    except tomllib.TOMLDecodeError as err:
+        raise DeployError(f"site config '{path}' is not valid TOML ({err}); fix the line it names") from None
+    if not isinstance(table, dict):
+        raise DeployError(f"site config '{path}' has no [site] table; start from the site.toml of the bundle")
+    values = {**_OPTIONAL, **table}
+    for key, kind in _KEYS.items():
+        if key not in values:
+            raise DeployError(f"site config '{path}': [site] {key} is missing; add it (see the bundle's site.toml)")
+        if not isinstance(values[key], kind) or isinstance(values[key], bool):
+            raise DeployError(f"site config '{path}': [site] {key} = {values[key]!r} must be a {kind.__name__}")
+    unknown = sorted(set(table) - set(_KEYS))
+    if unknown:
+        raise DeployError(f"site config '{path}': unknown key(s) {unknown} in [site]; allowed: {sorted(_KEYS)}")
+    here = path.parent
+
+    def local(key: str) -> Path:
+        return (here / Path(values[key]).expanduser()).resolve()
+
+    base = values["base_model"]
+    if base and (here / base).exists():
+        base = str((here / base).resolve())
+    return SiteSettings(name=values["name"], index=values["index"], coordinator=values["coordinator"],
+                        root_certificates=local("root_certificates"), node_key=local("node_key"),
+                        data_path=local("data_path"), base_model=base, ledger_path=local("ledger_path"),
+                        policy_file=local("policy_file") if values["policy_file"] else None,
+                        state_dir=local("state_dir"), local_port=values["local_port"])
+
+
+def check_site(site: SiteSettings, reach_coordinator: bool = True) -> tuple[str, int]:
+    """Every local file, the key, the address and (optionally) a TLS handshake with the coordinator."""
+    host, port = preflight.parse_address(site.coordinator, "[site] coordinator")
+    ca = preflight.load_certificate(site.root_certificates, "root_certificates (the federation's CA)", BUNDLE_FIX)
+    preflight.check_validity(ca, site.root_certificates, "root_certificates (the federation's CA)", fix=BUNDLE_FIX)
+    preflight.check_node_key(site.node_key)
+    preflight.check_data_file(site.data_path)
+    if site.policy_file is not None:
+        from fedpeft.privacy.policy import load_policy
+
+        load_policy(site.policy_file)  # raises naming the file and the rule
+    if not 1 <= site.local_port <= 65535:
+        raise DeployError(f"[site] local_port = {site.local_port} is not a port; use a free port such as 9094")
+    if reach_coordinator:
+        preflight.check_tls_endpoint(host, port, site.root_certificates)
+    return host, port
+
+
+def node_config(site: SiteSettings) -> str:
+    """Flower's --node-config string: what the ClientApp reads from context.node_config."""
+    items = {wire.NODE_PARTITION_ID: site.index, wire.NODE_DATA_PATH: str(site.data_path),
+             wire.NODE_LEDGER_PATH: str(site.ledger_path)}
+    if site.policy_file is not None:
+        items[wire.NODE_POLICY_FILE] = str(site.policy_file)
+    if site.base_model:
+        items[wire.NODE_BASE_MODEL] = site.base_model
+    return " ".join(f'{k}={v}' if isinstance(v, int) else f'{k}="{v}"' for k, v in items.items())
+
+
+def supernode_command(site: SiteSettings) -> list[str]:
+    return [flower_executable("flower-supernode"), "--superlink", site.coordinator,
+            "--root-certificates", str(site.root_certificates), "--auth-supernode-private-key", str(site.node_key),
+            "--node-config", node_config(site), "--host", "127.0.0.1", "--port", str(site.local_port)]
+
+
+def diagnose(output: str) -> str | None:
+    return next((meaning for marker, meaning in _DIAGNOSES if marker in output), None)
+
+
+def wait_for_coordinator(site: SiteSettings, echo: Callable[[str], None], attempts: int | None) -> None:
+    """Wait while nothing answers at the coordinator's address; a certificate problem is fatal at once."""
+    host, port = preflight.parse_address(site.coordinator, "[site] coordinator")
+    for attempt in itertools.count(1):
+        try:
+            preflight.check_tls_endpoint(host, port, site.root_certificates)
+            return
+        except CoordinatorUnreachable as err:
+            if attempts is not None and attempt > attempts:
+                raise
+            echo(f"{err}; trying again in {_backoff(attempt):.0f} s")
+            time.sleep(_backoff(attempt))
+
+
+def _backoff(attempt: int) -> float:
+    return min(60.0, 2.0 * 2 ** (attempt - 1))
+
+
+def run_agent(site: SiteSettings, echo: Callable[[str], None] = print, attempts: int | None = None) -> int:
+    """Run the SuperNode until it ends. The coordinator not being up yet, or not having registered this site's key
+    yet, is waited out (``attempts`` retries; None: for ever); a wrong CA or key raises DeployError with the cause."""
+    check_site(site, reach_coordinator=False)
+    site.state_dir.mkdir(parents=True, exist_ok=True)
+    site.ledger_path.parent.mkdir(parents=True, exist_ok=True)
+    echo(f"site '{site.name}': checks passed; connecting to {site.coordinator}; log: {site.state_dir / 'agent.log'}")
+    for attempt in itertools.count(1):
+        wait_for_coordinator(site, echo, attempts)
+        code, output = _run_supernode(site, echo)
+        meaning = diagnose(output)
+        if code == 0:
+            return 0
+        if _ACTIVATION_FAILED in output and (attempts is None or attempt <= attempts):
+            echo(f"site '{site.name}': {meaning}; trying again in {_backoff(attempt):.0f} s")
+            time.sleep(_backoff(attempt))
+            continue
+        detail = meaning or f"exit code {code}"
+        raise DeployError(f"site '{site.name}': the agent stopped: {detail} (details in {site.state_dir / 'agent.log'})")
+    return 1  # unreachable: the loop returns or raises
+
+
+def _run_supernode(site: SiteSettings, echo: Callable[[str], None]) -> tuple[int, str]:
+    """One SuperNode process; stops it as soon as Flower reports a fatal exit (its retry loop would linger)."""
+    log_file = site.state_dir / "agent.log"
+    process = start(supernode_command(site), log_file, runtime_env(site.state_dir / "flwr"), cwd=site.state_dir,
+                    pipe=True)
+    recent: list[str] = []
+    try:
+        with log_file.open("a", encoding="utf-8") as log:
+            for line in process.stdout:
+                log.write(line)
+                log.flush()
+                recent = (recent + [line])[-200:]
+                if "Exit Code:" in line:
+                    recent += [next(process.stdout, ""), next(process.stdout, ""), next(process.stdout, "")]
+                    break
+                if "Received successfully" in line or "Sent successfully" in line:
+                    echo(line.rstrip())
+    finally:
+        stop(process)
+    output = "".join(recent)
+    return (1 if "Exit Code:" in output else process.returncode or 0), output

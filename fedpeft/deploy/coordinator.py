@@ -1,0 +1,177 @@
+"""`fedpeft server`: the coordinator. Flower's SuperLink with TLS and node authentication, the federation's sites
+registered by their public keys, and one run of fedpeft's ServerApp submitted with `flwr run` and followed to its end.
+
+Everything the coordinator keeps lives in its state directory: the SuperLink's database (registered sites survive a
+restart), the installed app, the logs. The run directory (``run.out_dir/run.name``) holds the checkpoints that make
+the run resumable: starting `fedpeft server` again with the same config continues after the last completed round.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedpeft.config import RunConfig
+from fedpeft.deploy import preflight
+from fedpeft.deploy.app_dir import write_app_dir
+from fedpeft.deploy.processes import flower_executable, runtime_env, start, stop, tail
+from fedpeft.errors import DeployError
+from fedpeft.io.atomic import write_json_atomic
+
+CONNECTION = "fedpeft"  # the name of the SuperLink connection in the coordinator's own Flower config
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+FINISHED = "finished"
+
+
+@dataclass(frozen=True)
+class CoordinatorSettings:
+    pki_dir: Path
+    config: RunConfig
+    state_dir: Path
+    host: str = "0.0.0.0"  # noqa: S104 - sites connect from other machines
+    port: int = 9092
+    sites: tuple[str, ...] = ()  # empty: every site bundle under <pki>/sites
+    startup_timeout: float = 60.0
+
+
+class Coordinator:
+    def __init__(self, settings: CoordinatorSettings, echo: Any = print) -> None:
+        self.s = settings
+        self.echo = echo
+        self.flwr_home = settings.state_dir / "flwr"
+        self.log_file = settings.state_dir / "superlink.log"
+        self.env = runtime_env(self.flwr_home)
+        self.superlink: subprocess.Popen | None = None
+
+    # -- checks and process ------------------------------------------------------------------------------------
+    def control_host(self) -> str:
+        """The name under which this machine reaches its own SuperLink: a loopback name the certificate carries."""
+        pki = self.s.pki_dir
+        names = preflight.check_server_certificate(pki / "server.pem", pki / "server.key", pki / "ca.pem")
+        return next((n for n in names if n in LOOPBACK), names[0])
+
+    def site_keys(self) -> dict[str, Path]:
+        sites_dir = self.s.pki_dir / "sites"
+        available = sorted(d.name for d in sites_dir.iterdir() if (d / "node.pub").is_file()) \
+            if sites_dir.is_dir() else []
+        wanted = list(self.s.sites) or available
+        missing = [name for name in wanted if name not in available]
+        if missing or not wanted:
+            raise DeployError(f"no site bundle with a node.pub for {missing or 'any site'} under {sites_dir}; "
+                              "create sites with `fedpeft pki add-site NAME --dir ... --coordinator ...`")
+        return {name: sites_dir / name / "node.pub" for name in wanted}
+
+    def write_flower_config(self, control_host: str) -> None:
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        host = f"[{control_host}]" if ":" in control_host else control_host
+        text = (f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+                f'address = "{host}:{self.s.port}"\nroot-certificates = "{(self.s.pki_dir / "ca.pem").resolve()}"\n')
+        (self.flwr_home / "config.toml").write_text(text, encoding="utf-8")
+
+    def start_superlink(self, control_host: str) -> None:
+        pki = self.s.pki_dir.resolve()
+        command = [flower_executable("flower-superlink"), "--ssl-ca-certfile", str(pki / "ca.pem"),
+                   "--ssl-certfile", str(pki / "server.pem"), "--ssl-keyfile", str(pki / "server.key"),
+                   "--enable-supernode-auth", "--database", str(self.s.state_dir.resolve() / "superlink.db"),
+                   "--disable-runtime-dependency-installation", "--host", self.s.host, "--port", str(self.s.port)]
+        self.superlink = start(command, self.log_file, self.env, cwd=self.s.state_dir)
+        deadline = time.monotonic() + self.s.startup_timeout
+        while True:
+            if self.superlink.poll() is not None:
+                raise DeployError(f"the SuperLink exited (code {self.superlink.returncode}) at start; is port "
+                                  f"{self.s.port} taken? Its log {self.log_file} ends with:\n{tail(self.log_file)}")
+            try:
+                preflight.check_tls_endpoint(control_host, self.s.port, self.s.pki_dir / "ca.pem", timeout=2.0)
+                return
+            except DeployError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    # -- the Flower CLI ----------------------------------------------------------------------------------------
+    def flwr(self, *args: str) -> dict[str, Any]:
+        command = [flower_executable("flwr"), *args, CONNECTION, "--format", "json"]
+        done = subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=120, check=False)
+        try:
+            return json.loads(done.stdout)
+        except json.JSONDecodeError:
+            raise DeployError(f"`flwr {' '.join(args)}` failed (exit {done.returncode}): "
+                              f"{(done.stdout + done.stderr).strip()[-800:]}") from None
+
+    def register_sites(self) -> dict[str, str]:
+        """Register each site's public key (already registered keys are kept); returns name -> node id or 'known'."""
+        registered: dict[str, str] = {}
+        for name, public_key in self.site_keys().items():
+            reply = self.flwr("supernode", "register", str(public_key.resolve()))
+            if reply.get("success"):
+                registered[name] = str(reply["node-id"])
+            elif "already in use" in reply.get("error-message", ""):
+                registered[name] = "known"
+            else:
+                raise DeployError(f"registering site '{name}' ({public_key}) failed: {reply.get('error-message')}")
+        write_json_atomic(self.s.state_dir / "sites.json", registered)
+        return registered
+
+    def stop_unfinished_runs(self) -> None:
+        """A coordinator that crashed leaves its run 'running' in the SuperLink's database; end it before resuming."""
+        for run in self.flwr("list").get("runs", []):
+            if not str(run.get("status", "")).startswith(FINISHED):
+                self.flwr("stop", str(run["run-id"]))
+                self.echo(f"stopped run {run['run-id']} left over from an earlier coordinator")
+
+    def submit(self) -> str:
+        app = write_app_dir(self.s.config, self.s.state_dir / "app")
+        reply = self.flwr("run", str(app))
+        if not reply.get("success"):
+            raise DeployError(f"`flwr run` refused the run: {reply.get('error-message')}")
+        return str(reply["run-id"])
+
+    def run_status(self, run_id: str) -> str:
+        runs = self.flwr("list", "--run-id", run_id).get("runs", [])
+        return str(runs[0]["status"]) if runs else "unknown"
+
+    # -- the whole job -------------------------------------------------------------------------------------------
+    def run(self, poll_seconds: float = 2.0) -> str:
+        """Start, register, submit, follow; returns the run's final Flower status (e.g. 'finished:completed')."""
+        self.s.state_dir.mkdir(parents=True, exist_ok=True)
+        control_host = self.control_host()
+        self.write_flower_config(control_host)
+        try:
+            self.start_superlink(control_host)
+            self.echo(f"coordinator listening on {self.s.host}:{self.s.port} (TLS, node authentication); "
+                      f"log: {self.log_file}")
+            registered = self.register_sites()
+            self.echo(f"sites registered: {', '.join(sorted(registered))}")
+            self.stop_unfinished_runs()
+            run_id = self.submit()
+            write_json_atomic(self.s.state_dir / "current_run.json", {"run-id": run_id})
+            self.echo(f"run {run_id} submitted; waiting for {self.s.config.federation.num_sites} sites")
+            return self.follow(run_id, poll_seconds)
+        finally:
+            if self.superlink is not None:
+                stop(self.superlink)
+
+    def follow(self, run_id: str, poll_seconds: float) -> str:
+        metrics = Path(self.s.config.run.out_dir).expanduser() / self.s.config.run.name / "metrics.jsonl"
+        shown = 0
+        while True:
+            status = self.run_status(run_id)
+            shown = self._show_new_rounds(metrics, shown)
+            if status.startswith(FINISHED):
+                return status
+            if self.superlink is not None and self.superlink.poll() is not None:
+                raise DeployError(f"the SuperLink stopped (code {self.superlink.returncode}); its log "
+                                  f"{self.log_file} ends with:\n{tail(self.log_file)}")
+            time.sleep(poll_seconds)
+
+    def _show_new_rounds(self, metrics: Path, shown: int) -> int:
+        lines = metrics.read_text(encoding="utf-8").splitlines() if metrics.is_file() else []
+        for line in lines[shown:]:
+            record = json.loads(line)
+            self.echo(f"round {record['round']}: accuracy {record.get('global_accuracy', float('nan')):.3f}, "
+                      f"sites returned {record.get('sites_returned', '-')}, failures {record.get('failures') or {}}")
+        return len(lines)

@@ -1,0 +1,64 @@
+"""Starting and stopping Flower's own processes (flower-superlink, flower-supernode, flwr) for fedpeft's commands."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from fedpeft.errors import DeployError
+
+
+def flower_executable(name: str) -> str:
+    """The Flower command ``name`` of this Python environment (next to its interpreter), else from PATH."""
+    beside = Path(sys.executable).with_name(name)
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which(name)
+    if found is None:
+        raise DeployError(f"Flower's `{name}` command is not installed in this environment; install fedpeft with "
+                          "`pip install fedpeft` (it brings flwr) and run fedpeft from that environment")
+    return found
+
+
+def runtime_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment of Flower's processes: their own FLWR_HOME, no downloads, no per-run dependency installs."""
+    env = {**os.environ, "FLWR_HOME": str(flwr_home), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1"}
+    env.update(extra or {})
+    return env
+
+
+def start(command: Sequence[str], log_file: Path, env: Mapping[str, str], cwd: Path | None = None,
+          pipe: bool = False) -> subprocess.Popen:
+    """Start ``command`` in its own process group (so that stop() also ends the processes it spawns)."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    out = subprocess.PIPE if pipe else log_file.open("ab")
+    return subprocess.Popen(list(command), stdout=out, stderr=subprocess.STDOUT, env=dict(env), cwd=cwd,
+                            start_new_session=True, text=pipe or None)
+
+
+def stop(process: subprocess.Popen, timeout: float = 10.0) -> None:
+    """SIGTERM the process group, then SIGKILL what is left after ``timeout`` seconds."""
+    if process.poll() is not None:
+        return
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=timeout)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    if not path.is_file():
+        return ""
+    return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])

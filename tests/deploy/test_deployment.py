@@ -1,0 +1,113 @@
+"""Real deployments on 127.0.0.1: `fedpeft server` and `fedpeft client` processes over TLS with node authentication.
+
+No mocks: the PKI is made by fedpeft's own code, Flower's SuperLink and SuperNodes run as processes, sites read their
+own data files, and the run trains with DP-SGD and secure aggregation.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from fedpeft.deploy.agent import load_site_settings, supernode_command
+from fedpeft.deploy.processes import runtime_env, start, stop
+from tests.deploy.federation import RUN_NAME, build
+
+pytestmark = pytest.mark.slow
+
+
+def _train_messages(deployment, site: str) -> int:
+    log = deployment.pki / "sites" / site / "agent-state" / "agent.log"
+    return log.read_text(errors="replace").count("Receiving: train message") if log.exists() else 0
+
+
+def _ledger(deployment, site: str) -> list[dict]:
+    path = deployment.pki / "sites" / site / "privacy_ledger.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_dp_secure_federation_survives_a_coordinator_restart_and_a_lost_site(tmp_path):
+    """Sites start before the coordinator; the coordinator is killed after round 1 and restarted (it resumes at
+    round 2); site c is killed during round 2's training stage (secure aggregation's dropout path)."""
+    from peft import PeftModel
+
+    from fedpeft.config import load_toml
+    from fedpeft.models.loader import load_base_model
+
+    deployment = build(tmp_path)
+    try:
+        for site in deployment.sites:
+            deployment.start_site(site)
+        deployment.start_coordinator()
+        deployment.wait_for(lambda: 1 in deployment.rounds_logged(), 300, "round 1")
+        deployment.kill("coordinator")
+        assert deployment.rounds_logged() == [0, 1]
+
+        deployment.start_coordinator()
+        deployment.wait_for(lambda: _train_messages(deployment, "c") >= 2, 300, "site c to receive round 2")
+        deployment.kill("c")
+        deployment.wait_for(lambda: deployment.processes["coordinator"].poll() is not None, 300, "the run's end")
+        assert deployment.processes["coordinator"].returncode == 0, deployment.output("coordinator")[-3000:]
+    finally:
+        deployment.stop_all()
+
+    records = [json.loads(line) for line in (deployment.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [0, 1, 2], "round 1 is not repeated after the restart"
+    assert records[1]["sites_returned"] == 3 and records[1]["aggregated"]
+    assert records[2]["sites_returned"] == 2 and records[2]["aggregated"], records[2]
+    assert records[2]["failures"], "the lost site is on the record"
+    assert set(records[2]["site_epsilon"]) == {"0", "1"}
+
+    for site, rounds in (("a", [1, 2]), ("b", [1, 2]), ("c", [1])):
+        ledger = _ledger(deployment, site)
+        assert [(e["run"], e["round"]) for e in ledger] == [(RUN_NAME, r) for r in rounds], site
+        assert all(e["noise_multiplier"] >= 0.5 for e in ledger), "the site policy's minimum noise holds"
+
+    cfg = load_toml(tmp_path / "run.toml")
+    base, _ = load_base_model(cfg.model, len(cfg.data.label_names))
+    final = json.loads((deployment.run_dir / "summary.json").read_text())["final_adapter"]
+    assert final.endswith("round-0002")
+    model = PeftModel.from_pretrained(base, final)
+    assert any("lora_" in name for name, _ in model.named_parameters())
+    assert "resuming" in deployment.output("coordinator") + (tmp_path / "coordinator" / "superlink.log").read_text()
+
+
+def test_unregistered_key_and_foreign_ca_are_refused(tmp_path):
+    from fedpeft.deploy.pki import init_pki
+
+    deployment = build(tmp_path, sites=("a", "rogue"), examples_per_site=24)
+    other_ca = init_pki(tmp_path / "other-pki", ["127.0.0.1"]) / "ca.pem"
+    try:
+        # Only site a is registered: the coordinator knows nothing of 'rogue' even though its bundle is valid.
+        deployment.start("coordinator", ["server", "--pki", str(deployment.pki), "--config",
+                                         str(tmp_path / "run.toml"), "--state-dir", str(tmp_path / "coordinator"),
+                                         "--host", "127.0.0.1", "--port", str(deployment.port), "--site", "a"])
+        deployment.wait_for(lambda: "sites registered: a" in deployment.output("coordinator"), 120, "registration")
+
+        rogue = deployment.start("rogue", ["client", "--site-config", str(deployment.site_config("rogue")),
+                                           "--attempts", "0"])
+        assert rogue.wait(timeout=120) == 2
+        assert "does not accept this site's node key" in deployment.output("rogue")
+        superlink_log = (tmp_path / "coordinator" / "superlink.log").read_text()
+        assert "No SuperNode found with the given public key" in superlink_log
+
+        site = load_site_settings(deployment.site_config("a"))
+        shutil.copy(other_ca, site.root_certificates)  # site a now trusts another federation's CA
+        checked = deployment.start("a-check", ["client", "--site-config", str(deployment.site_config("a")),
+                                               "--check"])
+        assert checked.wait(timeout=60) == 2
+        assert "failed verification" in deployment.output("a-check")
+        # Flower's own transport refuses it too, with fedpeft's checks out of the way.
+        # (Flower's SuperNode reports the failure but lingers in its retry loop, so read until the verdict.)
+        direct = start(supernode_command(site), tmp_path / "direct.log", runtime_env(tmp_path / "direct-flwr"),
+                       pipe=True)
+        try:
+            verdict = next((line for line in direct.stdout if "Exit Code" in line or "SSL" in line), "")
+            rest = "".join(next(direct.stdout, "") for _ in range(3))
+        finally:
+            stop(direct)
+        assert "CERTIFICATE_VERIFY_FAILED" in verdict + rest
+    finally:
+        deployment.stop_all()
