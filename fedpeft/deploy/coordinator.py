@@ -18,7 +18,7 @@ from typing import Any
 from fedpeft.config import RunConfig
 from fedpeft.deploy import preflight
 from fedpeft.deploy.app_dir import write_app_dir
-from fedpeft.deploy.processes import flower_executable, runtime_env, start, stop, tail
+from fedpeft.deploy.processes import check_port_free, flower_executable, runtime_env, start, stop, tail
 from fedpeft.errors import DeployError
 from fedpeft.io.atomic import write_json_atomic
 
@@ -78,6 +78,7 @@ class Coordinator:
                    "--ssl-certfile", str(pki / "server.pem"), "--ssl-keyfile", str(pki / "server.key"),
                    "--enable-supernode-auth", "--database", str(self.s.state_dir.resolve() / "superlink.db"),
                    "--disable-runtime-dependency-installation", "--host", self.s.host, "--port", str(self.s.port)]
+        check_port_free(self.s.host, self.s.port)
         self.superlink = start(command, self.log_file, self.env, cwd=self.s.state_dir)
         deadline = time.monotonic() + self.s.startup_timeout
         while True:
@@ -156,17 +157,27 @@ class Coordinator:
                 stop(self.superlink)
 
     def follow(self, run_id: str, poll_seconds: float) -> str:
+        """Show each completed round until the run ends; the ServerApp's own log goes to serverapp-<run>.log."""
         metrics = Path(self.s.config.run.out_dir).expanduser() / self.s.config.run.name / "metrics.jsonl"
+        app_log = self.s.state_dir / f"serverapp-{run_id}.log"
+        streamer = start([flower_executable("flwr"), "log", run_id, CONNECTION, "--stream"], app_log, self.env)
         shown = 0
-        while True:
-            status = self.run_status(run_id)
-            shown = self._show_new_rounds(metrics, shown)
-            if status.startswith(FINISHED):
-                return status
-            if self.superlink is not None and self.superlink.poll() is not None:
-                raise DeployError(f"the SuperLink stopped (code {self.superlink.returncode}); its log "
-                                  f"{self.log_file} ends with:\n{tail(self.log_file)}")
-            time.sleep(poll_seconds)
+        try:
+            while True:
+                status = self.run_status(run_id)
+                shown = self._show_new_rounds(metrics, shown)
+                if status.startswith(FINISHED):
+                    break
+                if self.superlink is not None and self.superlink.poll() is not None:
+                    raise DeployError(f"the SuperLink stopped (code {self.superlink.returncode}); its log "
+                                      f"{self.log_file} ends with:\n{tail(self.log_file)}")
+                time.sleep(poll_seconds)
+        finally:
+            time.sleep(1.0)  # the last log lines
+            stop(streamer)
+        if status != "finished:completed":
+            self.echo(f"run {run_id} ended {status}; the ServerApp's log {app_log} ends with:\n{tail(app_log)}")
+        return status
 
     def _show_new_rounds(self, metrics: Path, shown: int) -> int:
         lines = metrics.read_text(encoding="utf-8").splitlines() if metrics.is_file() else []

@@ -39,7 +39,36 @@ def start(command: Sequence[str], log_file: Path, env: Mapping[str, str], cwd: P
     log_file.parent.mkdir(parents=True, exist_ok=True)
     out = subprocess.PIPE if pipe else log_file.open("ab")
     return subprocess.Popen(list(command), stdout=out, stderr=subprocess.STDOUT, env=dict(env), cwd=cwd,
-                            start_new_session=True, text=pipe or None)
+                            start_new_session=True, text=pipe or None, preexec_fn=_end_with_parent)
+
+
+def _end_with_parent() -> None:
+    """Linux: SIGTERM the child when fedpeft dies, however it dies (a killed coordinator must not leave its
+    SuperLink holding the port, nor a killed agent its SuperNode)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
+def check_port_free(host: str, port: int, wait: float = 30.0) -> None:
+    """DeployError if something still listens on ``host:port`` after ``wait`` seconds (a coordinator that is still
+    running, or one still shutting down after a crash)."""
+    import socket
+    import time
+
+    deadline = time.monotonic() + wait
+    while True:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the SuperLink's server does
+            try:
+                sock.bind((host, port))
+                return
+            except OSError as err:
+                if time.monotonic() > deadline:
+                    raise DeployError(f"port {port} on {host} is in use ({err.strerror}); stop what holds it "
+                                      "(another `fedpeft server`?) or choose another --port") from None
+        time.sleep(1.0)
 
 
 def stop(process: subprocess.Popen, timeout: float = 10.0) -> None:

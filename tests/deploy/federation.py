@@ -79,11 +79,13 @@ class Deployment:
         path = self.run_dir / "metrics.jsonl"
         return [json.loads(line)["round"] for line in path.read_text().splitlines()] if path.exists() else []
 
-    def wait_for(self, condition, timeout: float, what: str) -> None:  # noqa: ANN001
+    def wait_for(self, condition, timeout: float, what: str, coordinator_runs: bool = True) -> None:  # noqa: ANN001
         deadline = time.monotonic() + timeout
         while not condition():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}; coordinator output:\n"
+            ended = coordinator_runs and self.processes["coordinator"].poll() is not None
+            if ended or time.monotonic() > deadline:
+                raise AssertionError(f"{'the coordinator ended' if ended else 'timed out'} waiting for {what}; "
+                                     "coordinator output:\n"
                                      f"{self.output('coordinator')[-3000:]}")
             time.sleep(0.5)
 
