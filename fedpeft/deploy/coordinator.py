@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 from fedpeft.config import RunConfig
 from fedpeft.deploy import preflight
 from fedpeft.deploy.app_dir import write_app_dir
+from fedpeft.deploy.superlink import GUARD_ANNOUNCEMENT
 from fedpeft.deploy.processes import check_port_free, flower_executable, runtime_env, start, stop, tail
 from fedpeft.errors import DeployError
 from fedpeft.io.atomic import write_json_atomic
@@ -74,7 +76,7 @@ class Coordinator:
 
     def start_superlink(self, control_host: str) -> None:
         pki = self.s.pki_dir.resolve()
-        command = [flower_executable("flower-superlink"), "--ssl-ca-certfile", str(pki / "ca.pem"),
+        command = [sys.executable, "-m", "fedpeft.deploy.superlink", "--ssl-ca-certfile", str(pki / "ca.pem"),
                    "--ssl-certfile", str(pki / "server.pem"), "--ssl-keyfile", str(pki / "server.key"),
                    "--enable-supernode-auth", "--database", str(self.s.state_dir.resolve() / "superlink.db"),
                    "--disable-runtime-dependency-installation", "--host", self.s.host, "--port", str(self.s.port)]
@@ -87,11 +89,18 @@ class Coordinator:
                                   f"{self.s.port} taken? Its log {self.log_file} ends with:\n{tail(self.log_file)}")
             try:
                 preflight.check_tls_endpoint(control_host, self.s.port, self.s.pki_dir / "ca.pem", timeout=2.0)
+                self._require_guard()
                 return
             except DeployError:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
+
+    def _require_guard(self) -> None:
+        """Fail closed: without the guard, anyone reaching the port could submit code to every site."""
+        if GUARD_ANNOUNCEMENT not in tail(self.log_file, 400):
+            raise DeployError(f"the SuperLink started without fedpeft's loopback guard on its Control API (see "
+                              f"{self.log_file}); this flwr version is not supported by fedpeft server")
 
     # -- the Flower CLI ----------------------------------------------------------------------------------------
     def flwr(self, *args: str) -> dict[str, Any]:

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
+import ssl
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -76,6 +80,32 @@ def test_dp_secure_federation_survives_a_coordinator_restart_and_a_lost_site(tmp
     assert "resuming" in app_logs and "after round 1" in app_logs
 
 
+def _non_loopback_address() -> str | None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect(("10.255.255.255", 1))  # no packet is sent; this picks the outbound interface
+            address = probe.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address
+
+
+def _control_api_is_closed_to_other_machines(port: int) -> None:
+    """From this machine's own non-loopback address the Fleet API answers, the Control API does not."""
+    address = _non_loopback_address()
+    if address is None:
+        return  # a machine without a network interface cannot play "another machine"
+    context = ssl._create_unverified_context()  # the certificate names 127.0.0.1 only; the guard is under test
+    for path, refused in (("/v1/control/list-runs", True), ("/v1/fleet/get-run", False)):
+        request = urllib.request.Request(f"https://{address}:{port}{path}", data=b"{}", method="POST",
+                                         headers={"Content-Type": "application/json"})
+        try:
+            status = urllib.request.urlopen(request, context=context, timeout=10).status
+        except urllib.error.HTTPError as err:
+            status = err.code
+        assert (status == 403) == refused, (path, status)
+
+
 def test_unregistered_key_and_foreign_ca_are_refused(tmp_path):
     from fedpeft.deploy.pki import init_pki
 
@@ -85,8 +115,9 @@ def test_unregistered_key_and_foreign_ca_are_refused(tmp_path):
         # Only site a is registered: the coordinator knows nothing of 'rogue' even though its bundle is valid.
         deployment.start("coordinator", ["server", "--pki", str(deployment.pki), "--config",
                                          str(tmp_path / "run.toml"), "--state-dir", str(tmp_path / "coordinator"),
-                                         "--host", "127.0.0.1", "--port", str(deployment.port), "--site", "a"])
+                                         "--host", "0.0.0.0", "--port", str(deployment.port), "--site", "a"])
         deployment.wait_for(lambda: "sites registered: a" in deployment.output("coordinator"), 120, "registration")
+        _control_api_is_closed_to_other_machines(deployment.port)
 
         rogue = deployment.start("rogue", ["client", "--site-config", str(deployment.site_config("rogue")),
                                            "--attempts", "0"])
