@@ -85,12 +85,28 @@ def _pki_parser(sub: argparse._SubParsersAction) -> None:
     site.add_argument("name", help="the site's name (letters, digits, '.', '_', '-')")
     site.add_argument("--dir", required=True, help="the PKI directory made by `fedpeft pki init`")
     site.add_argument("--coordinator", required=True, help="host:port the site's agent dials out to")
+    rotate = pki.add_parser("rotate-site", help="give a site a new node key (the coordinator swaps it at its next "
+                                                "start)")
+    rotate.add_argument("name")
+    rotate.add_argument("--dir", required=True, help="the PKI directory")
+    remove = pki.add_parser("remove-site", help="take a site out of the federation (the coordinator unregisters "
+                                                "its key at its next start)")
+    remove.add_argument("name")
+    remove.add_argument("--dir", required=True, help="the PKI directory")
 
 
 def _cmd_pki(args: argparse.Namespace) -> int:
-    from fedpeft.deploy.pki import add_site, init_pki
+    from fedpeft.deploy.pki import add_site, init_pki, remove_site, rotate_site
 
-    if args.pki_command == "init":
+    if args.pki_command == "rotate-site":
+        bundle = rotate_site(args.dir, args.name)
+        print(f"site '{args.name}': new node key in {bundle.directory} (old pair kept as *.retired-*); hand node.key "
+              "to the site's IT team and restart `fedpeft server` to swap the registered key")
+    elif args.pki_command == "remove-site":
+        moved = remove_site(args.dir, args.name)
+        print(f"site '{args.name}' removed (bundle moved to {moved}); `fedpeft server` unregisters its key at its "
+              "next start")
+    elif args.pki_command == "init":
         directory = init_pki(args.dir, args.host)
         print(f"created the CA and the coordinator certificate for {', '.join(args.host)} in {directory} "
               "(private keys: ca.key, server.key, mode 0600)")

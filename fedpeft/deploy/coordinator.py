@@ -113,18 +113,33 @@ class Coordinator:
                               f"{(done.stdout + done.stderr).strip()[-800:]}") from None
 
     def register_sites(self) -> dict[str, str]:
-        """Register each site's public key (already registered keys are kept); returns name -> node id or 'known'."""
-        registered: dict[str, str] = {}
-        for name, public_key in self.site_keys().items():
+        """Bring the SuperLink's registry in line with the PKI: register each site's current public key, unregister
+        keys that were rotated (`fedpeft pki rotate-site`) or whose site was removed (`fedpeft pki remove-site`).
+        Returns name -> node id; the book is kept in <state>/sites.json."""
+        book_file = self.s.state_dir / "sites.json"
+        book: dict = json.loads(book_file.read_text(encoding="utf-8")) if book_file.is_file() else {}
+        keys = self.site_keys()
+        for name in [n for n in book if not (self.s.pki_dir / "sites" / n / "node.pub").is_file()]:
+            self._unregister(name, book.pop(name), "the site was removed")
+        for name, public_key in keys.items():
+            current = public_key.read_text(encoding="utf-8").strip()
+            if name in book and book[name]["public-key"] != current:
+                self._unregister(name, book.pop(name), "its key was rotated")
             reply = self.flwr("supernode", "register", str(public_key.resolve()))
             if reply.get("success"):
-                registered[name] = str(reply["node-id"])
-            elif "already in use" in reply.get("error-message", ""):
-                registered[name] = "known"
-            else:
+                book[name] = {"node-id": str(reply["node-id"]), "public-key": current}
+            elif "already in use" not in reply.get("error-message", ""):
                 raise DeployError(f"registering site '{name}' ({public_key}) failed: {reply.get('error-message')}")
-        write_json_atomic(self.s.state_dir / "sites.json", registered)
-        return registered
+            write_json_atomic(book_file, book)
+        write_json_atomic(book_file, book)
+        return {name: entry["node-id"] for name, entry in book.items() if name in keys}
+
+    def _unregister(self, name: str, entry: dict, why: str) -> None:
+        reply = self.flwr("supernode", "unregister", entry["node-id"])
+        if not reply.get("success") and "not found" not in reply.get("error-message", "").lower():
+            raise DeployError(f"unregistering site '{name}' (node {entry['node-id']}) failed: "
+                              f"{reply.get('error-message')}")
+        self.echo(f"site '{name}': old node key unregistered ({why})")
 
     def stop_unfinished_runs(self) -> None:
         """A coordinator that crashed leaves its run 'running' in the SuperLink's database; end it before resuming."""

@@ -105,9 +105,6 @@ def init_pki(directory: str | Path, hosts: list[str]) -> Path:
 
 def add_site(directory: str | Path, name: str, coordinator: str) -> SiteBundle:
     """A site's node-authentication key pair and the bundle its IT team receives."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
     directory = Path(directory)
     if not (directory / "ca.pem").is_file():
         raise PkiError(f"'{directory}' has no ca.pem; run `fedpeft pki init --dir {directory} --host ...` first")
@@ -115,20 +112,70 @@ def add_site(directory: str | Path, name: str, coordinator: str) -> SiteBundle:
         raise PkiError(f"site name {name!r} must be 1-63 letters, digits, '.', '_' or '-' (it names a directory)")
     bundle = directory / "sites" / name
     if bundle.exists():
-        raise PkiError(f"site '{name}' already exists in '{bundle}'; to rotate its key, remove the site "
-                       "(see docs) and add it again")
+        raise PkiError(f"site '{name}' already exists in '{bundle}'; to give it a new key use "
+                       f"`fedpeft pki rotate-site {name}`")
     bundle.mkdir(parents=True)
+    _new_node_key(bundle)
+    (bundle / "ca.pem").write_bytes((directory / "ca.pem").read_bytes())
+    index = _next_site_index(directory)
+    (bundle / "site.toml").write_text(_site_template(name, index, coordinator), encoding="utf-8")
+    (bundle / "policy.toml").write_text(POLICY_TEMPLATE, encoding="utf-8")
+    return SiteBundle(bundle, bundle / "node.pub")
+
+
+def _next_site_index(directory: Path) -> int:
+    """One more than any index given before, removed sites included: a site's index is never reused."""
+    import tomllib
+
+    used = [-1]
+    for config in [*directory.glob("sites/*/site.toml"), *directory.glob("removed/*/site.toml")]:
+        try:
+            used.append(int(tomllib.loads(config.read_text(encoding="utf-8"))["site"]["index"]))
+        except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError):
+            continue  # a hand-edited file without an index claims none
+    return max(used) + 1
+
+
+def _new_node_key(bundle: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     key = ec.generate_private_key(ec.SECP384R1())
     _write_private(bundle / "node.key", key.private_bytes(serialization.Encoding.PEM,
                                                           serialization.PrivateFormat.OpenSSH,
                                                           serialization.NoEncryption()))
     (bundle / "node.pub").write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                                     serialization.PublicFormat.OpenSSH) + b"\n")
-    (bundle / "ca.pem").write_bytes((directory / "ca.pem").read_bytes())
-    index = sum(1 for d in (directory / "sites").iterdir() if d.is_dir()) - 1  # this site's dir exists already
-    (bundle / "site.toml").write_text(_site_template(name, index, coordinator), encoding="utf-8")
-    (bundle / "policy.toml").write_text(POLICY_TEMPLATE, encoding="utf-8")
+
+
+def _existing_bundle(directory: str | Path, name: str) -> Path:
+    bundle = Path(directory) / "sites" / name
+    if not SITE_NAME.match(name) or not (bundle / "node.pub").is_file():
+        raise PkiError(f"'{bundle}' is not a site bundle (no node.pub); list the sites with `ls {Path(directory)}/sites`")
+    return bundle
+
+
+def _stamp() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def rotate_site(directory: str | Path, name: str) -> SiteBundle:
+    """A new node key pair for an existing site; the old pair is kept as *.retired-<time> (mode unchanged)."""
+    bundle = _existing_bundle(directory, name)
+    stamp = _stamp()
+    for file in ("node.key", "node.pub"):
+        (bundle / file).rename(bundle / f"{file}.retired-{stamp}")
+    _new_node_key(bundle)
     return SiteBundle(bundle, bundle / "node.pub")
+
+
+def remove_site(directory: str | Path, name: str) -> Path:
+    """Move the site's bundle to <pki>/removed/; the coordinator unregisters its key at its next start."""
+    bundle = _existing_bundle(directory, name)
+    target = Path(directory) / "removed" / f"{name}-{_stamp()}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    bundle.rename(target)
+    return target
 
 
 def _site_template(name: str, index: int, coordinator: str) -> str:

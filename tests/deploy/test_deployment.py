@@ -144,3 +144,41 @@ def test_unregistered_key_and_foreign_ca_are_refused(tmp_path):
         assert "CERTIFICATE_VERIFY_FAILED" in verdict + rest
     finally:
         deployment.stop_all()
+
+
+def test_rotated_and_removed_sites_are_unregistered_at_the_coordinators_next_start(tmp_path):
+    from fedpeft.config import RunConfig
+    from fedpeft.deploy.coordinator import Coordinator, CoordinatorSettings
+    from fedpeft.deploy.pki import add_site, init_pki, remove_site, rotate_site
+    from tests.deploy.federation import free_port
+
+    pki = init_pki(tmp_path / "pki", ["127.0.0.1"])
+    for name in ("a", "b", "c"):
+        add_site(pki, name, "127.0.0.1:1")
+    said: list[str] = []
+    settings = CoordinatorSettings(pki_dir=pki, config=RunConfig(), state_dir=tmp_path / "state", host="127.0.0.1",
+                                   port=free_port())
+
+    def start_and_register() -> tuple[Coordinator, dict[str, str]]:
+        coordinator = Coordinator(settings, echo=said.append)
+        host = coordinator.control_host()
+        coordinator.write_flower_config(host)
+        coordinator.start_superlink(host)
+        return coordinator, coordinator.register_sites()
+
+    first, ids = start_and_register()
+    stop(first.superlink)
+    assert set(ids) == {"a", "b", "c"}
+    rotate_site(pki, "b")
+    remove_site(pki, "c")
+    second, new_ids = start_and_register()
+    try:
+        nodes = {n["node-id"]: n["status"] for n in second.flwr("supernode", "list")["nodes"]}
+    finally:
+        stop(second.superlink)
+    assert set(new_ids) == {"a", "b"} and new_ids["a"] == ids["a"] and new_ids["b"] != ids["b"]
+    assert nodes[ids["a"]] == "registered" and nodes[new_ids["b"]] == "registered"
+    assert ids["b"] not in nodes or nodes[ids["b"]] == "unregistered", nodes
+    assert ids["c"] not in nodes or nodes[ids["c"]] == "unregistered", nodes
+    assert any("site 'b': old node key unregistered (its key was rotated)" in s for s in said)
+    assert any("site 'c': old node key unregistered (the site was removed)" in s for s in said)

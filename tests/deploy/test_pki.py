@@ -66,3 +66,28 @@ def test_clear_errors_and_nothing_is_overwritten(tmp_path, capsys):
 def test_init_needs_a_host(tmp_path):
     with pytest.raises(SystemExit):
         cli_main(["pki", "init", "--dir", str(tmp_path / "p")])
+
+
+def test_rotate_and_remove_keep_indexes_unique_and_retire_old_keys(tmp_path, capsys):
+    import tomllib
+
+    from fedpeft.deploy.pki import add_site, init_pki, remove_site, rotate_site
+
+    pki = init_pki(tmp_path / "pki", ["127.0.0.1"])
+    for name in ("a", "b", "c"):
+        add_site(pki, name, "127.0.0.1:9092")
+    old_pub = (pki / "sites" / "b" / "node.pub").read_text()
+    rotate_site(pki, "b")
+    retired = sorted(p.name for p in (pki / "sites" / "b").glob("node.*.retired-*"))
+    assert len(retired) == 2 and (pki / "sites" / "b" / "node.pub").read_text() != old_pub
+    assert stat.S_IMODE((pki / "sites" / "b" / "node.key").stat().st_mode) == 0o600
+    moved = remove_site(pki, "b")
+    assert moved.parent.name == "removed" and not (pki / "sites" / "b").exists()
+    add_site(pki, "d", "127.0.0.1:9092")
+
+    def index(path):
+        return tomllib.loads(path.read_text())["site"]["index"]
+
+    assert index(pki / "sites" / "d" / "site.toml") == 3, "a removed site's index is never given again"
+    assert cli_main(["pki", "rotate-site", "nope", "--dir", str(pki)]) == 2
+    assert "is not a site bundle" in capsys.readouterr().err
