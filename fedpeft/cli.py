@@ -1,4 +1,4 @@
-"""The `fedpeft` command: one entry with sub-commands (simulate, export, pki, server, client)."""
+"""The `fedpeft` command: one entry with sub-commands (simulate, export, pki, server, client, audit)."""
 
 from __future__ import annotations
 
@@ -172,6 +172,57 @@ def _cmd_client(args: argparse.Namespace) -> int:
     return run_agent(site, attempts=args.attempts)
 
 
+def _audit_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("audit", help="verify audit logs offline and render a compliance report")
+    audit = p.add_subparsers(dest="audit_command", required=True)
+    verify = audit.add_parser("verify", help="check a log's chain, signatures, sequence and timestamps (exit 0 only "
+                                             "for an intact log), or cross-check a site's log against the "
+                                             "coordinator's")
+    verify.add_argument("log", nargs="?", help="an audit log (JSON lines)")
+    verify.add_argument("--pubkey", help="the writer's trusted public key (base64, or its .pub file)")
+    verify.add_argument("--site", help="a site's audit log, to cross-check against --server")
+    verify.add_argument("--server", help="the coordinator's audit log")
+    verify.add_argument("--site-pubkey", help="the site's trusted public key")
+    verify.add_argument("--server-pubkey", help="the coordinator's trusted public key")
+    report = audit.add_parser("report", help="a self-contained report of a run from the coordinator's log")
+    report.add_argument("log", help="the coordinator's audit log")
+    report.add_argument("--out", required=True, help="file to write (report.html or report.md)")
+    report.add_argument("--format", choices=("html", "md"), default="html")
+    report.add_argument("--pubkey", help="the coordinator's trusted public key")
+    report.add_argument("--site-log", action="append", default=[], help="a site's log to cross-check (repeatable)")
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    from fedpeft.audit.keys import load_public_key
+
+    def key(value: str | None) -> str | None:
+        return load_public_key(value) if value else None
+
+    if args.audit_command == "report":
+        from fedpeft.audit.report import render_report
+
+        out = render_report(args.log, args.out, args.format, key(args.pubkey), args.site_log)
+        print(f"report written to {out}")
+        return 0
+    if args.site or args.server:
+        if not (args.site and args.server):
+            raise FedpeftError("a cross-check needs both --site SITE_LOG and --server SERVER_LOG")
+        from fedpeft.audit.crosscheck import cross_check
+
+        result = cross_check(args.site, args.server, key(args.site_pubkey), key(args.server_pubkey))
+        for finding in result.findings:
+            print(finding)
+        print(result.summary())
+        return 0 if result.ok else 1
+    if not args.log:
+        raise FedpeftError("give the log to verify: fedpeft audit verify LOG [--pubkey KEY]")
+    from fedpeft.audit.verify import verify_log
+
+    verification = verify_log(args.log, key(args.pubkey))
+    print(verification.summary())
+    return 0 if verification.intact else 1
+
+
 def _load_config(path: str | None, overrides: dict[str, object]):  # noqa: ANN202
     from fedpeft.config import RunConfig, from_mapping, load_toml, unflatten
 
@@ -188,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     _pki_parser(sub)
     _server_parser(sub)
     _client_parser(sub)
+    _audit_parser(sub)
     return parser
 
 
@@ -195,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         commands = {"simulate": _cmd_simulate, "export": _cmd_export, "pki": _cmd_pki, "server": _cmd_server,
-                    "client": _cmd_client}
+                    "client": _cmd_client, "audit": _cmd_audit}
         return commands[args.command](args)
     except FedpeftError as err:
         print(f"fedpeft: error: {err}", file=sys.stderr)

@@ -64,3 +64,7 @@ class DeployError(FedpeftError):
 
 class CoordinatorUnreachable(DeployError):
     """Nothing answers at the coordinator's address (yet): a site's agent waits and tries again."""
+
+
+class AuditError(FedpeftError):
+    """An audit log or key cannot be read or written."""

@@ -26,6 +26,8 @@ NODE_NUM_PARTITIONS = "num-partitions"
 NODE_POLICY_FILE = "policy-file"  # a site's own privacy policy (node-local path), wins over privacy.policy_file
 NODE_LEDGER_PATH = "ledger-path"  # where the site keeps its privacy ledger
 NODE_DATA_PATH = "data-path"  # deployment: the site's own data file, read whole (no partitioning)
+NODE_AUDIT_LOG = "audit-log"  # deployment: the site's signed audit log
+NODE_AUDIT_KEY = "audit-key"  # deployment: the site's Ed25519 audit key (PEM)
 NODE_BASE_MODEL = "base-model"  # deployment: the site's local copy of the base model (name or directory)
 
 # Secure aggregation (SecAgg+) stages: message types and keys (ConfigRecord unless noted)

@@ -6,6 +6,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedpeft import wire
+from fedpeft.audit.payload import payload_bytes, payload_digest
 from fedpeft.client.mods import Mod
 
 
@@ -21,7 +22,10 @@ def _site(context: Context):  # noqa: ANN202 - imported lazily so that loading t
     if local_data:
         data_partition = (0, 1)  # a deployed site reads its whole file; nothing is partitioned
     policy, ledger = node.get(wire.NODE_POLICY_FILE), node.get(wire.NODE_LEDGER_PATH)
-    return Site(cfg, partition_id, data_partition, str(policy) if policy else None, str(ledger) if ledger else None)
+    audit_log, audit_key = node.get(wire.NODE_AUDIT_LOG), node.get(wire.NODE_AUDIT_KEY)
+    audit_files = (str(audit_log), str(audit_key)) if audit_log and audit_key else None
+    return Site(cfg, partition_id, data_partition, str(policy) if policy else None, str(ledger) if ledger else None,
+                audit_files)
 
 
 def _with_local_files(cfg, node: dict):  # noqa: ANN001, ANN202
@@ -47,39 +51,45 @@ def train(msg: Message, context: Context) -> Message:
 
     site = _site(context)
     server_round = int(msg.content[wire.CONFIG][wire.SERVER_ROUND])
+    audit = site.audit()
     try:
         local = site.train_round(_received_adapter(msg), server_round)
     except PrivacyError as refusal:  # policy or budget: a clear answer the server records, not a crash
+        audit.refusal(site.cfg.run.name, server_round, str(refusal))
         metrics = MetricRecord({wire.REFUSED: 1, wire.PARTITION_ID: site.partition_id})
         reason = ConfigRecord({wire.REFUSAL_REASON: str(refusal)})
         return Message(RecordDict({wire.METRICS: metrics, wire.CONFIG: reason}), reply_to=msg)
     metrics = {wire.TRAIN_LOSS: local.train.mean_loss, wire.TRAIN_STEPS: local.train.steps,
                wire.PARTITION_ID: site.partition_id, **local.privacy}
-    if wire.SA_SURVIVORS in msg.content[wire.CONFIG]:
-        return _secure_reply(msg, context, site, local, metrics)
-    metrics[wire.NUM_EXAMPLES] = local.train.num_examples
-    content = RecordDict({wire.ADAPTER: ArrayRecord(local.update), wire.METRICS: MetricRecord(metrics)})
-    return Message(content, reply_to=msg)
+    secure = wire.SA_SURVIVORS in msg.content[wire.CONFIG]
+    if secure:
+        key, upload = wire.SA_MASKED, _masked_upload(msg, context, site, local)
+    else:
+        metrics[wire.NUM_EXAMPLES] = local.train.num_examples
+        key, upload = wire.ADAPTER, ArrayRecord(local.update)
+    audit.release(site.cfg.run.name, server_round, payload_digest(upload), payload_bytes(upload), secure,
+                  local.privacy, local.ledger_line_sha256)
+    return Message(RecordDict({key: upload, wire.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
-def _secure_reply(msg: Message, context: Context, site, local, metrics: dict) -> Message:  # noqa: ANN001
+def _masked_upload(msg: Message, context: Context, site, local) -> ArrayRecord:  # noqa: ANN001
     """Only the masked ring vector leaves the site; its weight travels inside it, not as a metric."""
     from fedpeft.secagg.client import masked_upload
     from fedpeft.secagg.vector import flatten
 
     cfg = site.cfg
     weight = local.train.num_examples / cfg.secagg.max_weight if cfg.federation.weighting == "num-examples" else 1.0
-    masked = masked_upload(msg.content[wire.CONFIG], context, flatten(local.update), weight,
-                           cfg.secagg.clip_range, cfg.secagg.bits)
-    return Message(RecordDict({wire.SA_MASKED: masked, wire.METRICS: MetricRecord(metrics)}), reply_to=msg)
+    return masked_upload(msg.content[wire.CONFIG], context, flatten(local.update), weight, cfg.secagg.clip_range,
+                         cfg.secagg.bits)
 
 
 def evaluate(msg: Message, context: Context) -> Message:
     site = _site(context)
     result = site.evaluate(_received_adapter(msg))
-    metrics = MetricRecord({wire.NUM_EXAMPLES: result.num_examples, wire.EVAL_LOSS: result.loss,
-                            wire.EVAL_ACCURACY: result.accuracy, wire.PARTITION_ID: site.partition_id})
-    return Message(RecordDict({wire.METRICS: metrics}), reply_to=msg)
+    metrics = {wire.NUM_EXAMPLES: result.num_examples, wire.EVAL_LOSS: result.loss,
+               wire.EVAL_ACCURACY: result.accuracy, wire.PARTITION_ID: site.partition_id}
+    site.audit().evaluation(site.cfg.run.name, int(msg.content[wire.CONFIG][wire.SERVER_ROUND]), metrics)
+    return Message(RecordDict({wire.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
 def build_client_app(mods: list[Mod] | None = None) -> ClientApp:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedpeft.audit.trail import SiteAudit
 from fedpeft.client.batches import EncodedData, encode_classification, encode_prompt_response
 from fedpeft.client.trainer import EvalResult, TrainResult, evaluate, train_local
 from fedpeft.config import ModelConfig, PeftConfig, RunConfig
@@ -31,6 +32,7 @@ class LocalRound:
     update: AdapterState  # new local adapter minus the received global adapter (clipped/noised under client DP)
     train: TrainResult
     privacy: dict[str, float] = field(default_factory=dict)  # epsilon after the round, noise, sampling rate, ...
+    ledger_line_sha256: str | None = None  # the privacy ledger's line for this round (DP), for the audit log
 
 
 @functools.lru_cache(maxsize=4)  # one per distinct LoRA rank a process serves
@@ -57,11 +59,13 @@ class Site:
     """Train or evaluate one site's data starting from a given global adapter."""
 
     def __init__(self, cfg: RunConfig, partition_id: int, data_partition: tuple[int, int],
-                 policy_file: str | None = None, ledger_path: str | None = None) -> None:
+                 policy_file: str | None = None, ledger_path: str | None = None,
+                 audit_files: tuple[str, str] | None = None) -> None:
         """``data_partition`` = (index, count) of the rows this site reads from ``cfg.data`` ((0, 1): all of them)."""
         self.cfg = cfg
         self.partition_id = partition_id
         self.policy_file, self.ledger_path = policy_file, ledger_path
+        self.audit_files = audit_files  # (log, key); None: beside the ledger
         self.rank = site_rank(cfg, partition_id)
         self.hetero = bool(cfg.peft.site_ranks)
         self.model, _ = shared_model(cfg.model, site_peft_config(cfg.peft, self.rank), num_labels(cfg), cfg.run.seed)
@@ -78,6 +82,16 @@ class Site:
     def evaluate(self, global_state: AdapterState) -> EvalResult:
         self.load_global(global_state)
         return evaluate(self.model, self.eval_data, self.cfg.train.eval_batch_size, self.cfg.model.task)
+
+    def audit(self) -> SiteAudit:
+        """The site's own signed log of what left it (and its Ed25519 key, created on first use)."""
+        if self.audit_files is not None:
+            log, key = (Path(p) for p in self.audit_files)
+        else:
+            here = (Path(self.ledger_path) if self.ledger_path
+                    else site_ledger_path(self.cfg, str(self.partition_id))).parent
+            log, key = here / "audit.jsonl", here / "audit.key"
+        return SiteAudit(log, key, str(self.partition_id))
 
     def budget(self) -> SiteBudget | None:
         """The site's privacy gate, or None when neither DP nor a site policy is in play."""
@@ -96,8 +110,10 @@ class Site:
         self.load_global(global_state)
         seed = self.cfg.run.seed * 1_000_003 + server_round * 1009 + self.partition_id
         privacy: dict[str, float] = {}
+        ledger_line = None
         if self.cfg.privacy.dp:
             result, privacy = self._train_private(budget, server_round, seed)
+            ledger_line = budget.ledger.last_line_sha256()
         else:
             mu = self.cfg.strategy.proximal_mu if self.cfg.federation.aggregation == "fedprox" else 0.0
             result = train_local(self.model, self.train_data, self.cfg.train, self.cfg.model.task, seed, mu)
@@ -105,7 +121,7 @@ class Site:
         update = {name: trained[name] - start[name] for name in trained}
         if self.hetero:
             update = pad(update, global_state, self.rank)
-        return LocalRound(self._client_level_dp(update), result, privacy)
+        return LocalRound(self._client_level_dp(update), result, privacy, ledger_line)
 
     def _train_private(self, budget: SiteBudget, server_round: int, seed: int) -> tuple[TrainResult, dict]:
         t = self.cfg.train

@@ -143,6 +143,7 @@ class RunSection:
     name: str = "quickstart"
     out_dir: str = "runs"
     seed: int = 0
+    audit_key: str = ""  # the coordinator's Ed25519 audit key (PEM); "": one is made in <run dir>/audit/
 
 
 @dataclass(frozen=True)

@@ -130,6 +130,10 @@ class PrivacyLedger:
     def released(self, run: str, server_round: int) -> bool:
         return server_round in self.rounds(run)
 
+    def last_line_sha256(self) -> str | None:
+        """SHA-256 of the newest line: a site's signed audit log records it, anchoring the ledger's head."""
+        return _sha256(self._lines[-1]) if self._lines else None
+
     def epsilon_spent(self) -> float:
         return self._entries[-1].epsilon if self._entries else 0.0
 

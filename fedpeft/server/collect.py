@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedpeft import wire
+from fedpeft.audit.payload import payload_digest
 from fedpeft.errors import FedpeftError
 from fedpeft.models.adapter_state import check_adapter_state
 from fedpeft.server.messaging import Replies, payload_bytes
@@ -20,6 +21,8 @@ class RoundCollection:
     failures: dict[str, str] = field(default_factory=dict)  # node id -> reason
     refusals: dict[str, str] = field(default_factory=dict)  # site -> the site's own reason (policy or budget)
     site_epsilon: dict[str, float] = field(default_factory=dict)  # site -> cumulative example-level epsilon
+    payload_sha256: dict[str, str] = field(default_factory=dict)  # site -> digest of what it sent (audit)
+    payload_bytes: dict[str, int] = field(default_factory=dict)  # site -> bytes of what it sent
     first_record: Any = None  # one upload's ArrayRecord, for the upload manifest
 
 
@@ -45,6 +48,7 @@ def collect_updates(replies: Replies, global_state: dict[str, Any], weighting: s
         out.total.add(update, examples if weighting == "num-examples" else 1.0)
         out.losses.append((float(metrics[wire.TRAIN_LOSS]), examples))
         out.sizes.append(payload_bytes(record))
+        _note_payload(out, metrics, record)
         if wire.EPSILON in metrics:
             out.site_epsilon[str(int(metrics[wire.PARTITION_ID]))] = float(metrics[wire.EPSILON])
         out.first_record = out.first_record or record
@@ -67,6 +71,7 @@ def collect_secure(secure: Any, global_state: dict[str, Any], weight_scale: floa
         metrics = reply.content[wire.METRICS]
         out.losses.append((float(metrics[wire.TRAIN_LOSS]), 1.0))
         out.sizes.append(size)
+        _note_payload(out, metrics, reply.content[wire.SA_MASKED])
         if wire.EPSILON in metrics:
             out.site_epsilon[str(int(metrics[wire.PARTITION_ID]))] = float(metrics[wire.EPSILON])
         out.first_record = out.first_record or reply.content[wire.SA_MASKED]
@@ -75,3 +80,9 @@ def collect_secure(secure: Any, global_state: dict[str, Any], weight_scale: floa
             out.refusals[node] = reason.removeprefix("masked input: refused: ")
             del out.failures[node]
     return out
+
+
+def _note_payload(out: RoundCollection, metrics: Any, record: Any) -> None:
+    site = str(int(metrics[wire.PARTITION_ID]))
+    out.payload_sha256[site] = payload_digest(record)
+    out.payload_bytes[site] = payload_bytes(record)

@@ -17,12 +17,15 @@ from fedpeft.errors import FederationError, SecAggAbort
 from fedpeft.io.atomic import append_jsonl, write_json_atomic
 from fedpeft.models.adapter_state import AdapterState
 from fedpeft.secagg.server import SecAggRound
-from fedpeft.server.checkpoint import latest_adapter, save_global_adapter
+from fedpeft.audit.payload import file_digest
+from fedpeft.audit.trail import CoordinatorAudit
+from fedpeft.server.checkpoint import ADAPTER_WEIGHTS, latest_adapter, save_global_adapter
 from fedpeft.server.client_dp import ServerClientDp
 from fedpeft.server.collect import RoundCollection, collect_secure, collect_updates
 from fedpeft.server.initial import InitialAdapter
 from fedpeft.server.messaging import EVALUATE, TRAIN, broadcast, payload_bytes
 from fedpeft.server.progress import ConsoleProgress
+from fedpeft.server.round_audit import mean_update_norm, round_audit_record
 from fedpeft.server.run_dir import MANIFEST_FILE, METRICS_FILE, SUMMARY_FILE, last_logged_round
 from fedpeft.server.state import ServerState, check_resumable, load_server_state, save_server_state
 from fedpeft.strategies import build_rule
@@ -51,6 +54,10 @@ class Federation:
         self.client_dp = ServerClientDp(cfg)
         self.site_epsilon: dict[str, float] = {}
         self.accuracy_by_round: list[float] = []
+        self.site_of_node: dict[int, str] = {}  # learnt from the sites' evaluation replies
+        self.audit = CoordinatorAudit(cfg, run_dir)
+        self.base_fingerprint = initial.base_fingerprint
+        self.pending_audit: dict[str, Any] | None = None
         self.last_site_accuracy: dict[str, float] = {}
         self.timeout = cfg.federation.round_timeout
 
@@ -58,14 +65,21 @@ class Federation:
         nodes = self.wait_for_sites()
         started = time.monotonic()
         first_round = self.resume()
+        self.audit.run_start(self.base_fingerprint, self.peft_config, None if first_round == 1 else first_round - 1)
         if first_round == 1:
             with self.progress.stage("round 0: evaluating the initial (untrained) adapter"):
                 initial = self.evaluate(nodes, 0)
+            self.pending_audit = {"round": 0, "initial_evaluation": True, "refusals": {},
+                                  "sites_evaluated": sorted(initial.site_accuracy),
+                                  "global_accuracy": initial.global_accuracy}
             self.complete_round(0, initial, {"round": 0, "seconds": time.monotonic() - started})
         for server_round in range(first_round, self.cfg.federation.rounds + 1):
             self.complete_round(server_round, *self.run_round(nodes, server_round))
         summary = self.summary(time.monotonic() - started)
         write_json_atomic(self.run_dir / SUMMARY_FILE, summary)
+        final = latest_adapter(self.run_dir)
+        self.audit.run_end(str(final) if final else None,
+                           file_digest(final / ADAPTER_WEIGHTS) if final else None, summary)
         return summary
 
     def resume(self) -> int:
@@ -89,6 +103,11 @@ class Federation:
     def complete_round(self, server_round: int, evaluation: Evaluation, record: dict[str, Any]) -> None:
         """Checkpoint first, then log: a crash in between is repaired by resume(), so no round is lost or doubled."""
         record = {**record, **_eval_fields(evaluation)}
+        if self.pending_audit is not None:  # the signed account first: it is the history of what happened
+            for site, reason in self.pending_audit["refusals"].items():
+                self.audit.refusal(server_round, site, reason)
+            self.audit.round(self.pending_audit)
+            self.pending_audit = None
         self.accuracy_by_round.append(evaluation.global_accuracy)
         self.last_site_accuracy = evaluation.site_accuracy
         save_server_state(self.run_dir, ServerState(
@@ -98,6 +117,9 @@ class Federation:
             last_record=record, config=self.cfg.to_flat()))
         append_jsonl(self.run_dir / METRICS_FILE, record)
         self.progress.round_done(record)
+
+    def site_name(self, node: int) -> str:
+        return self.site_of_node.get(node, f"node-{node}")
 
     def wait_for_sites(self) -> list[int]:
         wanted, deadline = self.cfg.federation.num_sites, time.monotonic() + self.timeout
@@ -122,7 +144,7 @@ class Federation:
         with self.progress.stage(f"round {server_round}: {len(sampled)} sites training"):
             got = self.train_round(sampled, server_round)
         aggregated = got.total.count >= self.cfg.federation.min_sites
-        client_epsilon = None
+        client_epsilon, update_norm, adapter_sha256 = None, None, None
         if aggregated:
             update_sum = dict(got.total.update_sum)
             rank_weight = update_sum.pop(RANK_WEIGHT, None)
@@ -130,9 +152,11 @@ class Federation:
             weight_sum = got.total.weight_sum
             if rank_weight is not None:  # heterogeneous ranks: each rank slice has its own weight
                 update_sum, weight_sum = rank_aware_mean({**update_sum, RANK_WEIGHT: rank_weight}, weight_sum), 1.0
+            update_norm = mean_update_norm(update_sum, weight_sum)
             self.global_state = self.rule.aggregate(self.global_state, update_sum, weight_sum)
-            save_global_adapter(self.run_dir, server_round, {**self.frozen_state, **self.global_state},
-                                self.peft_config)
+            saved = save_global_adapter(self.run_dir, server_round, {**self.frozen_state, **self.global_state},
+                                        self.peft_config)
+            adapter_sha256 = file_digest(saved / ADAPTER_WEIGHTS)
         else:
             self.progress.message(f"round {server_round}: only {got.total.count} usable updates (< "
                                   f"federation.min_sites = {self.cfg.federation.min_sites}); the global adapter "
@@ -140,6 +164,9 @@ class Federation:
         self.site_epsilon.update(got.site_epsilon)
         with self.progress.stage(f"round {server_round}: evaluating on {len(nodes)} sites"):
             evaluation = self.evaluate(nodes, server_round)
+        self.pending_audit = round_audit_record(
+            server_round, [self.site_name(n) for n in sampled], got, aggregated, self.cfg, update_norm,
+            client_epsilon, adapter_sha256, evaluation.global_accuracy, self.site_name)
         return evaluation, {
             "round": server_round, "seconds": time.monotonic() - started, "sites_sampled": len(sampled),
             "sites_returned": got.total.count, "failures": got.failures, "refusals": got.refusals,
@@ -188,6 +215,7 @@ class Federation:
         for reply in replies.ok:
             metrics = reply.content[wire.METRICS]
             examples = float(metrics[wire.NUM_EXAMPLES])
+            self.site_of_node[reply.metadata.src_node_id] = str(int(metrics[wire.PARTITION_ID]))
             site_accuracy[str(int(metrics[wire.PARTITION_ID]))] = float(metrics[wire.EVAL_ACCURACY])
             accuracies.append((float(metrics[wire.EVAL_ACCURACY]), examples))
             losses.append((float(metrics[wire.EVAL_LOSS]), examples))

@@ -10,6 +10,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedpeft import wire
+from fedpeft.audit.payload import payload_bytes  # noqa: F401  (re-exported: the server's code asks for it here)
 
 TRAIN = MessageType.TRAIN
 EVALUATE = MessageType.EVALUATE
@@ -57,9 +58,4 @@ def short_reason(reason: str, limit: int = 300) -> str:
     text = reason.rsplit(marker, 1)[-1] if marker in reason else reason
     text = " ".join(text.replace("\\n", " ").split()).strip(" '>")
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def payload_bytes(record: ArrayRecord) -> int:
-    """Bytes of the serialized tensors in a record, as they travel."""
-    return sum(len(array.data) for array in record.values())
 
