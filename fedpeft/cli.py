@@ -141,6 +141,8 @@ def _cmd_server(args: argparse.Namespace) -> int:
 
     cfg = _load_config(args.config, _parse_overrides(args.overrides))
     cfg = replace(cfg, run=replace(cfg.run, out_dir=str(Path(cfg.run.out_dir).expanduser().resolve())))
+    if not cfg.run.audit_key and (Path(args.pki) / "audit.key").is_file():  # the coordinator's own audit key
+        cfg = replace(cfg, run=replace(cfg.run, audit_key=str((Path(args.pki) / "audit.key").resolve())))
     settings = CoordinatorSettings(pki_dir=Path(args.pki), config=cfg, state_dir=Path(args.state_dir).resolve(),
                                    host=args.host, port=args.port, sites=tuple(args.site))
     status = Coordinator(settings).run()

@@ -22,8 +22,9 @@ from fedpeft.errors import CoordinatorUnreachable, DeployError
 
 _KEYS = {"name": str, "index": int, "coordinator": str, "root_certificates": str, "node_key": str,
          "data_path": str, "base_model": str, "ledger_path": str, "policy_file": str, "state_dir": str,
-         "local_port": int}
-_OPTIONAL = {"base_model": "", "policy_file": "", "state_dir": "agent-state", "local_port": 9094}
+         "local_port": int, "audit_log": str, "audit_key": str}
+_OPTIONAL = {"base_model": "", "policy_file": "", "state_dir": "agent-state", "local_port": 9094,
+             "audit_log": "audit.jsonl", "audit_key": "audit.key"}
 _ACTIVATION_FAILED = "Failed to activate SuperNode"
 # What Flower prints for each failure, and what it means for the site's IT team.
 _DIAGNOSES = (
@@ -49,6 +50,8 @@ class SiteSettings:
     policy_file: Path | None
     state_dir: Path
     local_port: int
+    audit_log: Path
+    audit_key: Path
 
 
 def load_site_settings(path: str | Path) -> SiteSettings:
@@ -82,7 +85,8 @@ def load_site_settings(path: str | Path) -> SiteSettings:
                         root_certificates=local("root_certificates"), node_key=local("node_key"),
                         data_path=local("data_path"), base_model=base, ledger_path=local("ledger_path"),
                         policy_file=local("policy_file") if values["policy_file"] else None,
-                        state_dir=local("state_dir"), local_port=values["local_port"])
+                        state_dir=local("state_dir"), local_port=values["local_port"],
+                        audit_log=local("audit_log"), audit_key=local("audit_key"))
 
 
 def check_site(site: SiteSettings, reach_coordinator: bool = True) -> tuple[str, int]:
@@ -106,7 +110,8 @@ def check_site(site: SiteSettings, reach_coordinator: bool = True) -> tuple[str,
 def node_config(site: SiteSettings) -> str:
     """Flower's --node-config string: what the ClientApp reads from context.node_config."""
     items = {wire.NODE_PARTITION_ID: site.index, wire.NODE_DATA_PATH: str(site.data_path),
-             wire.NODE_LEDGER_PATH: str(site.ledger_path)}
+             wire.NODE_LEDGER_PATH: str(site.ledger_path), wire.NODE_AUDIT_LOG: str(site.audit_log),
+             wire.NODE_AUDIT_KEY: str(site.audit_key)}
     if site.policy_file is not None:
         items[wire.NODE_POLICY_FILE] = str(site.policy_file)
     if site.base_model:

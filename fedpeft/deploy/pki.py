@@ -2,11 +2,13 @@
 
 Layout of a PKI directory:
     ca.pem, ca.key                  the federation's CA (the key stays with the coordinator's operators)
+    audit.key, audit.pub            the coordinator's Ed25519 audit-log key (audit.pub goes to auditors)
     server.pem, server.key          the coordinator's TLS certificate (SANs: the host names/IPs it serves) and key
     sites/<name>/                   one bundle per site, handed to that site's IT team:
         ca.pem                      to verify the coordinator
         node.key, node.pub          the site's node-authentication key pair (OpenSSH format, NIST P-384), as
                                     flower-supernode --auth-supernode-private-key and `flwr supernode register` expect
+        audit.key, audit.pub        the site's Ed25519 audit-log key
         site.toml                   the coordinator address and a template of the site's local settings
         policy.toml                 a starting point for the site's own privacy policy (the site edits and owns it)
 Private keys are written 0600 and never printed.
@@ -100,6 +102,7 @@ def init_pki(directory: str | Path, hosts: list[str]) -> Path:
     _write_private(directory / "ca.key", ca_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, plain))
     _write_private(directory / "server.key",
                    server_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, plain))
+    _new_audit_key(directory / "audit.key")
     return directory
 
 
@@ -116,11 +119,19 @@ def add_site(directory: str | Path, name: str, coordinator: str) -> SiteBundle:
                        f"`fedpeft pki rotate-site {name}`")
     bundle.mkdir(parents=True)
     _new_node_key(bundle)
+    _new_audit_key(bundle / "audit.key")
     (bundle / "ca.pem").write_bytes((directory / "ca.pem").read_bytes())
     index = _next_site_index(directory)
     (bundle / "site.toml").write_text(_site_template(name, index, coordinator), encoding="utf-8")
     (bundle / "policy.toml").write_text(POLICY_TEMPLATE, encoding="utf-8")
     return SiteBundle(bundle, bundle / "node.pub")
+
+
+def _new_audit_key(path: Path) -> None:
+    """The Ed25519 key that signs the writer's audit log (Flower's node keys must be EC, so it is a key of its own)."""
+    from fedpeft.audit.keys import generate_key, save_private_key
+
+    save_private_key(generate_key(), path)
 
 
 def _next_site_index(directory: Path) -> int:
@@ -192,6 +203,8 @@ base_model = ""                      # empty: the run's model; or this site's lo
 ledger_path = "privacy_ledger.jsonl"
 policy_file = "policy.toml"
 state_dir = "agent-state"            # the agent's working files (installed app, logs)
+audit_log = "audit.jsonl"            # the site's signed record of what left it (fedpeft audit verify)
+audit_key = "audit.key"              # the Ed25519 key that signs it; audit.pub goes to auditors
 local_port = 9094                    # local-only port between the agent's processes; change if taken
 """
 

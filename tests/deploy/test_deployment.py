@@ -76,8 +76,28 @@ def test_dp_secure_federation_survives_a_coordinator_restart_and_a_lost_site(tmp
     assert final.endswith("round-0002")
     model = PeftModel.from_pretrained(base, final)
     assert any("lora_" in name for name, _ in model.named_parameters())
+    _audit_logs_verify_and_agree(deployment)
     app_logs = "".join(p.read_text(errors="replace") for p in (tmp_path / "coordinator").glob("serverapp-*.log"))
     assert "resuming" in app_logs and "after round 1" in app_logs
+
+
+def _audit_logs_verify_and_agree(deployment) -> None:
+    """The coordinator's signed log verifies under the PKI's audit.pub, each site's under its own, and they agree."""
+    from fedpeft.audit.crosscheck import cross_check
+    from fedpeft.audit.keys import load_public_key
+    from fedpeft.audit.verify import verify_log
+
+    coordinator_log = deployment.run_dir / "audit" / "coordinator.jsonl"
+    coordinator_key = load_public_key(deployment.pki / "audit.pub")
+    verification = verify_log(coordinator_log, coordinator_key)
+    assert verification.intact, verification.summary()
+    kinds = [r["kind"] for r in verification.records]
+    assert kinds[0] == "run-start" and "run-resumed" in kinds and kinds[-1] == "run-end"
+    for site in deployment.sites:
+        bundle = deployment.pki / "sites" / site
+        result = cross_check(bundle / "audit.jsonl", coordinator_log, load_public_key(bundle / "audit.pub"),
+                             coordinator_key)
+        assert result.ok, result.summary()
 
 
 def _non_loopback_address() -> str | None:
