@@ -31,6 +31,11 @@ def test_int_is_accepted_where_a_float_is_expected():
 
 
 BAD_INPUTS = [
+    ({"peft": {"method": "ia3", "lora_mode": "ffa"}}, ["peft.lora_mode", "'ffa'", "peft.method = 'lora'"]),
+    ({"peft": {"method": "ia3", "use_dora": True}}, ["peft.use_dora", "LoRA options"]),
+    ({"peft": {"method": "ia3"}, "privacy": {"dp": True}}, ["privacy.dp", "IA3", "per-example gradients"]),
+    ({"peft": {"use_dora": True}, "privacy": {"dp": True}}, ["privacy.dp", "DoRA"]),
+    ({"peft": {"method": "adapter"}}, ["peft.method", "'adapter'", "'ia3'"]),
     ({"model": {"nme": "minilm"}}, ["model.nme", "known keys"]),
     ({"modle": {"name": "minilm"}}, ["[modle]", "known sections"]),
     ({"peft": {"r": -1}}, ["peft.r", "-1", "positive"]),

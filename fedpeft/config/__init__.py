@@ -22,7 +22,7 @@ from fedpeft.errors import ConfigError
 TASKS = ("classification", "causal-lm")
 QUANTIZATIONS = ("auto", "none", "nf4", "fp4", "int8")
 COMPUTE_DTYPES = ("fp32", "bf16")
-PEFT_METHODS = ("lora",)
+PEFT_METHODS = ("lora", "ia3")
 LORA_MODES = ("fedit", "ffa")
 PARTITIONERS = ("iid", "dirichlet", "column")
 WEIGHTINGS = ("num-examples", "uniform")
@@ -53,6 +53,8 @@ class PeftConfig:
     target_modules: tuple[str, ...] = ()  # empty: the architecture's default targets
     lora_mode: str = "fedit"  # fedit: train and average A and B; ffa: A frozen at a shared seeded init (FFA-LoRA)
     site_ranks: str = ""  # heterogeneous ranks, one per site ("4,8,8"), each <= r; "": every site uses r
+    use_dora: bool = False  # LoRA: weight-decomposed LoRA (DoRA): a trained magnitude vector per target too
+    use_rslora: bool = False  # LoRA: rank-stabilized scaling alpha / sqrt(r) instead of alpha / r
 
     def rank_list(self) -> list[int]:
         return [int(x) for x in self.site_ranks.split(",") if x.strip()] if self.site_ranks.strip() else []

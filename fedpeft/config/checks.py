@@ -64,6 +64,12 @@ def _peft_rules(cfg: RunConfig) -> list[Rule]:
          f"between 1 and peft.r ({cfg.peft.r}), for federation.num_sites ({cfg.federation.num_sites}) sites; "
          "not with peft.lora_mode = 'ffa' (a frozen A of another rank is another A)"),
         ("peft.r", cfg.peft.r, cfg.peft.r >= 1, "the LoRA rank must be a positive integer (e.g. 8)"),
+        ("peft.lora_mode", cfg.peft.lora_mode, cfg.peft.method == "lora" or cfg.peft.lora_mode == "fedit",
+         "lora_mode 'ffa' freezes LoRA's A matrices; use it with peft.method = 'lora'"),
+        ("peft.site_ranks", cfg.peft.site_ranks, cfg.peft.method == "lora" or not cfg.peft.site_ranks.strip(),
+         "per-site ranks are LoRA ranks; leave peft.site_ranks empty for other methods"),
+        ("peft.use_dora", cfg.peft.use_dora, cfg.peft.method == "lora" or not (cfg.peft.use_dora or cfg.peft.use_rslora),
+         "use_dora and use_rslora are LoRA options; use them with peft.method = 'lora'"),
         ("peft.alpha", cfg.peft.alpha, cfg.peft.alpha > 0, "use a positive scaling (commonly 2 x r)"),
         ("peft.dropout", cfg.peft.dropout, 0.0 <= cfg.peft.dropout < 1.0, "use a probability in [0, 1)"),
     ]
@@ -127,7 +133,14 @@ def _data_rules(cfg: RunConfig) -> list[Rule]:
 
 
 def _privacy_rules(cfg: RunConfig) -> list[Rule]:
+    # Opacus computes per-example gradients per module that owns and uses its parameters; IA3's scaling vectors
+    # (a ParameterDict used by its parent) and DoRA's magnitude module (called with keyword-only arguments) are
+    # neither, in every grad-sample mode (hooks, functorch, ghost): measured, see tests/config.
+    no_dp_yet = cfg.peft.method == "ia3" or cfg.peft.use_dora
     return [
+        ("privacy.dp", cfg.privacy.dp, not (cfg.privacy.dp and no_dp_yet),
+         "DP-SGD (Opacus) cannot compute per-example gradients for IA3's scaling vectors or DoRA's magnitudes; "
+         "with privacy.dp use peft.method = 'lora' (use_rslora is fine), or turn privacy.dp off"),
         ("privacy.noise_multiplier", cfg.privacy.noise_multiplier, cfg.privacy.noise_multiplier >= 0,
          "use 0 (derive from privacy.target_epsilon) or a positive noise multiplier"),
         ("privacy.target_epsilon", cfg.privacy.target_epsilon, cfg.privacy.target_epsilon > 0,

@@ -23,13 +23,24 @@ def get_adapter_state(model: Any) -> AdapterState:
 
 
 def trainable_adapter_names(model: Any) -> set[str]:
-    """Names (in peft's state-dict form) of the adapter tensors that train, i.e. that travel."""
+    """Names (in peft's state-dict form) of the adapter tensors that train, i.e. that travel.
+
+    Matched by storage, not by name: peft's state-dict names differ from the parameter paths in method-specific
+    ways (the adapter name inside or at the end of the path, DoRA's magnitude ``.weight`` dropped).
+    """
     from peft import get_peft_model_state_dict
 
-    # named_parameters() spells the adapter name into the path; the state dict does not.
-    trainable = {name.replace(".modules_to_save.default.", ".").replace(".default.", ".")
-                 for name, p in model.named_parameters() if p.requires_grad}
-    return {name for name in get_peft_model_state_dict(model) if name in trainable}
+    trainable = {p.data_ptr() for p in model.parameters() if p.requires_grad and p.numel()}
+    return {name for name, tensor in get_peft_model_state_dict(model).items()
+            if tensor.numel() and tensor.data_ptr() in trainable}
+
+
+def untravelled_trainable(model: Any) -> list[str]:
+    """Trainable parameters that peft's state dict does not carry (a method fedpeft could not federate)."""
+    from peft import get_peft_model_state_dict
+
+    carried = {t.data_ptr() for t in get_peft_model_state_dict(model).values() if t.numel()}
+    return [n for n, p in model.named_parameters() if p.requires_grad and p.numel() and p.data_ptr() not in carried]
 
 
 def get_wire_state(model: Any) -> AdapterState:

@@ -6,6 +6,7 @@ from typing import Any
 
 from fedpeft.config import PeftConfig
 from fedpeft.errors import ModelError
+from fedpeft.models.adapter_state import untravelled_trainable
 
 # LoRA on every linear layer of the block by default (QLoRA's finding: attention-only targets lose quality).
 DEFAULT_LORA_TARGETS: dict[str, tuple[str, ...]] = {
@@ -26,13 +27,24 @@ def lora_targets(model: Any, cfg: PeftConfig) -> list[str] | None:
 
 
 def build_peft_config(model: Any, cfg: PeftConfig, task: str) -> Any:
-    from peft import LoraConfig, TaskType
+    from peft import IA3Config, LoraConfig, TaskType
 
-    if cfg.method != "lora":
-        raise ModelError(f"peft.method = {cfg.method!r} is not supported yet; use 'lora'")
     task_type = TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM
-    return LoraConfig(task_type=task_type, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                      target_modules=lora_targets(model, cfg))
+    if cfg.method == "lora":
+        return LoraConfig(task_type=task_type, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                          target_modules=lora_targets(model, cfg), use_dora=cfg.use_dora, use_rslora=cfg.use_rslora)
+    if cfg.method == "ia3":
+        targets, feedforward = ia3_targets(model, cfg)
+        return IA3Config(task_type=task_type, target_modules=targets, feedforward_modules=feedforward)
+    raise ModelError(f"peft.method = {cfg.method!r} is not supported; use one of 'lora', 'ia3'")
+
+
+def ia3_targets(model: Any, cfg: PeftConfig) -> tuple[list[str] | None, list[str] | None]:
+    """IA3 scales keys, values and the feed-forward output; configured targets scale their outputs (none of them
+    feed-forward), else peft's per-architecture defaults."""
+    if cfg.target_modules:
+        return list(cfg.target_modules), []
+    return None, None
 
 
 def wrap_with_peft(model: Any, cfg: PeftConfig, task: str, seed: int = 0) -> Any:
@@ -56,6 +68,13 @@ def wrap_with_peft(model: Any, cfg: PeftConfig, task: str, seed: int = 0) -> Any
     train_heads_in_fp32(peft_model)
     if cfg.lora_mode == "ffa":
         freeze_lora_a(peft_model)
+    if cfg.method == "ia3":
+        keep_ia3_outputs_in_compute_dtype(peft_model)
+    missing = untravelled_trainable(peft_model)
+    if missing:  # they would train at every site and never be aggregated
+        raise ModelError(f"peft.method = {cfg.method!r}: {len(missing)} trainable tensors (e.g. {missing[:2]}) are "
+                         "not in peft's adapter state, so they could not travel; this method cannot be federated "
+                         "as configured")
     return peft_model
 
 
@@ -65,6 +84,24 @@ def freeze_lora_a(peft_model: Any) -> None:
     for name, param in peft_model.named_parameters():
         if ".lora_A." in name:
             param.requires_grad_(False)
+
+
+def keep_ia3_outputs_in_compute_dtype(peft_model: Any) -> None:
+    """IA3's fp32 scaling vectors would promote a bf16 base's keys and values to fp32 (attention then refuses mixed
+    dtypes); the scaled output goes back to the dtype the layer received."""
+    from peft.tuners.ia3.layer import IA3Layer
+
+    for module in peft_model.modules():
+        if isinstance(module, IA3Layer):
+            module.register_forward_hook(_output_like_input)
+
+
+def _output_like_input(module: Any, args: tuple[Any, ...], output: Any) -> Any:
+    first = args[0] if args else None
+    if hasattr(first, "dtype") and hasattr(output, "dtype") and output.dtype != first.dtype \
+            and first.is_floating_point():
+        return output.to(first.dtype)
+    return output
 
 
 def train_heads_in_fp32(peft_model: Any) -> None:
