@@ -146,6 +146,7 @@ class RunSection:
     out_dir: str = "runs"
     seed: int = 0
     audit_key: str = ""  # the coordinator's Ed25519 audit key (PEM); "": one is made in <run dir>/audit/
+    init_from: str = ""  # continual fine-tuning: start from an earlier run's adapter dir (runs/x/adapters/round-N)
 
 
 @dataclass(frozen=True)

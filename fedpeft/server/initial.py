@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fedpeft.audit.payload import model_fingerprint
 from fedpeft.config import RunConfig
 from fedpeft.data.sites import num_labels
-from fedpeft.models.adapter_state import AdapterState, get_adapter_state, get_wire_state
+from fedpeft.errors import ConfigError
+from fedpeft.models.adapter_state import (
+    AdapterState,
+    check_adapter_state,
+    get_adapter_state,
+    get_wire_state,
+)
 from fedpeft.models.loader import load_base_model
 from fedpeft.models.peft_model import wrap_with_peft
+from fedpeft.server.checkpoint import ADAPTER_WEIGHTS
 
 
 @dataclass(frozen=True)
@@ -28,4 +36,24 @@ def initial_adapter(cfg: RunConfig) -> InitialAdapter:
     model = wrap_with_peft(base, cfg.peft, cfg.model.task, cfg.run.seed)
     wire = get_wire_state(model)
     frozen = {name: t for name, t in get_adapter_state(model).items() if name not in wire}
+    if cfg.run.init_from:
+        wire = continued_from(cfg.run.init_from, wire, frozen)
     return InitialAdapter(wire, frozen, model.peft_config["default"], fingerprint)
+
+
+def continued_from(adapter_dir: str, wire: AdapterState, frozen: AdapterState) -> AdapterState:
+    """Continual federated fine-tuning: round 0 starts from an earlier run's global adapter (peft format)."""
+    import torch
+    from safetensors.torch import load_file
+
+    path = Path(adapter_dir).expanduser() / ADAPTER_WEIGHTS
+    if not path.is_file():
+        raise ConfigError(f"run.init_from = {adapter_dir!r}: no {ADAPTER_WEIGHTS} there; point it at an adapter "
+                          "directory of an earlier run, e.g. runs/NAME/adapters/round-0005")
+    saved = load_file(str(path))
+    check_adapter_state({**wire, **frozen}, saved, source=f"run.init_from adapter {path}")
+    for name, tensor in frozen.items():  # e.g. FFA-LoRA's A: sites rebuild it from run.seed, it cannot change
+        if not torch.equal(saved[name].float(), tensor):
+            raise ConfigError(f"run.init_from: the frozen tensor '{name}' differs from this run's (seeded) one; "
+                              "continue with the earlier run's run.seed and peft settings")
+    return {name: saved[name].float().contiguous() for name in wire}

@@ -41,3 +41,33 @@ def test_a_resumed_run_continues_after_its_last_round(tmp_path):
     assert state.global_state, "the global adapter is in the state"
     for name, tensor in state.global_state.items():  # the state's global adapter is the round-2 checkpoint
         assert torch.equal(saved[name], tensor), name
+
+
+def test_a_new_run_continues_from_an_earlier_runs_adapter(tmp_path):
+    """Continual federated fine-tuning: run 2's round 0 evaluates run 1's final adapter."""
+    import pytest as _pytest
+
+    from fedpeft.errors import AdapterMismatchError, ConfigError
+
+    cfg = from_mapping({
+        "model": {"name": "tiny-llama", "max_length": 32},
+        "peft": {"lora_mode": "ffa"},
+        "federation": {"rounds": 1, "num_sites": 2},
+        "data": {"synthetic_examples": 80},
+        "run": {"name": "first", "out_dir": str(tmp_path)},
+    })
+    first = simulate(cfg)
+    adapter = first.run_dir / "adapters" / "round-0001"
+    second = simulate(replace(cfg, run=replace(cfg.run, name="second", init_from=str(adapter))))
+    first_rounds = [json.loads(line) for line in (first.run_dir / METRICS_FILE).read_text().splitlines()]
+    second_rounds = [json.loads(line) for line in (second.run_dir / METRICS_FILE).read_text().splitlines()]
+    assert second_rounds[0]["global_eval_loss"] == _pytest.approx(first_rounds[1]["global_eval_loss"], rel=1e-5)
+
+    from fedpeft.server.initial import initial_adapter
+
+    with _pytest.raises(ConfigError, match="frozen tensor"):  # FFA's A comes from run.seed: it must not change
+        initial_adapter(replace(cfg, run=replace(cfg.run, seed=1, init_from=str(adapter))))
+    with _pytest.raises(AdapterMismatchError):
+        initial_adapter(replace(cfg, peft=replace(cfg.peft, r=4), run=replace(cfg.run, init_from=str(adapter))))
+    with _pytest.raises(ConfigError, match="no adapter_model.safetensors"):
+        initial_adapter(replace(cfg, run=replace(cfg.run, init_from=str(tmp_path))))
