@@ -33,6 +33,8 @@ def batch_loss(model: Any, batch: dict[str, Any], task: str) -> tuple[Any, int, 
     if task == "classification":
         loss = F.cross_entropy(logits.float(), labels)
         return loss, int((logits.argmax(-1) == labels).sum()), int(labels.numel())
+    if logits.shape[1] > labels.shape[1]:  # prompt / p-tuning prepend virtual tokens to the sequence
+        logits = logits[:, -labels.shape[1]:, :]
     logits, labels = logits[:, :-1, :].float(), labels[:, 1:]
     token_loss = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
     scored = labels != IGNORE_INDEX

@@ -22,7 +22,7 @@ from fedpeft.errors import ConfigError
 TASKS = ("classification", "causal-lm")
 QUANTIZATIONS = ("auto", "none", "nf4", "fp4", "int8")
 COMPUTE_DTYPES = ("fp32", "bf16")
-PEFT_METHODS = ("lora", "ia3")
+PEFT_METHODS = ("lora", "ia3", "prompt-tuning", "p-tuning", "prefix-tuning", "p-tuning-v2")
 LORA_MODES = ("fedit", "ffa")
 PARTITIONERS = ("iid", "dirichlet", "column")
 WEIGHTINGS = ("num-examples", "uniform")
@@ -55,6 +55,8 @@ class PeftConfig:
     site_ranks: str = ""  # heterogeneous ranks, one per site ("4,8,8"), each <= r; "": every site uses r
     use_dora: bool = False  # LoRA: weight-decomposed LoRA (DoRA): a trained magnitude vector per target too
     use_rslora: bool = False  # LoRA: rank-stabilized scaling alpha / sqrt(r) instead of alpha / r
+    virtual_tokens: int = 16  # prompt / p-tuning / prefix methods: learned tokens (per layer for prefix methods)
+    encoder_hidden_size: int = 0  # p-tuning / prefix-tuning reparameterization MLP width; 0: the model's hidden size
 
     def rank_list(self) -> list[int]:
         return [int(x) for x in self.site_ranks.split(",") if x.strip()] if self.site_ranks.strip() else []

@@ -64,6 +64,10 @@ def _peft_rules(cfg: RunConfig) -> list[Rule]:
          f"between 1 and peft.r ({cfg.peft.r}), for federation.num_sites ({cfg.federation.num_sites}) sites; "
          "not with peft.lora_mode = 'ffa' (a frozen A of another rank is another A)"),
         ("peft.r", cfg.peft.r, cfg.peft.r >= 1, "the LoRA rank must be a positive integer (e.g. 8)"),
+        ("peft.virtual_tokens", cfg.peft.virtual_tokens, cfg.peft.virtual_tokens >= 1,
+         "use a positive number of virtual tokens (e.g. 16)"),
+        ("peft.encoder_hidden_size", cfg.peft.encoder_hidden_size, cfg.peft.encoder_hidden_size >= 0,
+         "use 0 (the model's hidden size) or a positive width"),
         ("peft.lora_mode", cfg.peft.lora_mode, cfg.peft.method == "lora" or cfg.peft.lora_mode == "fedit",
          "lora_mode 'ffa' freezes LoRA's A matrices; use it with peft.method = 'lora'"),
         ("peft.site_ranks", cfg.peft.site_ranks, cfg.peft.method == "lora" or not cfg.peft.site_ranks.strip(),
@@ -137,10 +141,15 @@ def _privacy_rules(cfg: RunConfig) -> list[Rule]:
     # (a ParameterDict used by its parent) and DoRA's magnitude module (called with keyword-only arguments) are
     # neither, in every grad-sample mode (hooks, functorch, ghost): measured, see tests/config.
     no_dp_yet = cfg.peft.method == "ia3" or cfg.peft.use_dora
+    # Prompt and P-tuning with a classification head fail inside Opacus' per-example gradient of the head.
+    no_dp_cls = cfg.peft.method in ("prompt-tuning", "p-tuning") and cfg.model.task == "classification"
     return [
         ("privacy.dp", cfg.privacy.dp, not (cfg.privacy.dp and no_dp_yet),
          "DP-SGD (Opacus) cannot compute per-example gradients for IA3's scaling vectors or DoRA's magnitudes; "
          "with privacy.dp use peft.method = 'lora' (use_rslora is fine), or turn privacy.dp off"),
+        ("privacy.dp", cfg.privacy.dp, not (cfg.privacy.dp and no_dp_cls),
+         "DP-SGD (Opacus) fails on prompt-tuning / p-tuning with a classification head; with privacy.dp use "
+         "'prefix-tuning', 'p-tuning-v2' or 'lora' for classification (prompt methods work with DP for causal-lm)"),
         ("privacy.noise_multiplier", cfg.privacy.noise_multiplier, cfg.privacy.noise_multiplier >= 0,
          "use 0 (derive from privacy.target_epsilon) or a positive noise multiplier"),
         ("privacy.target_epsilon", cfg.privacy.target_epsilon, cfg.privacy.target_epsilon > 0,

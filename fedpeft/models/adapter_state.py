@@ -15,7 +15,20 @@ from fedpeft.errors import AdapterMismatchError
 AdapterState = dict[str, Any]  # name -> torch.Tensor (fp32, contiguous, on CPU)
 
 
+def is_prompt_learning(model: Any) -> bool:
+    """Prompt/prefix methods: peft saves their *computed* prompts, not the prompt encoder's trainable parameters."""
+    config = getattr(model, "peft_config", {}).get("default")
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
+def _trainable_parameters(model: Any) -> dict[str, Any]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad and p.numel()}
+
+
 def get_adapter_state(model: Any) -> AdapterState:
+    if is_prompt_learning(model):  # what trains is what travels: the encoder's parameters and the head
+        return {name: p.detach().to("cpu").float().contiguous().clone()
+                for name, p in _trainable_parameters(model).items()}
     from peft import get_peft_model_state_dict
 
     return {name: tensor.detach().to("cpu").float().contiguous().clone()
@@ -30,6 +43,8 @@ def trainable_adapter_names(model: Any) -> set[str]:
     """
     from peft import get_peft_model_state_dict
 
+    if is_prompt_learning(model):
+        return set(_trainable_parameters(model))
     trainable = {p.data_ptr() for p in model.parameters() if p.requires_grad and p.numel()}
     return {name for name, tensor in get_peft_model_state_dict(model).items()
             if tensor.numel() and tensor.data_ptr() in trainable}
@@ -39,6 +54,8 @@ def untravelled_trainable(model: Any) -> list[str]:
     """Trainable parameters that peft's state dict does not carry (a method fedpeft could not federate)."""
     from peft import get_peft_model_state_dict
 
+    if is_prompt_learning(model):
+        return []
     carried = {t.data_ptr() for t in get_peft_model_state_dict(model).values() if t.numel()}
     return [n for n, p in model.named_parameters() if p.requires_grad and p.numel() and p.data_ptr() not in carried]
 
@@ -71,6 +88,9 @@ def set_adapter_state(model: Any, state: Mapping[str, Any], source: str = "recei
     """Apply a full adapter state, or the wire state (its trainable part); anything else is refused."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
+    if is_prompt_learning(model):
+        _set_trainable_parameters(model, state, source)
+        return
     full = get_peft_model_state_dict(model)
     names = trainable_adapter_names(model)
     expected = full if set(state) == set(full) else {k: v for k, v in full.items() if k in names}
@@ -79,3 +99,22 @@ def set_adapter_state(model: Any, state: Mapping[str, Any], source: str = "recei
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise AdapterMismatchError(f"{source}: peft rejected {len(unexpected)} tensors, e.g. {unexpected[:2]}")
+
+
+def _set_trainable_parameters(model: Any, state: Mapping[str, Any], source: str) -> None:
+    import torch
+
+    parameters = _trainable_parameters(model)
+    check_adapter_state(parameters, state, source)
+    with torch.no_grad():
+        for name, tensor in state.items():
+            parameters[name].copy_(tensor.to(parameters[name].dtype))
+
+
+def saved_format(model: Any, state: Mapping[str, Any]) -> AdapterState:
+    """The adapter in peft's own save format (what ``PeftModel.from_pretrained`` loads), from the wire state."""
+    from peft import get_peft_model_state_dict
+
+    set_adapter_state(model, state, source="global adapter to save")
+    return {name: tensor.detach().to("cpu").contiguous().clone()
+            for name, tensor in get_peft_model_state_dict(model).items()}

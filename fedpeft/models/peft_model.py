@@ -36,7 +36,26 @@ def build_peft_config(model: Any, cfg: PeftConfig, task: str) -> Any:
     if cfg.method == "ia3":
         targets, feedforward = ia3_targets(model, cfg)
         return IA3Config(task_type=task_type, target_modules=targets, feedforward_modules=feedforward)
-    raise ModelError(f"peft.method = {cfg.method!r} is not supported; use one of 'lora', 'ia3'")
+    return prompt_learning_config(model, cfg, task_type)
+
+
+def prompt_learning_config(model: Any, cfg: PeftConfig, task_type: Any) -> Any:
+    """Prompt tuning (learned input embeddings), P-tuning (embeddings from a small MLP), prefix tuning (key/value
+    prefixes on every layer from an MLP, Li & Liang) and P-tuning v2 (the same prefixes learned directly)."""
+    from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
+
+    width = cfg.encoder_hidden_size or int(getattr(model.config, "hidden_size", 0)) or None
+    common = {"task_type": task_type, "num_virtual_tokens": cfg.virtual_tokens}
+    if cfg.method == "prompt-tuning":
+        return PromptTuningConfig(**common)
+    if cfg.method == "p-tuning":
+        return PromptEncoderConfig(**common, encoder_hidden_size=width)
+    if cfg.method == "prefix-tuning":
+        return PrefixTuningConfig(**common, prefix_projection=True, encoder_hidden_size=width)
+    if cfg.method == "p-tuning-v2":
+        return PrefixTuningConfig(**common, prefix_projection=False)
+    raise ModelError(f"peft.method = {cfg.method!r} is not supported; use one of 'lora', 'ia3', 'prompt-tuning', "
+                     "'p-tuning', 'prefix-tuning', 'p-tuning-v2'")
 
 
 def ia3_targets(model: Any, cfg: PeftConfig) -> tuple[list[str] | None, list[str] | None]:

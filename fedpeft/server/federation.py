@@ -47,7 +47,7 @@ class Federation:
         self.grid, self.cfg, self.run_dir = grid, cfg, run_dir
         self.global_state: AdapterState = dict(initial.wire)
         self.template = wire_template(initial.wire, hetero=bool(cfg.peft.site_ranks))  # one upload's shapes
-        self.frozen_state = initial.frozen
+        self.initial = initial
         self.peft_config = initial.peft_config
         self.progress = progress
         self.rule = build_rule(cfg.federation.aggregation, **cfg.strategy.rule_options())
@@ -154,7 +154,7 @@ class Federation:
                 update_sum, weight_sum = rank_aware_mean({**update_sum, RANK_WEIGHT: rank_weight}, weight_sum), 1.0
             update_norm = mean_update_norm(update_sum, weight_sum)
             self.global_state = self.rule.aggregate(self.global_state, update_sum, weight_sum)
-            saved = save_global_adapter(self.run_dir, server_round, {**self.frozen_state, **self.global_state},
+            saved = save_global_adapter(self.run_dir, server_round, self.initial.saved_format(self.global_state),
                                         self.peft_config)
             adapter_sha256 = file_digest(saved / ADAPTER_WEIGHTS)
         else:

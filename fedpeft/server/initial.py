@@ -15,6 +15,8 @@ from fedpeft.models.adapter_state import (
     check_adapter_state,
     get_adapter_state,
     get_wire_state,
+    is_prompt_learning,
+    saved_format,
 )
 from fedpeft.models.loader import load_base_model
 from fedpeft.models.peft_model import wrap_with_peft
@@ -27,6 +29,13 @@ class InitialAdapter:
     frozen: AdapterState  # adapter tensors that never train (FFA-LoRA's A): needed to save a loadable adapter
     peft_config: Any
     base_fingerprint: str = ""  # SHA-256 of the base model's weights, for the audit log
+    model: Any = None  # the server's peft model: turns the wire state into peft's save format
+
+    def saved_format(self, wire: AdapterState) -> AdapterState:
+        """What a checkpoint holds: peft's own format (computed prompts for prompt/prefix methods)."""
+        if self.model is not None:
+            return saved_format(self.model, wire)
+        return {**self.frozen, **wire}
 
 
 def initial_adapter(cfg: RunConfig) -> InitialAdapter:
@@ -38,7 +47,8 @@ def initial_adapter(cfg: RunConfig) -> InitialAdapter:
     frozen = {name: t for name, t in get_adapter_state(model).items() if name not in wire}
     if cfg.run.init_from:
         wire = continued_from(cfg.run.init_from, wire, frozen)
-    return InitialAdapter(wire, frozen, model.peft_config["default"], fingerprint)
+    keep = model if is_prompt_learning(model) else None  # LoRA/IA3 save as they travel: no model kept in memory
+    return InitialAdapter(wire, frozen, model.peft_config["default"], fingerprint, keep)
 
 
 def continued_from(adapter_dir: str, wire: AdapterState, frozen: AdapterState) -> AdapterState:

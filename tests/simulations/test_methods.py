@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedpeft.config import from_mapping
-from fedpeft.models.adapter_state import get_adapter_state, get_wire_state
+from fedpeft.models.adapter_state import get_wire_state
 from fedpeft.models.loader import load_base_model
 from fedpeft.models.peft_model import wrap_with_peft
 from fedpeft.server.run_dir import MANIFEST_FILE, METRICS_FILE
@@ -20,14 +20,19 @@ CASES = {  # method options, task
     "ia3": ({"method": "ia3"}, "causal-lm"),
     "dora": ({"method": "lora", "use_dora": True, "r": 4}, "classification"),
     "rslora": ({"method": "lora", "use_rslora": True, "r": 4}, "causal-lm"),
+    "prompt-tuning": ({"method": "prompt-tuning", "virtual_tokens": 4}, "causal-lm"),
+    "p-tuning": ({"method": "p-tuning", "virtual_tokens": 4}, "causal-lm"),
+    "prefix-tuning": ({"method": "prefix-tuning", "virtual_tokens": 4}, "causal-lm"),
+    "p-tuning-v2": ({"method": "p-tuning-v2", "virtual_tokens": 4}, "causal-lm"),
 }
+PROMPT_METHODS = ("prompt-tuning", "p-tuning", "prefix-tuning", "p-tuning-v2")
 
 
 def _config(tmp_path, name: str, peft: dict, task: str, **extra):
     sections = {
         "model": {"name": "tiny-llama", "task": task, "max_length": 32},
         "peft": peft,
-        "train": {"learning_rate": 0.02 if peft["method"] == "ia3" else 0.005, "local_epochs": 2, "batch_size": 16},
+        "train": {"learning_rate": _rate(peft["method"]), "local_epochs": 2, "batch_size": 16},
         "federation": {"rounds": 2, "num_sites": 3},
         "data": {"synthetic_examples": 180, "partitioner": "iid"},
         "run": {"name": name, "out_dir": str(tmp_path)},
@@ -35,6 +40,10 @@ def _config(tmp_path, name: str, peft: dict, task: str, **extra):
     for section, values in extra.items():
         sections.setdefault(section, {}).update(values)
     return from_mapping(sections)
+
+
+def _rate(method: str) -> float:
+    return 0.05 if method in PROMPT_METHODS else 0.02 if method == "ia3" else 0.005
 
 
 def _expected_wire(cfg) -> dict:
@@ -66,11 +75,23 @@ def test_method_federates_only_its_trainable_tensors(tmp_path, case):
     if case == "ia3":
         assert all("ia3_l" in name for name in expected) and values < 1000, "IA3 sends scaling vectors only"
 
+    if peft["method"] in PROMPT_METHODS:  # the encoder's parameters travel; checkpoints hold the computed prompts
+        assert any(name.startswith("prompt_encoder.") for name in expected)
+
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from fedpeft.server.initial import initial_adapter
+
     labels = 6 if task == "classification" else 0
     fresh, _ = load_base_model(cfg.model, labels)
-    loaded = get_adapter_state(PeftModel.from_pretrained(fresh, str(result.run_dir / "adapters" / "round-0002")))
-    assert set(expected) <= set(loaded)
-    assert any(not torch.equal(loaded[k], expected[k]) for k in expected), "training changed the global adapter"
+    saved_dir = result.run_dir / "adapters" / "round-0002"
+    saved = load_file(str(saved_dir / "adapter_model.safetensors"))
+    loaded = get_peft_model_state_dict(PeftModel.from_pretrained(fresh, str(saved_dir)))
+    assert set(loaded) == set(saved) and all(torch.equal(loaded[k].float(), saved[k].float()) for k in saved)
+    initial = initial_adapter(cfg)
+    untrained = initial.saved_format(initial.wire)
+    assert any(not torch.equal(saved[k].float(), untrained[k].float()) for k in saved), "training changed it"
 
 
 def test_ia3_with_secure_aggregation_and_dp_refused_when_the_run_is_built(tmp_path):
@@ -83,6 +104,18 @@ def test_ia3_with_secure_aggregation_and_dp_refused_when_the_run_is_built(tmp_pa
     rounds = [json.loads(line) for line in (result.run_dir / METRICS_FILE).read_text().splitlines()]
     assert all(r["sites_returned"] == 3 and r["aggregated"] and not r["failures"] for r in rounds[1:]), rounds
     assert rounds[2]["global_eval_loss"] < rounds[0]["global_eval_loss"]
-    for peft in ({"method": "ia3"}, {"method": "lora", "use_dora": True}):
-        with pytest.raises(ConfigError, match="privacy.dp.*per-example gradients"):
+    for peft in ({"method": "ia3"}, {"method": "lora", "use_dora": True}, {"method": "prompt-tuning"}):
+        with pytest.raises(ConfigError, match=r"privacy\.dp.*Opacus"):
             _config(tmp_path, "refused", peft, "classification", privacy={"dp": True})
+
+
+def test_a_prefix_method_with_dp_and_secure_aggregation(tmp_path):
+    from fedpeft.simulations.engine import simulate
+
+    cfg = _config(tmp_path, "ptv2-private", {"method": "p-tuning-v2", "virtual_tokens": 4}, "classification",
+                  federation={"secure_aggregation": True, "weighting": "uniform"},
+                  privacy={"dp": True, "target_epsilon": 8.0})
+    result = simulate(cfg)
+    rounds = [json.loads(line) for line in (result.run_dir / METRICS_FILE).read_text().splitlines()]
+    assert all(r["sites_returned"] == 3 and r["aggregated"] and not r["failures"] for r in rounds[1:]), rounds
+    assert all(0 < eps <= 8.0 + 1e-6 for eps in rounds[2]["site_epsilon"].values())
