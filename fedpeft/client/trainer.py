@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,14 +49,33 @@ def param_groups(model: Any, cfg: TrainConfig) -> list[dict[str, Any]]:
     """Adapter tensors at ``learning_rate``; a freshly initialised task head at ``head_learning_rate``.
 
     A new head starting from random weights must move much further than a low-rank delta on a pretrained block,
-    and Adam's step size bounds how far a weight moves per step, so it gets its own (higher) rate.
+    and Adam's step size bounds how far a weight moves per step, so it gets its own (higher) rate. With
+    ``layer_decay`` < 1 the tensors of block i of L train at ``learning_rate * layer_decay ** (L - 1 - i)``
+    (layered rates: the lower, more general blocks move least).
     """
-    head = [p for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" in n]
-    adapter = [p for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" not in n]
-    groups = [{"params": adapter, "lr": cfg.learning_rate}]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    head = [p for n, p in named if "modules_to_save" in n]
+    blocks = {n: block_index(n) for n, _ in named if "modules_to_save" not in n}
+    depth = max((i for i in blocks.values() if i is not None), default=-1) + 1
+    by_rate: dict[float, list[Any]] = {}
+    for name, param in named:
+        if name in blocks:
+            index = blocks[name]
+            decay = cfg.layer_decay ** (depth - 1 - index) if index is not None else 1.0
+            by_rate.setdefault(cfg.learning_rate * decay, []).append(param)
+    groups = [{"params": params, "lr": rate} for rate, params in sorted(by_rate.items(), reverse=True)]
     if head:
         groups.append({"params": head, "lr": cfg.head_learning_rate or cfg.learning_rate})
     return groups
+
+
+_BLOCK = re.compile(r"\.(?:layers|layer|h|blocks)\.(\d+)\.")
+
+
+def block_index(name: str) -> int | None:
+    """The transformer block a parameter belongs to (Llama ``layers.N``, BERT ``layer.N``, GPT-2 ``h.N``)."""
+    match = _BLOCK.search(name)
+    return int(match.group(1)) if match else None
 
 
 def train_local(model: Any, data: EncodedData, cfg: TrainConfig, task: str, seed: int,

@@ -69,6 +69,7 @@ class TrainConfig:
     batch_size: int = 16
     learning_rate: float = 1e-3
     head_learning_rate: float = 2e-2  # task head (classification); 0: same as learning_rate
+    layer_decay: float = 1.0  # layered rates: tensors in block i (of L) train at learning_rate * decay^(L-1-i)
     weight_decay: float = 0.0
     eval_batch_size: int = 64
 

@@ -87,6 +87,8 @@ def _train_rules(cfg: RunConfig) -> list[Rule]:
         ("train.eval_batch_size", cfg.train.eval_batch_size, cfg.train.eval_batch_size >= 1, "use a positive size"),
         ("train.learning_rate", cfg.train.learning_rate, 0 < cfg.train.learning_rate < 1,
          "use a positive rate below 1 (e.g. 1e-3 for LoRA)"),
+        ("train.layer_decay", cfg.train.layer_decay, 0 < cfg.train.layer_decay <= 1,
+         "use a factor in (0, 1]: 1 trains every block at learning_rate, 0.8 lowers each block below the top one"),
         ("train.head_learning_rate", cfg.train.head_learning_rate, 0 <= cfg.train.head_learning_rate < 1,
          "use 0 (same as train.learning_rate) or a positive rate below 1"),
         ("train.weight_decay", cfg.train.weight_decay, cfg.train.weight_decay >= 0, "use 0 or a positive decay"),

@@ -21,6 +21,23 @@ def test_head_and_adapter_get_their_configured_learning_rates():
     assert param_groups(model, TrainConfig(learning_rate=1e-3, head_learning_rate=0.0))[1]["lr"] == 1e-3
 
 
+def test_layered_rates_lower_each_block_below_the_one_above():
+    import pytest
+
+    from fedpeft.client.trainer import block_index
+
+    model, _ = _model()  # tiny-llama: 2 blocks
+    groups = param_groups(model, TrainConfig(learning_rate=1e-3, head_learning_rate=2e-2, layer_decay=0.5))
+    assert [g["lr"] for g in groups] == pytest.approx([1e-3, 5e-4, 2e-2])
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {block_index(names[id(p)]) for p in groups[0]["params"]} == {1}, "the top block keeps learning_rate"
+    assert {block_index(names[id(p)]) for p in groups[1]["params"]} == {0}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert sum(len(g["params"]) for g in groups) == len(trainable)
+    assert block_index("bert.encoder.layer.5.attention.self.query.lora_A.weight") == 5
+    assert block_index("base_model.score.weight") is None
+
+
 def test_local_training_fits_a_small_training_set():
     model, tokenizer = _model()
     texts = tuple(f"{w} ticket number {i}" for i, w in enumerate(["urgent", "routine"] * 16))
