@@ -165,7 +165,8 @@ def run_agent(site: SiteSettings, echo: Callable[[str], None] = print, attempts:
             time.sleep(_backoff(attempt))
             continue
         detail = meaning or f"exit code {code}"
-        raise DeployError(f"site '{site.name}': the agent stopped: {detail} (details in {site.state_dir / 'agent.log'})")
+        log = site.state_dir / "agent.log"
+        raise DeployError(f"site '{site.name}': the agent stopped: {detail} (details in {log})")
     return 1  # unreachable: the loop returns or raises
 
 

@@ -19,8 +19,15 @@ from typing import Any
 from fedpeft.config import RunConfig
 from fedpeft.deploy import preflight
 from fedpeft.deploy.app_dir import write_app_dir
+from fedpeft.deploy.processes import (
+    check_port_free,
+    flower_executable,
+    runtime_env,
+    start,
+    stop,
+    tail,
+)
 from fedpeft.deploy.superlink import GUARD_ANNOUNCEMENT
-from fedpeft.deploy.processes import check_port_free, flower_executable, runtime_env, start, stop, tail
 from fedpeft.errors import DeployError
 from fedpeft.io.atomic import write_json_atomic
 

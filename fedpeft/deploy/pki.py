@@ -162,7 +162,8 @@ def _new_node_key(bundle: Path) -> None:
 def _existing_bundle(directory: str | Path, name: str) -> Path:
     bundle = Path(directory) / "sites" / name
     if not SITE_NAME.match(name) or not (bundle / "node.pub").is_file():
-        raise PkiError(f"'{bundle}' is not a site bundle (no node.pub); list the sites with `ls {Path(directory)}/sites`")
+        raise PkiError(f"'{bundle}' is not a site bundle (no node.pub); list the sites with "
+                       f"`ls {Path(directory)}/sites`")
     return bundle
 
 

@@ -12,22 +12,36 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 
 from fedpeft import wire
+from fedpeft.audit.payload import file_digest
+from fedpeft.audit.trail import CoordinatorAudit
 from fedpeft.config import RunConfig
 from fedpeft.errors import FederationError, SecAggAbort
 from fedpeft.io.atomic import append_jsonl, write_json_atomic
 from fedpeft.models.adapter_state import AdapterState
 from fedpeft.secagg.server import SecAggRound
-from fedpeft.audit.payload import file_digest
-from fedpeft.audit.trail import CoordinatorAudit
-from fedpeft.server.checkpoint import ADAPTER_WEIGHTS, latest_adapter, save_global_adapter
+from fedpeft.server.checkpoint import (
+    ADAPTER_WEIGHTS,
+    latest_adapter,
+    save_global_adapter,
+)
 from fedpeft.server.client_dp import ServerClientDp
 from fedpeft.server.collect import RoundCollection, collect_secure, collect_updates
 from fedpeft.server.initial import InitialAdapter
 from fedpeft.server.messaging import EVALUATE, TRAIN, broadcast, payload_bytes
 from fedpeft.server.progress import ConsoleProgress
 from fedpeft.server.round_audit import mean_update_norm, round_audit_record
-from fedpeft.server.run_dir import MANIFEST_FILE, METRICS_FILE, SUMMARY_FILE, last_logged_round
-from fedpeft.server.state import ServerState, check_resumable, load_server_state, save_server_state
+from fedpeft.server.run_dir import (
+    MANIFEST_FILE,
+    METRICS_FILE,
+    SUMMARY_FILE,
+    last_logged_round,
+)
+from fedpeft.server.state import (
+    ServerState,
+    check_resumable,
+    load_server_state,
+    save_server_state,
+)
 from fedpeft.strategies import build_rule
 from fedpeft.strategies.hetero_rank import RANK_WEIGHT, rank_aware_mean, wire_template
 

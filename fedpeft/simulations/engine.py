@@ -44,7 +44,8 @@ def majority_baseline(splits: list[SiteSplit]) -> float | None:
     return sum(label == majority for label in held_out) / len(held_out)
 
 
-def simulate(cfg: RunConfig, verbose: bool = False, cpus_per_site: float = 1.0, resume: bool = False) -> SimulationResult:
+def simulate(cfg: RunConfig, verbose: bool = False, cpus_per_site: float = 1.0,
+             resume: bool = False) -> SimulationResult:
     """Run a federation; ``resume`` continues ``run.name`` after its last completed round instead of starting anew."""
     from flwr.simulation import run_simulation
 
