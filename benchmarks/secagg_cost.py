@@ -19,16 +19,30 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedpeft import wire
+from fedpeft.audit.payload import payload_bytes
 from fedpeft.config import SecAggConfig
-from fedpeft.secagg.client import handle_keys, handle_shares, handle_unmask, masked_upload
+from fedpeft.secagg.client import (
+    handle_keys,
+    handle_shares,
+    handle_unmask,
+    masked_upload,
+)
 from fedpeft.secagg.encoding import ring_encoding
 from fedpeft.secagg.server import SecAggRound
-from fedpeft.server.messaging import payload_bytes
 
 STAGES = {wire.SECAGG_KEYS: 1, wire.SECAGG_SHARES: 2, MessageType.TRAIN: 3, wire.SECAGG_UNMASK: 4}
 HANDLERS = {wire.SECAGG_KEYS: handle_keys, wire.SECAGG_SHARES: handle_shares, wire.SECAGG_UNMASK: handle_unmask}

@@ -137,8 +137,7 @@ class Coordinator:
                 book[name] = {"node-id": str(reply["node-id"]), "public-key": current}
             elif "already in use" not in reply.get("error-message", ""):
                 raise DeployError(f"registering site '{name}' ({public_key}) failed: {reply.get('error-message')}")
-            write_json_atomic(book_file, book)
-        write_json_atomic(book_file, book)
+            write_json_atomic(book_file, book)  # after each site: a crash keeps what was done
         return {name: entry["node-id"] for name, entry in book.items() if name in keys}
 
     def _unregister(self, name: str, entry: dict, why: str) -> None:

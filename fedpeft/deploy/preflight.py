@@ -236,6 +236,8 @@ def check_tls_endpoint(host: str, port: int, ca_path: str | Path, timeout: float
     context = ssl.create_default_context(cafile=str(Path(ca_path).expanduser().resolve()))
     context.set_alpn_protocols(["h2"])  # as a gRPC client does
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    unreachable = (f"check that the coordinator is running and that the firewall allows outbound connections to "
+                   f"port {port}")
     try:
         with (socket.create_connection((host, port), timeout=timeout) as sock,
               context.wrap_socket(sock, server_hostname=host)):
@@ -245,16 +247,12 @@ def check_tls_endpoint(host: str, port: int, ca_path: str | Path, timeout: float
         raise DeployError(f"the coordinator's certificate at {where} failed verification against '{ca_path}' "
                           f"({reason}); {_verification_fix(reason, host)}") from err
     except ConnectionRefusedError as err:
-        raise CoordinatorUnreachable(f"nothing listens at {where} (connection refused); check that the coordinator "
-                                     f"is running and that the firewall allows outbound connections to port {port}"
-                                     ) from err
+        raise CoordinatorUnreachable(f"nothing listens at {where} (connection refused); {unreachable}") from err
     except socket.gaierror as err:
         raise DeployError(f"the host name '{host}' cannot be resolved ({err.strerror or err}); check the coordinator "
                           f"address in site.toml and this machine's DNS settings") from err
     except TimeoutError as err:
-        raise CoordinatorUnreachable(f"no answer from {where} within {timeout:g} s; check that the coordinator is "
-                                     f"running and that the firewall allows outbound connections to port {port}"
-                                     ) from err
+        raise CoordinatorUnreachable(f"no answer from {where} within {timeout:g} s; {unreachable}") from err
     except ssl.SSLError as err:
         raise DeployError(f"the TLS handshake with {where} failed ({err.reason or err}); check that {where} is the "
                           f"coordinator's Fleet API and that it serves TLS") from err

@@ -37,9 +37,12 @@ def start(command: Sequence[str], log_file: Path, env: Mapping[str, str], cwd: P
           pipe: bool = False) -> subprocess.Popen:
     """Start ``command`` in its own process group (so that stop() also ends the processes it spawns)."""
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    out = subprocess.PIPE if pipe else log_file.open("ab")
-    return subprocess.Popen(list(command), stdout=out, stderr=subprocess.STDOUT, env=dict(env), cwd=cwd,
-                            start_new_session=True, text=pipe or None, preexec_fn=_end_with_parent)
+    if pipe:
+        return subprocess.Popen(list(command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(env),
+                                cwd=cwd, start_new_session=True, text=True, preexec_fn=_end_with_parent)
+    with log_file.open("ab") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(list(command), stdout=out, stderr=subprocess.STDOUT, env=dict(env), cwd=cwd,
+                                start_new_session=True, preexec_fn=_end_with_parent)
 
 
 def _end_with_parent() -> None:

@@ -15,6 +15,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedpeft import wire
+from fedpeft.audit.payload import payload_bytes
 from fedpeft.config import SecAggConfig
 from fedpeft.errors import SecAggAbort, SecAggError
 from fedpeft.secagg.client import MASK_INFO, SEED_BYTES, labels
@@ -23,7 +24,7 @@ from fedpeft.secagg.graph import default_degree, default_threshold, neighbours, 
 from fedpeft.secagg.keys import agree
 from fedpeft.secagg.masks import expand_mask, pairwise_mask
 from fedpeft.secagg.shamir import combine
-from fedpeft.server.messaging import Replies, exchange, payload_bytes
+from fedpeft.server.messaging import Replies, exchange
 
 MASK_KEY_BYTES = 32
 

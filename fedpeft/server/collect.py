@@ -6,10 +6,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedpeft import wire
-from fedpeft.audit.payload import payload_digest
+from fedpeft.audit.payload import payload_bytes, payload_digest
 from fedpeft.errors import FedpeftError
 from fedpeft.models.adapter_state import check_adapter_state
-from fedpeft.server.messaging import Replies, payload_bytes
+from fedpeft.server.messaging import Replies
 from fedpeft.strategies import WeightedSum
 
 

@@ -12,7 +12,7 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 
 from fedpeft import wire
-from fedpeft.audit.payload import file_digest
+from fedpeft.audit.payload import file_digest, payload_bytes
 from fedpeft.audit.trail import CoordinatorAudit
 from fedpeft.config import RunConfig
 from fedpeft.errors import FederationError, SecAggAbort
@@ -27,7 +27,7 @@ from fedpeft.server.checkpoint import (
 from fedpeft.server.client_dp import ServerClientDp
 from fedpeft.server.collect import RoundCollection, collect_secure, collect_updates
 from fedpeft.server.initial import InitialAdapter
-from fedpeft.server.messaging import EVALUATE, TRAIN, broadcast, payload_bytes
+from fedpeft.server.messaging import EVALUATE, TRAIN, broadcast
 from fedpeft.server.progress import ConsoleProgress
 from fedpeft.server.round_audit import mean_update_norm, round_audit_record
 from fedpeft.server.run_dir import (
@@ -70,8 +70,6 @@ class Federation:
         self.accuracy_by_round: list[float] = []
         self.site_of_node: dict[int, str] = {}  # learnt from the sites' evaluation replies
         self.audit = CoordinatorAudit(cfg, run_dir)
-        self.base_fingerprint = initial.base_fingerprint
-        self.pending_audit: dict[str, Any] | None = None
         self.last_site_accuracy: dict[str, float] = {}
         self.timeout = cfg.federation.round_timeout
 
@@ -79,21 +77,20 @@ class Federation:
         nodes = self.wait_for_sites()
         started = time.monotonic()
         first_round = self.resume()
-        self.audit.run_start(self.base_fingerprint, self.peft_config, None if first_round == 1 else first_round - 1)
+        resumed_after = None if first_round == 1 else first_round - 1
+        self.audit.run_start(self.initial.base_fingerprint, self.peft_config, resumed_after)
         if first_round == 1:
             with self.progress.stage("round 0: evaluating the initial (untrained) adapter"):
                 initial = self.evaluate(nodes, 0)
-            self.pending_audit = {"round": 0, "initial_evaluation": True, "refusals": {},
-                                  "sites_evaluated": sorted(initial.site_accuracy),
-                                  "global_accuracy": initial.global_accuracy}
-            self.complete_round(0, initial, {"round": 0, "seconds": time.monotonic() - started})
+            audit = {"round": 0, "initial_evaluation": True, "refusals": {},
+                     "sites_evaluated": sorted(initial.site_accuracy), "global_accuracy": initial.global_accuracy}
+            self.complete_round(0, initial, {"round": 0, "seconds": time.monotonic() - started}, audit)
         for server_round in range(first_round, self.cfg.federation.rounds + 1):
             self.complete_round(server_round, *self.run_round(nodes, server_round))
         summary = self.summary(time.monotonic() - started)
         write_json_atomic(self.run_dir / SUMMARY_FILE, summary)
-        final = latest_adapter(self.run_dir)
-        self.audit.run_end(str(final) if final else None,
-                           file_digest(final / ADAPTER_WEIGHTS) if final else None, summary)
+        final = summary["final_adapter"]
+        self.audit.run_end(final, file_digest(Path(final) / ADAPTER_WEIGHTS) if final else None, summary)
         return summary
 
     def resume(self) -> int:
@@ -114,14 +111,14 @@ class Federation:
                               "nothing before it is run again")
         return state.completed_round + 1
 
-    def complete_round(self, server_round: int, evaluation: Evaluation, record: dict[str, Any]) -> None:
-        """Checkpoint first, then log: a crash in between is repaired by resume(), so no round is lost or doubled."""
+    def complete_round(self, server_round: int, evaluation: Evaluation, record: dict[str, Any],
+                       audit: dict[str, Any]) -> None:
+        """The signed account first (it is the history of what happened), then the checkpoint, then the metrics
+        line: a crash between the last two is repaired by resume(), so no round is lost or doubled."""
         record = {**record, **_eval_fields(evaluation)}
-        if self.pending_audit is not None:  # the signed account first: it is the history of what happened
-            for site, reason in self.pending_audit["refusals"].items():
-                self.audit.refusal(server_round, site, reason)
-            self.audit.round(self.pending_audit)
-            self.pending_audit = None
+        for site, reason in audit["refusals"].items():
+            self.audit.refusal(server_round, site, reason)
+        self.audit.round(audit)
         self.accuracy_by_round.append(evaluation.global_accuracy)
         self.last_site_accuracy = evaluation.site_accuracy
         save_server_state(self.run_dir, ServerState(
@@ -152,7 +149,8 @@ class Federation:
         count = max(self.cfg.federation.min_sites, round(self.cfg.federation.fraction_train * len(nodes)))
         return sorted(random.Random(self.cfg.run.seed * 7919 + server_round).sample(nodes, min(count, len(nodes))))
 
-    def run_round(self, nodes: list[int], server_round: int) -> tuple[Evaluation, dict[str, Any]]:
+    def run_round(self, nodes: list[int], server_round: int) -> tuple[Evaluation, dict[str, Any], dict[str, Any]]:
+        """Returns the evaluation, the metrics record and the audit record of the round."""
         started = time.monotonic()
         sampled = self.sample(nodes, server_round)
         with self.progress.stage(f"round {server_round}: {len(sampled)} sites training"):
@@ -178,7 +176,7 @@ class Federation:
         self.site_epsilon.update(got.site_epsilon)
         with self.progress.stage(f"round {server_round}: evaluating on {len(nodes)} sites"):
             evaluation = self.evaluate(nodes, server_round)
-        self.pending_audit = round_audit_record(
+        audit = round_audit_record(
             server_round, [self.site_name(n) for n in sampled], got, aggregated, self.cfg, update_norm,
             client_epsilon, adapter_sha256, evaluation.global_accuracy, self.site_name)
         return evaluation, {
@@ -186,7 +184,7 @@ class Federation:
             "sites_returned": got.total.count, "failures": got.failures, "refusals": got.refusals,
             "site_epsilon": got.site_epsilon, "client_dp_epsilon": client_epsilon,
             "train_loss": _weighted_mean(got.losses),
-            "bytes_per_client": sum(got.sizes) / len(got.sizes) if got.sizes else 0, "aggregated": aggregated}
+            "bytes_per_client": sum(got.sizes) / len(got.sizes) if got.sizes else 0, "aggregated": aggregated}, audit
 
     def train_round(self, sampled: list[int], server_round: int) -> RoundCollection:
         if self.cfg.federation.secure_aggregation:

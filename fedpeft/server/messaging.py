@@ -10,7 +10,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedpeft import wire
-from fedpeft.audit.payload import payload_bytes  # noqa: F401  (re-exported: the server's code asks for it here)
 
 TRAIN = MessageType.TRAIN
 EVALUATE = MessageType.EVALUATE
