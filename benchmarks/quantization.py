@@ -2,7 +2,8 @@
 
 Prints a table and ends with one summary line of the key ratios, all measured in this run.
     python benchmarks/quantization.py                 # small Llama (hidden 512, 4 layers), CPU
-    python benchmarks/quantization.py --hidden 2048 --layers 22 --device cuda   # ~1.1B on a GPU
+    python benchmarks/quantization.py --hidden 2048 --layers 22 --vocab 32000 --batch 8 --seq 256 --device cuda  # 1.2B
+A setting ending in "+gc" trains with gradient checkpointing (e.g. --settings bf16,nf4-bf16,bf16+gc,nf4-bf16+gc).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 def build(path: str, setting: str, device: str) -> LlamaForCausalLM:
     """fp32 / bf16: the unquantized base in that dtype. nf4-*: fedpeft's own loading arguments for the base."""
     dmap = {"": 0} if device == "cuda" else {"": "cpu"}
+    setting = setting.removesuffix("+gc")
     if setting in ("fp32", "bf16"):
         dtype = torch.float32 if setting == "fp32" else torch.bfloat16
         return LlamaForCausalLM.from_pretrained(path, dtype=dtype, device_map=dmap)
@@ -100,6 +102,8 @@ def run_one(args: argparse.Namespace) -> dict:
     """Measure one setting in this (fresh) process."""
     args.baseline_rss = _proc_status_kib("VmRSS") * 1024
     model = build(args.path, args.one, args.device)
+    if args.one.endswith("+gc"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     size = linear_weight_bytes(model)
     step, peak = peak_training_bytes(model, args)
     return {"setting": args.one, "bytes": size, "step": step, "peak": peak}
@@ -107,7 +111,7 @@ def run_one(args: argparse.Namespace) -> dict:
 
 def llama_config(args: argparse.Namespace) -> LlamaConfig:
     heads = max(args.hidden // 64, 1)
-    return LlamaConfig(vocab_size=1000, hidden_size=args.hidden, intermediate_size=int(args.hidden * 2.75),
+    return LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=int(args.hidden * 2.75),
                        num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=heads)
 
 
@@ -116,7 +120,8 @@ def run_all(args: argparse.Namespace, argv: list[str]) -> dict[str, dict]:
     rows = {}
     with tempfile.TemporaryDirectory() as path:
         torch.manual_seed(0)
-        LlamaForCausalLM(llama_config(args)).save_pretrained(path)
+        with torch.device(args.device):  # random init of a 1B model is minutes on a CPU, a second on a GPU
+            LlamaForCausalLM(llama_config(args)).save_pretrained(path)
         for setting in args.settings.split(","):
             proc = subprocess.run([sys.executable, __file__, *argv, "--one", setting, "--path", path],
                                   capture_output=True, text=True, check=False)
@@ -130,6 +135,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--steps", type=int, default=7)
@@ -143,19 +149,26 @@ def main() -> None:
         print(json.dumps(run_one(args)))
         return
     rows = run_all(args, argv)
-    print(f"{'setting':<10} {'linear weight bytes':>20} {'median step (s)':>16} {'peak train MiB':>15}")
+    tokens = args.batch * args.seq
+    print(f"{'setting':<12} {'linear weight bytes':>20} {'median step (s)':>16} {'tokens/s':>10} {'peak train MiB':>15}")
     for setting, row in rows.items():
-        print(f"{setting:<10} {row['bytes']:>20,} {row['step']:>16.3f} {row['peak'] / 2**20:>15.1f}")
+        print(f"{setting:<12} {row['bytes']:>20,} {row['step']:>16.3f} {tokens / row['step']:>10,.0f} "
+              f"{row['peak'] / 2**20:>15.1f}")
     print(summary_line(rows))
 
 
 def summary_line(rows: dict[str, dict]) -> str:
     parts = []
-    if {"bf16", "nf4-fp32"} <= rows.keys():
-        parts.append(f"nf4 weights {rows['nf4-fp32']['bytes'] / rows['bf16']['bytes']:.2f}x bf16 bytes")
+    nf4 = next((row for name, row in rows.items() if name.startswith("nf4")), None)
+    if nf4 is not None and "bf16" in rows:
+        parts.append(f"nf4 weights {nf4['bytes'] / rows['bf16']['bytes']:.2f}x bf16 bytes")
     if {"bf16", "nf4-bf16"} <= rows.keys():
         parts.append(f"nf4-bf16 peak {rows['nf4-bf16']['peak'] / rows['bf16']['peak']:.2f}x bf16 LoRA peak, "
                      f"step {rows['nf4-bf16']['step'] / rows['bf16']['step']:.2f}x bf16")
+    if {"bf16+gc", "nf4-bf16+gc"} <= rows.keys():
+        parts.append(f"with gradient checkpointing nf4-bf16 peak "
+                     f"{rows['nf4-bf16+gc']['peak'] / rows['bf16+gc']['peak']:.2f}x bf16 LoRA peak, "
+                     f"step {rows['nf4-bf16+gc']['step'] / rows['bf16+gc']['step']:.2f}x bf16")
     if {"fp32", "nf4-fp32"} <= rows.keys():
         parts.append(f"nf4-fp32 step {rows['nf4-fp32']['step'] / rows['fp32']['step']:.2f}x fp32")
     return "summary: " + "; ".join(parts)

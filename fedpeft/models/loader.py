@@ -8,7 +8,7 @@ from typing import Any
 from fedpeft.config import ModelConfig
 from fedpeft.errors import ModelError
 from fedpeft.models.builtin import BUILTIN_MODELS, build_tiny_llama, minilm_path
-from fedpeft.models.quantization import guard_cpu_4bit, load_kwargs, quantize_built_model
+from fedpeft.models.quantization import compute_device, guard_cpu_4bit, load_kwargs, quantize_built_model
 
 BASE_SEED = 1234  # fixed so that every process builds the identical random-init parts (tiny model, fresh heads)
 
@@ -37,6 +37,8 @@ def load_base_model(cfg: ModelConfig, num_labels: int) -> tuple[Any, Any]:
             model = quantize_built_model(model, quantization)
     else:
         model, tokenizer = _load_pretrained(resolve_model_path(cfg.name), cfg.task, num_labels, quantization)
+    if not quantization:
+        model = model.to(compute_device())  # a quantized base is placed by its device_map already
     guard_cpu_4bit(model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

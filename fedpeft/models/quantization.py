@@ -61,10 +61,15 @@ def load_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     return kwargs
 
 
-def device_map() -> dict[str, Any]:
+def compute_device() -> str:
+    """cuda when this process sees a GPU (hide it with CUDA_VISIBLE_DEVICES="" to train on the CPU), else cpu."""
     import torch
 
-    return {"": 0} if torch.cuda.is_available() else {"": "cpu"}
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_map() -> dict[str, Any]:
+    return {"": 0} if compute_device() == "cuda" else {"": "cpu"}
 
 
 def guard_cpu_4bit(model: Any) -> int:

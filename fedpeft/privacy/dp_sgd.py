@@ -7,13 +7,12 @@ Accounting is not done here: the site's ledger composes every release (``fedpeft
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
 from fedpeft.client.batches import IGNORE_INDEX, EncodedData, trim_batch
-from fedpeft.client.trainer import TrainResult, batch_loss, param_groups
+from fedpeft.client.trainer import TrainResult, batch_loss, mean_loss, on_model_device, param_groups
 from fedpeft.config import TrainConfig
 from fedpeft.privacy.accounting import planned_steps
 
@@ -26,17 +25,14 @@ class DpSettings:
 
 
 def resolve_grad_sample_mode(mode: str) -> str:
-    """``auto``: per-sample gradients through hooks on CPU, ghost clipping on CUDA.
+    """``auto``: per-sample gradients through Opacus' hooks, on every device (with fedpeft's fused optimizer step).
 
-    Measured: on the 2-core CPU hooks were the cheapest mode (1.11-1.12x a plain step for MiniLM LoRA at batch 32;
-    functorch 1.22x; ghost 1.4-2.0x in the stack measurements); on an H100, ghost clipping cut peak memory by 15 %
-    at equal speed, because it never materialises per-sample gradients.
+    Measured (benchmarks/RESULTS.md): on the 2-core CPU hooks were the cheapest mode for MiniLM LoRA at batch 32
+    (1.02-1.12x a plain step; functorch 1.09-1.23x; ghost 1.37x); on an H100 with a 1.26B NF4 Llama + LoRA r=16,
+    hooks took 1.35x / 1.56x / 2.47x a plain step at batch 32 / 16 / 8 x 256 tokens, ghost clipping 2.10x / 2.65x /
+    2.66x, functorch 3.88x (batch 8); ghost also peaked 50 MiB higher, since LoRA's per-sample gradients are small.
     """
-    if mode != "auto":
-        return mode
-    import torch
-
-    return "ghost" if torch.cuda.is_available() else "hooks"
+    return "hooks" if mode == "auto" else mode
 
 
 @dataclass(frozen=True)
@@ -59,7 +55,7 @@ def train_private(model: Any, data: EncodedData, cfg: TrainConfig, task: str, se
         losses = _run_steps(private, task, budget)
     finally:
         private.module._close()  # remove hooks and per-sample buffers: the cached model is reused by other sites
-    mean = sum(losses) / len(losses) if losses else math.nan
+    mean = mean_loss(losses)
     return DpTrainResult(TrainResult(mean, budget, len(data)), budget, rate)
 
 
@@ -90,13 +86,17 @@ def make_private(model: Any, optimizer: Any, data: EncodedData, batch_size: int,
     if mode == "ghost":
         module, optimizer, criterion, loader = parts
         return Private(module, optimizer, loader, criterion)
-    return Private(*parts)
+    from fedpeft.privacy.fused_optimizer import fuse
+
+    module, optimizer, loader = parts
+    return Private(module, fuse(optimizer), loader)
 
 
 def private_loss(private: Private, batch: dict[str, Any], task: str) -> Any:
     """The batch loss whose backward yields clipped per-example gradients (one sequence = one example)."""
     if private.criterion is None:
         return batch_loss(private.module, batch, task)[0]
+    batch = on_model_device(batch, private.module)
     logits = private.module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
     labels = batch["labels"]
     if task == "classification":
@@ -105,10 +105,10 @@ def private_loss(private: Private, batch: dict[str, Any], task: str) -> Any:
     return private.criterion(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), shape=logits.shape)
 
 
-def _run_steps(private: Private, task: str, budget: int) -> list[float]:
+def _run_steps(private: Private, task: str, budget: int) -> list[Any]:
     """Exactly ``budget`` noisy steps (an empty Poisson batch still takes one: skipping it would leak that)."""
     private.module.train()
-    losses: list[float] = []
+    losses: list[Any] = []
     steps = 0
     while steps < budget:
         for input_ids, attention_mask, labels in private.loader:
@@ -118,7 +118,7 @@ def _run_steps(private: Private, task: str, budget: int) -> list[float]:
             else:
                 loss = private_loss(private, trim_batch(input_ids, attention_mask, labels), task)
                 loss.backward()
-                losses.append(float(loss.detach().mean()) if private.criterion is not None else float(loss.detach()))
+                losses.append(loss.detach().mean())  # ghost clipping's loss is per sample
             private.optimizer.step()
             steps += 1
             if steps >= budget:
@@ -133,6 +133,6 @@ def _empty_gradients(private: Private) -> None:
     for param in private.module.parameters():
         if param.requires_grad:
             if private.criterion is None:
-                param.grad_sample = torch.zeros((0, *param.shape), dtype=param.dtype)
+                param.grad_sample = torch.zeros((0, *param.shape), dtype=param.dtype, device=param.device)
             else:
                 param.grad = torch.zeros_like(param)

@@ -40,7 +40,7 @@ def test_export_merge_writes_a_full_precision_model_equal_to_base_plus_adapter(t
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
     base, _ = load_base_model(from_mapping({"model": {"name": "tiny-llama", "task": "causal-lm",
                                                       "quantization": "none"}}).model, 0)
-    unmerged = PeftModel.from_pretrained(base, str(run_dir / "adapters" / "round-0001"))
+    unmerged = PeftModel.from_pretrained(base, str(run_dir / "adapters" / "round-0001")).to("cpu")
     ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 102]])
     merged.eval(), unmerged.eval()
     with torch.no_grad():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fedpeft.client.batches import encode_prompt_response, iterate_batches
-from fedpeft.client.trainer import batch_loss, evaluate, train_local
+from fedpeft.client.trainer import batch_loss, evaluate, on_model_device, train_local
 from fedpeft.config import ModelConfig, PeftConfig, TrainConfig
 from fedpeft.models.adapter_state import get_adapter_state, set_adapter_state
 from fedpeft.models.loader import load_base_model
@@ -48,7 +48,7 @@ def test_nf4_linear_layers_are_4bit_and_logits_stay_close_to_fp32():
     full, _ = load_base_model(FP32, 0)
     assert sum(isinstance(m, bnb.nn.Linear4bit) for m in quantized.modules()) == 14  # 7 projections x 2 layers
     assert not isinstance(quantized.lm_head, bnb.nn.Linear4bit)
-    _, batch = _batch(tokenizer)
+    batch = on_model_device(_batch(tokenizer)[1], quantized)  # cuda:0 where there is a GPU
     with torch.no_grad():
         a = quantized(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         b = full(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -115,7 +115,7 @@ def test_int8_base_runs_close_to_fp32_and_trains_the_adapter():
     quantized, tokenizer = load_base_model(ModelConfig(name="tiny-llama", task="causal-lm", quantization="int8"), 0)
     full, _ = load_base_model(FP32, 0)
     assert sum(isinstance(m, bnb.nn.Linear8bitLt) for m in quantized.modules()) == 14
-    _, batch = _batch(tokenizer)
+    batch = on_model_device(_batch(tokenizer)[1], quantized)
     with torch.no_grad():
         a = quantized(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         b = full(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

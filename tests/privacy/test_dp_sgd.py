@@ -119,7 +119,7 @@ def test_ghost_clipping_takes_the_same_clipped_step_as_per_sample_hooks(task):
 
 
 def test_auto_mode_is_hooks_on_cpu():
-    assert resolve_grad_sample_mode("auto") == ("ghost" if torch.cuda.is_available() else "hooks")
+    assert resolve_grad_sample_mode("auto") == "hooks"  # fastest measured on CPU and on an H100
     assert resolve_grad_sample_mode("functorch") == "functorch"
 
 
