@@ -23,6 +23,7 @@ from fedpeft.config import ModelConfig, PeftConfig
 from fedpeft.data.synthetic import make_support_tickets
 from fedpeft.models.loader import load_base_model
 from fedpeft.models.peft_model import wrap_with_peft
+from fedpeft.models.precision import bf16_autocast
 from fedpeft.models.quantization import compute_device, guard_cpu_4bit, load_kwargs
 from fedpeft.privacy.dp_sgd import DpSettings, make_private, private_loss
 
@@ -91,24 +92,22 @@ def peak_mib() -> float:
     return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else float("nan")
 
 
-def timed_steps(private, batch, steps: int, task: str) -> list[float]:
+def timed_steps(private, batch, steps: int, task: str, autocast: bool = False) -> list[float]:
     """``private``: a fedpeft Private (DP), or a (model, optimizer) pair (no DP)."""
+    model, optimizer = private if isinstance(private, tuple) else (private.module, private.optimizer)
     times = []
-    for _ in range(steps + 2):
-        start = time.perf_counter()
-        if isinstance(private, tuple):
-            model, optimizer = private
+    with bf16_autocast(model, autocast) as forward_precision:
+        for _ in range(steps + 2):
+            start = time.perf_counter()
             model.train()
             optimizer.zero_grad(set_to_none=True)
-            batch_loss(model, batch, task)[0].backward()
-        else:
-            optimizer = private.optimizer
-            private.module.train()
-            optimizer.zero_grad(set_to_none=True)
-            private_loss(private, batch, task).backward()
-        optimizer.step()
-        synchronize()
-        times.append(time.perf_counter() - start)
+            with forward_precision():
+                loss = batch_loss(model, batch, task)[0] if isinstance(private, tuple) else \
+                    private_loss(private, batch, task)
+            loss.backward()
+            optimizer.step()
+            synchronize()
+            times.append(time.perf_counter() - start)
     return times[2:]
 
 
@@ -122,6 +121,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--steps", type=int, default=9)
     parser.add_argument("--modes", default="hooks,functorch,ghost")
+    parser.add_argument("--autocast", action="store_true", help="forward passes under bf16 autocast (train.autocast)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args.task = "causal-lm" if args.llama else "classification"
@@ -131,6 +131,7 @@ def main() -> None:
             save_llama(args, path)
         rows, trainable = measure(args)
     describe = f"Llama {args.llama} {args.quantization}" if args.llama else args.model
+    describe += ", bf16 autocast" if args.autocast else ""
     print(f"model {describe}, {trainable:,} trainable values, batch {args.batch} x {args.seq} tokens, "
           f"device {compute_device()}, torch threads {torch.get_num_threads()}")
     print(f"{'setting':<14} {'median step (s)':>16} {'vs no DP':>9} {'peak MiB':>10}")
@@ -149,7 +150,7 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, tuple[float, float]], i
     trainable = sum(p.numel() for p in params)
     reset_peak()
     plain = (model, torch.optim.AdamW(params, lr=1e-3))
-    rows = {"no DP": (statistics.median(timed_steps(plain, batch, args.steps, args.task)), peak_mib())}
+    rows = {"no DP": (statistics.median(timed_steps(plain, batch, args.steps, args.task, args.autocast)), peak_mib())}
     del model, plain, params
     for mode in args.modes.split(","):
         model, _ = fresh_model(args)
@@ -157,7 +158,8 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, tuple[float, float]], i
         private = make_private(model, optimizer, encoded, args.batch, DpSettings(1.0, 1.0, mode),
                                poisson_sampling=False)
         reset_peak()
-        rows[f"DP {mode}"] = (statistics.median(timed_steps(private, batch, args.steps, args.task)), peak_mib())
+        times = timed_steps(private, batch, args.steps, args.task, args.autocast)
+        rows[f"DP {mode}"] = (statistics.median(times), peak_mib())
         private.module._close()
         del model, optimizer, private
     return rows, trainable

@@ -3,7 +3,8 @@
 Prints a table and ends with one summary line of the key ratios, all measured in this run.
     python benchmarks/quantization.py                 # small Llama (hidden 512, 4 layers), CPU
     python benchmarks/quantization.py --hidden 2048 --layers 22 --vocab 32000 --batch 8 --seq 256 --device cuda  # 1.2B
-A setting ending in "+gc" trains with gradient checkpointing (e.g. --settings bf16,nf4-bf16,bf16+gc,nf4-bf16+gc).
+A setting ending in "+gc" trains with gradient checkpointing (e.g. --settings bf16,nf4-bf16,bf16+gc,nf4-bf16+gc);
+"+ac" (last) runs forward under bf16 autocast with peft's fp32 input cast off (e.g. bf16+ac,nf4-bf16+ac).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 def build(path: str, setting: str, device: str) -> LlamaForCausalLM:
     """fp32 / bf16: the unquantized base in that dtype. nf4-*: fedpeft's own loading arguments for the base."""
     dmap = {"": 0} if device == "cuda" else {"": "cpu"}
-    setting = setting.removesuffix("+gc")
+    setting = setting.removesuffix("+ac").removesuffix("+gc")
     if setting in ("fp32", "bf16"):
         dtype = torch.float32 if setting == "fp32" else torch.bfloat16
         return LlamaForCausalLM.from_pretrained(path, dtype=dtype, device_map=dmap)
@@ -61,10 +62,16 @@ def step_times(model: torch.nn.Module, args: argparse.Namespace) -> list[float]:
     peft_model.train()
     opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, 1000, (args.batch, args.seq), device=args.device)
+    autocast = args.one.endswith("+ac") if args.one else False
+    if autocast:  # adapter matmuls in bf16 on the bf16 activations, without peft's fp32 copy of each input
+        for module in peft_model.modules():
+            if hasattr(module, "cast_input_dtype_enabled"):
+                module.cast_input_dtype_enabled = False
     times = []
     for _ in range(args.steps + 2):
         start = time.perf_counter()
-        loss = peft_model(input_ids=ids, labels=ids).loss
+        with torch.autocast(args.device, dtype=torch.bfloat16, enabled=autocast):
+            loss = peft_model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -102,7 +109,7 @@ def run_one(args: argparse.Namespace) -> dict:
     """Measure one setting in this (fresh) process."""
     args.baseline_rss = _proc_status_kib("VmRSS") * 1024
     model = build(args.path, args.one, args.device)
-    if args.one.endswith("+gc"):
+    if args.one.removesuffix("+ac").endswith("+gc"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     size = linear_weight_bytes(model)
     step, peak = peak_training_bytes(model, args)
@@ -165,6 +172,10 @@ def summary_line(rows: dict[str, dict]) -> str:
     if {"bf16", "nf4-bf16"} <= rows.keys():
         parts.append(f"nf4-bf16 peak {rows['nf4-bf16']['peak'] / rows['bf16']['peak']:.2f}x bf16 LoRA peak, "
                      f"step {rows['nf4-bf16']['step'] / rows['bf16']['step']:.2f}x bf16")
+    if {"bf16+ac", "nf4-bf16+ac"} <= rows.keys():
+        parts.append(f"with bf16 autocast nf4-bf16 peak "
+                     f"{rows['nf4-bf16+ac']['peak'] / rows['bf16+ac']['peak']:.2f}x bf16 LoRA peak, "
+                     f"step {rows['nf4-bf16+ac']['step'] / rows['bf16+ac']['step']:.2f}x bf16")
     if {"bf16+gc", "nf4-bf16+gc"} <= rows.keys():
         parts.append(f"with gradient checkpointing nf4-bf16 peak "
                      f"{rows['nf4-bf16+gc']['peak'] / rows['bf16+gc']['peak']:.2f}x bf16 LoRA peak, "

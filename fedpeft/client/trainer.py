@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from fedpeft.client.batches import IGNORE_INDEX, EncodedData, iterate_batches
 from fedpeft.config import TrainConfig
+from fedpeft.models.precision import bf16_autocast
 
 
 @dataclass(frozen=True)
@@ -107,9 +109,10 @@ def train_local(model: Any, data: EncodedData, cfg: TrainConfig, task: str, seed
     trainable = [p for p in model.parameters() if p.requires_grad]
     anchor = [p.detach().clone() for p in trainable] if proximal_mu else []
     losses: list[Any] = []
-    for _ in range(cfg.local_epochs):
-        for batch in iterate_batches(data, cfg.batch_size, generator):
-            loss, _, _ = batch_loss(model, batch, task)
+    with bf16_autocast(model, cfg.autocast) as forward_precision:
+        for batch in _epochs(data, cfg, generator):
+            with forward_precision():
+                loss, _, _ = batch_loss(model, batch, task)
             data_loss = loss.detach()
             if proximal_mu:
                 drift = sum((p - a).pow(2).sum() for p, a in zip(trainable, anchor, strict=True))
@@ -118,9 +121,18 @@ def train_local(model: Any, data: EncodedData, cfg: TrainConfig, task: str, seed
             loss.backward()
             optimizer.step()
             losses.append(data_loss)
-            if cfg.max_steps and len(losses) >= cfg.max_steps:
-                return TrainResult(mean_loss(losses), len(losses), len(data))
     return TrainResult(mean_loss(losses), len(losses), len(data))
+
+
+def _epochs(data: EncodedData, cfg: TrainConfig, generator: Any) -> Iterator[dict[str, Any]]:
+    """The batches of ``local_epochs`` epochs, at most ``max_steps`` of them when that is set."""
+    steps = 0
+    for _ in range(cfg.local_epochs):
+        for batch in iterate_batches(data, cfg.batch_size, generator):
+            yield batch
+            steps += 1
+            if cfg.max_steps and steps >= cfg.max_steps:
+                return
 
 
 def evaluate(model: Any, data: EncodedData, batch_size: int, task: str) -> EvalResult:

@@ -8,12 +8,14 @@ Accounting is not done here: the site's ledger composes every release (``fedpeft
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 from fedpeft.client.batches import IGNORE_INDEX, EncodedData, trim_batch
 from fedpeft.client.trainer import TrainResult, batch_loss, mean_loss, on_model_device, param_groups
 from fedpeft.config import TrainConfig
+from fedpeft.models.precision import bf16_autocast
 from fedpeft.privacy.accounting import planned_steps
 
 
@@ -52,7 +54,8 @@ def train_private(model: Any, data: EncodedData, cfg: TrainConfig, task: str, se
     optimizer = torch.optim.AdamW(param_groups(model, cfg), weight_decay=cfg.weight_decay)
     private = make_private(model, optimizer, data, cfg.batch_size, dp)
     try:
-        losses = _run_steps(private, task, budget)
+        with bf16_autocast(private.module, cfg.autocast) as forward_precision:
+            losses = _run_steps(private, task, budget, forward_precision)
     finally:
         private.module._close()  # remove hooks and per-sample buffers: the cached model is reused by other sites
     mean = mean_loss(losses)
@@ -105,7 +108,7 @@ def private_loss(private: Private, batch: dict[str, Any], task: str) -> Any:
     return private.criterion(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), shape=logits.shape)
 
 
-def _run_steps(private: Private, task: str, budget: int) -> list[Any]:
+def _run_steps(private: Private, task: str, budget: int, forward_precision: Any = nullcontext) -> list[Any]:
     """Exactly ``budget`` noisy steps (an empty Poisson batch still takes one: skipping it would leak that)."""
     private.module.train()
     losses: list[Any] = []
@@ -116,7 +119,8 @@ def _run_steps(private: Private, task: str, budget: int) -> list[Any]:
             if len(input_ids) == 0:
                 _empty_gradients(private)
             else:
-                loss = private_loss(private, trim_batch(input_ids, attention_mask, labels), task)
+                with forward_precision():
+                    loss = private_loss(private, trim_batch(input_ids, attention_mask, labels), task)
                 loss.backward()
                 losses.append(loss.detach().mean())  # ghost clipping's loss is per sample
             private.optimizer.step()
