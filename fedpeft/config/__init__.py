@@ -22,7 +22,8 @@ from fedpeft.errors import ConfigError
 TASKS = ("classification", "causal-lm")
 QUANTIZATIONS = ("auto", "none", "nf4", "fp4", "int8")
 COMPUTE_DTYPES = ("fp32", "bf16")
-PEFT_METHODS = ("lora", "ia3", "prompt-tuning", "p-tuning", "prefix-tuning", "p-tuning-v2")
+PEFT_METHODS = ("lora", "ia3", "prompt-tuning", "p-tuning", "prefix-tuning", "p-tuning-v2", "bottleneck")
+ADAPTER_PLACEMENTS = ("both", "attention", "ffn")
 LORA_MODES = ("fedit", "ffa")
 PARTITIONERS = ("iid", "dirichlet", "column")
 WEIGHTINGS = ("num-examples", "uniform")
@@ -57,6 +58,7 @@ class PeftConfig:
     use_rslora: bool = False  # LoRA: rank-stabilized scaling alpha / sqrt(r) instead of alpha / r
     virtual_tokens: int = 16  # prompt / p-tuning / prefix methods: learned tokens (per layer for prefix methods)
     encoder_hidden_size: int = 0  # p-tuning / prefix-tuning reparameterization MLP width; 0: the model's hidden size
+    adapter_placement: str = "both"  # bottleneck: after the attention output, the feed-forward output, or both
 
     def rank_list(self) -> list[int]:
         return [int(x) for x in self.site_ranks.split(",") if x.strip()] if self.site_ranks.strip() else []

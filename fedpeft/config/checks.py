@@ -8,6 +8,7 @@ from typing import Any
 
 from fedpeft.config import (
     ACCOUNTANTS,
+    ADAPTER_PLACEMENTS,
     CLIENT_DP_MODES,
     COMPUTE_DTYPES,
     GRAD_SAMPLE_MODES,
@@ -75,6 +76,8 @@ def _peft_rules(cfg: RunConfig) -> list[Rule]:
         ("peft.use_dora", cfg.peft.use_dora,
          cfg.peft.method == "lora" or not (cfg.peft.use_dora or cfg.peft.use_rslora),
          "use_dora and use_rslora are LoRA options; use them with peft.method = 'lora'"),
+        ("peft.adapter_placement", cfg.peft.adapter_placement, cfg.peft.adapter_placement in ADAPTER_PLACEMENTS,
+         f"use one of {list(ADAPTER_PLACEMENTS)} (where the bottleneck adapter sits in each block)"),
         ("peft.alpha", cfg.peft.alpha, cfg.peft.alpha > 0, "use a positive scaling (commonly 2 x r)"),
         ("peft.dropout", cfg.peft.dropout, 0.0 <= cfg.peft.dropout < 1.0, "use a probability in [0, 1)"),
     ]

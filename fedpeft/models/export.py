@@ -37,9 +37,8 @@ def merge_into_base(peft_model: Any) -> Any:
 
 
 def export_run(run_dir: str | Path, out: str | Path, server_round: int | None = None, merge: bool = False) -> Path:
-    from peft import PeftModel
-
     from fedpeft.data.sites import num_labels
+    from fedpeft.models.bottleneck import load_saved_adapter
     from fedpeft.models.loader import load_base_model
 
     run_dir, out = Path(run_dir), Path(out)
@@ -55,7 +54,7 @@ def export_run(run_dir: str | Path, out: str | Path, server_round: int | None = 
     cfg = from_mapping(json.loads(config_path.read_text(encoding="utf-8")), origin=str(config_path))
     model_cfg = replace(cfg.model, quantization="none")
     base, tokenizer = load_base_model(model_cfg, num_labels(cfg))
-    merged = merge_into_base(PeftModel.from_pretrained(base, str(adapter)))
+    merged = merge_into_base(load_saved_adapter(base, adapter))
     merged.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     return out

@@ -33,6 +33,13 @@ def build_peft_config(model: Any, cfg: PeftConfig, task: str) -> Any:
     if cfg.method == "lora":
         return LoraConfig(task_type=task_type, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                           target_modules=lora_targets(model, cfg), use_dora=cfg.use_dora, use_rslora=cfg.use_rslora)
+    if cfg.method == "bottleneck":
+        from fedpeft.models.bottleneck import bottleneck_targets, register
+
+        targets = list(cfg.target_modules) or bottleneck_targets(getattr(model.config, "model_type", ""),
+                                                                 cfg.adapter_placement)
+        return register(LoraConfig(task_type=task_type, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                                   target_modules=targets))
     if cfg.method == "ia3":
         targets, feedforward = ia3_targets(model, cfg)
         return IA3Config(task_type=task_type, target_modules=targets, feedforward_modules=feedforward)
@@ -55,7 +62,7 @@ def prompt_learning_config(model: Any, cfg: PeftConfig, task_type: Any) -> Any:
     if cfg.method == "p-tuning-v2":
         return PrefixTuningConfig(**common, prefix_projection=False)
     raise ModelError(f"peft.method = {cfg.method!r} is not supported; use one of 'lora', 'ia3', 'prompt-tuning', "
-                     "'p-tuning', 'prefix-tuning', 'p-tuning-v2'")
+                     "'p-tuning', 'prefix-tuning', 'p-tuning-v2', 'bottleneck'")
 
 
 def ia3_targets(model: Any, cfg: PeftConfig) -> tuple[list[str] | None, list[str] | None]:

@@ -1,0 +1,470 @@
+"""Utility of federated, private and secure LoRA fine-tuning on real data (issue #9), against centralized LoRA on the
+pooled data and local-only training, every method scored on the same held-out test set.
+
+    python benchmarks/real_data.py                                # banking77: 10 banks, Dirichlet a=0.5, all settings
+    python benchmarks/real_data.py --dataset medical-abstracts    # 5 hospitals over an 80/20 grouped split
+    python benchmarks/real_data.py --max-train 2000 --max-test 1000 --max-length 32 --rounds 3 \
+        --settings centralized,local,fedit,ffa,fedadam,dp8-secure --plot benchmarks/real_data_banking77.png
+    python benchmarks/real_data.py --data-dir DIR --sites 2 --rounds 1 --max-train 60 --max-test 30 \
+        --max-length 16 --settings fedit,centralized              # smoke size (tests/benchmarks/test_real_data.py)
+
+Data (read, never copied): ``--data-dir`` (default: the ``shared/data`` folder beside the repository).
+- banking77: train.csv -> the banks, test.csv -> the common test set (categories.json fixes the 77 class ids).
+- medical-abstracts: medical_tc_test.csv; identical texts are grouped, a text seen under more than one label
+  (multi-label) is dropped, one row is kept per remaining text, and the unique texts are split 80/20 (numpy seed 0,
+  first int(0.8 n) of a permutation to train), so no abstract is in both parts: 2125 train / 532 test.
+The train part is written to a temporary CSV (outside the repository) that ``data.source`` points at; fedpeft's own
+partitioner splits it over the sites (Dirichlet label skew, alpha 0.5 by default; ``--partitioner iid``), and each
+site holds out ``--eval-fraction`` of its rows for the per-round held-out accuracy in metrics.jsonl.
+
+Settings (``--settings``, comma-separated; default all):
+  centralized   one model on the pooled training rows of all sites, rounds x local-epochs epochs (train_local)
+  local         each site alone on its own training rows, same epochs; mean over the sites
+  fedit ffa     FedAvg with peft.lora_mode fedit (A and B averaged) / ffa (FFA-LoRA: A frozen, B travels)
+  fedadam       FedAdam (server Adam over the FedAvg update), lora_mode fedit
+  dp1 dp4 dp8   FedAvg + example-level DP-SGD at every site, epsilon 1 / 4 / 8, delta 1e-5 (--dp-lora-mode,
+                --dp-batch-size = expected Poisson batch, --dp-lr)
+  secure        FedAvg (fedit) with SecAgg+ secure aggregation
+  dp8-secure    the headline: FedAvg + DP epsilon 8 + secure aggregation
+Each federated run's final global adapter is loaded from its run directory with peft's PeftModel.from_pretrained on a
+freshly loaded base and scored on the common test set: accuracy and macro-F1. "wall s" is the training wall time
+(a federation: the whole simulation, its per-round site evaluations included; local: all sites one after another).
+Prints a table and ends with a one-line summary: headline accuracy / centralized accuracy (goal >= 0.95x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedpeft.config import RunConfig, from_mapping
+from fedpeft.data.loaders import load_classification
+from fedpeft.data.records import ClassificationData
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA_DIR = REPO.parent / "shared" / "data"
+DATASETS = ("banking77", "medical-abstracts")
+DEFAULT_SITES = {"banking77": 10, "medical-abstracts": 5}
+DEFAULT_MAX_LENGTH = {"banking77": 64, "medical-abstracts": 256}  # as in shared/REFERENCE.md
+HEADLINE = "dp8-secure"
+
+
+@dataclass(frozen=True)
+class Setting:
+    kind: str  # centralized | local | fed
+    what: str
+    aggregation: str = "fedavg"
+    lora_mode: str = "fedit"  # for DP rows replaced by --dp-lora-mode
+    epsilon: float | None = None
+    secure: bool = False
+
+
+SETTINGS: dict[str, Setting] = {
+    "centralized": Setting("centralized", "pooled data, one model"),
+    "local": Setting("local", "each site alone (mean)"),
+    "fedit": Setting("fed", "FedAvg, LoRA fedit"),
+    "ffa": Setting("fed", "FedAvg, FFA-LoRA", lora_mode="ffa"),
+    "fedadam": Setting("fed", "FedAdam, LoRA fedit", aggregation="fedadam"),
+    "dp1": Setting("fed", "FedAvg + DP eps=1", epsilon=1.0),
+    "dp4": Setting("fed", "FedAvg + DP eps=4", epsilon=4.0),
+    "dp8": Setting("fed", "FedAvg + DP eps=8", epsilon=8.0),
+    "secure": Setting("fed", "FedAvg + SecAgg+", secure=True),
+    HEADLINE: Setting("fed", "FedAvg + DP eps=8 + SecAgg+", epsilon=8.0, secure=True),
+}
+
+
+@dataclass
+class Row:
+    name: str
+    what: str
+    accuracy: float
+    macro_f1: float
+    seconds: float
+    bytes_per_round: float | None = None  # per client per round; None: nothing travels
+    epsilon: float | None = None  # the largest site's cumulative epsilon
+    note: str = ""
+    curve: list[float] = field(default_factory=list)  # held-out (site eval split) accuracy by round, from metrics
+
+
+# ---- data ---------------------------------------------------------------------------------------------------------
+
+def dedup_texts(data: ClassificationData) -> tuple[ClassificationData, int]:
+    """One row per distinct text; a text seen under more than one label (multi-label) is dropped.
+
+    Returns the data and the number of dropped multi-label texts.
+    """
+    labels_of: dict[str, set[int]] = {}
+    for text, label in zip(data.texts, data.labels, strict=True):
+        labels_of.setdefault(text, set()).add(label)
+    keep = [t for t, labels in labels_of.items() if len(labels) == 1]  # dicts keep first-appearance order
+    dropped = len(labels_of) - len(keep)
+    return ClassificationData(tuple(keep), tuple(next(iter(labels_of[t])) for t in keep), data.label_names), dropped
+
+
+def split_by_text(data: ClassificationData, test_fraction: float,
+                  seed: int) -> tuple[ClassificationData, ClassificationData]:
+    """Train/test split by group of identical texts: the first int((1 - f) * groups) of a seeded permutation of
+    the groups train, the rest test; a duplicated text never crosses the split."""
+    groups: dict[str, list[int]] = {}
+    for row, text in enumerate(data.texts):
+        groups.setdefault(text, []).append(row)
+    keys = list(groups)
+    order = np.random.default_rng(seed).permutation(len(keys))
+    n_train = int((1 - test_fraction) * len(keys))
+    train = sorted(row for i in order[:n_train] for row in groups[keys[i]])
+    test = sorted(row for i in order[n_train:] for row in groups[keys[i]])
+    return data.subset(train), data.subset(test)
+
+
+def subsample(data: ClassificationData, limit: int, seed: int) -> ClassificationData:
+    """At most ``limit`` rows, stratified: each class keeps its share (rows ranked by position within a shuffled
+    class, so the first ``limit`` hold every class in proportion)."""
+    if not limit or limit >= len(data):
+        return data
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(data.labels)
+    key = np.empty(len(data))
+    for cls in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == cls))
+        key[members] = (np.arange(len(members)) + rng.random(len(members))) / len(members)
+    return data.subset(sorted(int(i) for i in np.argsort(key, kind="stable")[:limit]))
+
+
+def load_banking77(root: Path) -> tuple[ClassificationData, ClassificationData, str]:
+    names = tuple(json.loads((root / "categories.json").read_text(encoding="utf-8")))
+    train = load_classification(root / "train.csv", "text", "category", label_names=names)
+    test = load_classification(root / "test.csv", "text", "category", label_names=names)
+    train, dropped = dedup_texts(train)
+    overlap = set(train.texts) & set(test.texts)
+    if overlap:
+        train = train.subset([i for i, t in enumerate(train.texts) if t not in overlap])
+    return train, test, f"train.csv -> sites, test.csv = test ({dropped} multi-label, {len(overlap)} overlapping)"
+
+
+def load_medical(root: Path, seed: int) -> tuple[ClassificationData, ClassificationData, str]:
+    with (root / "medical_tc_labels.csv").open(encoding="utf-8", newline="") as handle:
+        named = [(r["condition_label"].strip(), r["condition_name"].strip()) for r in csv.DictReader(handle)]
+    codes, names = zip(*named, strict=True)
+    rows = load_classification(root / "medical_tc_test.csv", "medical_abstract", "condition_label",
+                               label_names=tuple(codes))
+    unique, dropped = dedup_texts(rows)
+    train, test = split_by_text(ClassificationData(unique.texts, unique.labels, tuple(names)), 0.2, seed)
+    return train, test, (f"{len(rows)} rows -> {len(unique)} unique texts ({dropped} multi-label dropped) -> "
+                         f"80/20 by text, seed {seed}")
+
+
+def prepare(args: argparse.Namespace) -> tuple[ClassificationData, ClassificationData, str]:
+    root = Path(args.data_dir) / args.dataset
+    if args.dataset == "banking77":
+        train, test, how = load_banking77(root)
+    else:
+        train, test, how = load_medical(root, 0)  # REFERENCE.md's split: seed 0, whatever --seed says
+    full = (len(train), len(test))
+    train, test = subsample(train, args.max_train, args.seed), subsample(test, args.max_test, args.seed)
+    return train, test, f"{how}; {len(train)}/{full[0]} train, {len(test)}/{full[1]} test rows used"
+
+
+def write_csv(data: ClassificationData, path: Path) -> None:
+    with path.open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        writer.writerows((text, data.label_names[label]) for text, label in zip(data.texts, data.labels, strict=True))
+
+
+# ---- scoring --------------------------------------------------------------------------------------------------------
+
+def macro_f1(y_true: Any, y_pred: Any) -> float:
+    """Unweighted mean of the per-class F1 = 2TP / (2TP + FP + FN) over the classes present in either array."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    scores = []
+    for cls in np.union1d(y_true, y_pred):
+        tp = int(np.sum((y_true == cls) & (y_pred == cls)))
+        fp = int(np.sum((y_true != cls) & (y_pred == cls)))
+        fn = int(np.sum((y_true == cls) & (y_pred != cls)))
+        scores.append(2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def predict(model: Any, data: Any, batch_size: int) -> np.ndarray:
+    import torch
+
+    from fedpeft.client.batches import iterate_batches
+    from fedpeft.client.trainer import on_model_device
+
+    model.eval()
+    preds = []
+    with torch.no_grad():
+        for batch in iterate_batches(data, batch_size):
+            batch = on_model_device(batch, model)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            preds.append(logits.argmax(-1).cpu().numpy())
+    return np.concatenate(preds) if preds else np.zeros(0, dtype=int)
+
+
+def score(model: Any, test: Any, batch_size: int) -> tuple[float, float]:
+    preds, truth = predict(model, test, batch_size), test.labels.numpy()
+    return float(np.mean(preds == truth)), macro_f1(truth, preds)
+
+
+# ---- configs and runs -----------------------------------------------------------------------------------------------
+
+def run_config(args: argparse.Namespace, name: str, source: Path, labels: tuple[str, ...], out: str) -> RunConfig:
+    setting = SETTINGS[name]
+    dp = setting.epsilon is not None
+    return from_mapping({
+        "model": {"name": args.model, "max_length": args.max_length},
+        "peft": {"lora_mode": args.dp_lora_mode if dp else setting.lora_mode},
+        "train": {"local_epochs": args.local_epochs, "batch_size": args.dp_batch_size if dp else args.batch_size,
+                  "learning_rate": args.dp_lr if dp else args.lr},
+        "federation": {"rounds": args.rounds, "num_sites": args.sites, "aggregation": setting.aggregation,
+                       "secure_aggregation": setting.secure},
+        "data": {"source": str(source), "text_column": "text", "label_column": "label", "label_names": list(labels),
+                 "partitioner": args.partitioner, "dirichlet_alpha": args.alpha, "eval_fraction": args.eval_fraction},
+        "privacy": {"dp": dp, "target_epsilon": setting.epsilon or 8.0, "delta": 1e-5},
+        "run": {"name": f"{args.dataset}-{name}", "out_dir": out, "seed": args.seed},
+    }, origin=f"setting {name}")
+
+
+def fresh_model(cfg: RunConfig) -> tuple[Any, Any]:
+    """A site's starting point: the base from fedpeft's loader wrapped with the run's seeded adapter."""
+    from fedpeft.data.sites import num_labels
+    from fedpeft.models.loader import load_base_model
+    from fedpeft.models.peft_model import wrap_with_peft
+
+    base, tokenizer = load_base_model(cfg.model, num_labels(cfg))
+    return wrap_with_peft(base, cfg.peft, cfg.model.task, cfg.run.seed), tokenizer
+
+
+def site_train_sets(cfg: RunConfig) -> list[ClassificationData]:
+    """Each site's training rows, exactly as fedpeft's partitioner gives them to the federation."""
+    from fedpeft.data.sites import site_split
+
+    return [site_split(cfg, pid, cfg.federation.num_sites).train for pid in range(cfg.federation.num_sites)]
+
+
+def encode(data: ClassificationData, tokenizer: Any, max_length: int) -> Any:
+    from fedpeft.client.batches import encode_classification
+
+    return encode_classification(data.texts, data.labels, tokenizer, max_length)
+
+
+def train_epochs(cfg: RunConfig) -> Any:
+    """What one model trains for outside the federation: as many epochs as a site trains over all rounds."""
+    return replace(cfg.train, local_epochs=cfg.federation.rounds * cfg.train.local_epochs)
+
+
+def run_centralized(cfg: RunConfig, test: Any) -> Row:
+    from fedpeft.client.trainer import train_local
+
+    sites = site_train_sets(cfg)
+    pooled = ClassificationData(tuple(t for s in sites for t in s.texts), tuple(y for s in sites for y in s.labels),
+                                sites[0].label_names)
+    model, tokenizer = fresh_model(cfg)
+    started = time.monotonic()
+    train_local(model, encode(pooled, tokenizer, cfg.model.max_length), train_epochs(cfg), cfg.model.task,
+                cfg.run.seed)
+    seconds = time.monotonic() - started
+    accuracy, f1 = score(model, test, cfg.train.eval_batch_size)
+    return Row("centralized", SETTINGS["centralized"].what, accuracy, f1, seconds,
+               note=f"{len(pooled)} rows, {train_epochs(cfg).local_epochs} epochs")
+
+
+def run_local(cfg: RunConfig, test: Any) -> Row:
+    from fedpeft.client.trainer import train_local
+    from fedpeft.models.adapter_state import get_adapter_state, set_adapter_state
+
+    model, tokenizer = fresh_model(cfg)
+    start = get_adapter_state(model)
+    scores, seconds = [], 0.0
+    for pid, site in enumerate(site_train_sets(cfg)):
+        set_adapter_state(model, start, source="the seeded initial adapter")
+        started = time.monotonic()
+        train_local(model, encode(site, tokenizer, cfg.model.max_length), train_epochs(cfg), cfg.model.task,
+                    cfg.run.seed + pid)
+        seconds += time.monotonic() - started
+        scores.append(score(model, test, cfg.train.eval_batch_size))
+    acc = [a for a, _ in scores]
+    return Row("local", SETTINGS["local"].what, float(np.mean(acc)), float(np.mean([f for _, f in scores])), seconds,
+               bytes_per_round=0.0, note=f"{len(acc)} sites, accuracy {min(acc):.3f}..{max(acc):.3f}")
+
+
+def adapter_scores(cfg: RunConfig, adapter_dir: Path, test: Any) -> tuple[float, float]:
+    """The saved global adapter, loaded with peft onto a freshly loaded base, on the common test set."""
+    from peft import PeftModel
+
+    from fedpeft.data.sites import num_labels
+    from fedpeft.models.loader import load_base_model
+
+    base, _ = load_base_model(cfg.model, num_labels(cfg))
+    return score(PeftModel.from_pretrained(base, str(adapter_dir)), test, cfg.train.eval_batch_size)
+
+
+def run_federated(cfg: RunConfig, name: str, test: Any) -> Row:
+    from fedpeft.server.run_dir import METRICS_FILE
+    from fedpeft.simulations.engine import simulate
+    from fedpeft.simulations.report import bytes_per_client
+
+    print(f"--- {name}: {SETTINGS[name].what} ---", flush=True)
+    result = simulate(cfg)
+    if not result.summary.get("final_adapter"):
+        raise RuntimeError(f"setting {name}: no round changed the global adapter ({result.run_dir})")
+    accuracy, f1 = adapter_scores(cfg, Path(result.summary["final_adapter"]), test)
+    records = [json.loads(line) for line in (result.run_dir / METRICS_FILE).read_text(encoding="utf-8").splitlines()]
+    spent = result.summary.get("site_epsilon") or {}
+    return Row(name, SETTINGS[name].what + ("" if cfg.peft.lora_mode == SETTINGS[name].lora_mode else
+                                            f" ({cfg.peft.lora_mode})"),
+               accuracy, f1, result.seconds, bytes_per_client(result), max(spent.values()) if spent else None,
+               note=f"run dir {result.run_dir}", curve=[float(r["global_accuracy"]) for r in records])
+
+
+# ---- output ---------------------------------------------------------------------------------------------------------
+
+def print_table(rows: list[Row]) -> None:
+    print(f"{'setting':<12} {'what':<32} {'accuracy':>8} {'macro-F1':>8} {'KiB/client/rnd':>14} {'eps':>5} "
+          f"{'wall s':>7}  note")
+    for r in rows:
+        kib = "-" if r.bytes_per_round is None else f"{r.bytes_per_round / 1024:,.1f}"
+        eps = "-" if r.epsilon is None else f"{r.epsilon:.2f}"
+        print(f"{r.name:<12} {r.what:<32} {r.accuracy:>8.3f} {r.macro_f1:>8.3f} {kib:>14} {eps:>5} "
+              f"{r.seconds:>7.1f}  {r.note}")
+
+
+def summary_line(rows: list[Row], args: argparse.Namespace) -> str:
+    by_name = {r.name: r for r in rows}
+    federated = [r for r in rows if SETTINGS[r.name].kind == "fed"]
+    head = by_name.get(HEADLINE) or (federated[0] if federated else rows[0])
+    setup = (f"{args.dataset}, {args.sites} sites, {args.rounds} rounds x {args.local_epochs} local epoch(s), "
+             f"{args.max_train or 'all'} train / {args.max_test or 'all'} test rows, max length {args.max_length}")
+    if "centralized" not in by_name:
+        return f"summary: {head.name} accuracy {head.accuracy:.3f} (no centralized row to compare; {setup})"
+    base = by_name["centralized"]
+    return (f"summary: {head.name} / centralized accuracy = {head.accuracy / base.accuracy:.2f}x "
+            f"({head.accuracy:.3f} vs {base.accuracy:.3f}; issue #9 goal >= 0.95x on banking77; {setup})")
+
+
+def plot(rows: list[Row], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for secure, style, label in ((False, "o-", "DP"), (True, "s", "DP + SecAgg+")):
+        points = sorted((SETTINGS[r.name].epsilon, r.accuracy) for r in rows
+                        if SETTINGS[r.name].epsilon is not None and SETTINGS[r.name].secure == secure)
+        if points:
+            left.plot(*zip(*points, strict=True), style, label=label)
+    for r in rows:
+        if r.name in ("centralized", "fedit"):
+            left.axhline(r.accuracy, linestyle="--" if r.name == "centralized" else ":",
+                         color="k" if r.name == "centralized" else "b", label=f"{r.name} (no DP)")
+    left.set(xlabel="epsilon per site (delta 1e-5)", ylabel="test accuracy", title="accuracy vs epsilon")
+    left.legend(fontsize=8)
+    for r in rows:
+        if r.curve:
+            right.plot(range(len(r.curve)), r.curve, marker=".", label=r.name)
+    right.set(xlabel="round", ylabel="held-out accuracy (sites' eval splits)", title="global adapter by round")
+    right.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---- main -----------------------------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", choices=DATASETS, default="banking77")
+    p.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="folder holding <dataset>/ (default %(default)s)")
+    p.add_argument("--settings", default=",".join(SETTINGS), help="comma list of: " + ", ".join(SETTINGS))
+    p.add_argument("--model", default="minilm")
+    p.add_argument("--sites", type=int, help="default: 10 banks / 5 hospitals")
+    p.add_argument("--partitioner", choices=("dirichlet", "iid"), default="dirichlet")
+    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label-skew concentration")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--local-epochs", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--dp-batch-size", type=int, default=64, help="expected (Poisson) batch of the DP rows")
+    p.add_argument("--dp-lr", type=float, default=2e-3)
+    p.add_argument("--dp-lora-mode", choices=("fedit", "ffa"), default="ffa")
+    p.add_argument("--max-train", type=int, default=0, help="stratified subsample of the training split; 0: all")
+    p.add_argument("--max-test", type=int, default=0, help="stratified subsample of the test set; 0: all")
+    p.add_argument("--max-length", type=int, help="default: 64 banking77, 256 medical-abstracts")
+    p.add_argument("--eval-fraction", type=float, default=0.1, help="each site's held-out share (per-round metrics)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="where run directories go (default: a temporary directory, removed afterwards)")
+    p.add_argument("--plot", help="write a PNG: accuracy vs epsilon (DP rows) and accuracy by round")
+    args = p.parse_args(argv)
+    args.sites = args.sites or DEFAULT_SITES[args.dataset]
+    args.max_length = args.max_length or DEFAULT_MAX_LENGTH[args.dataset]
+    args.settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    unknown = [s for s in args.settings if s not in SETTINGS]
+    if unknown or not args.settings:
+        p.error(f"--settings: unknown {unknown}; use a comma list of {', '.join(SETTINGS)}")
+    return args
+
+
+def describe(args: argparse.Namespace, how: str, train: ClassificationData, test: ClassificationData) -> str:
+    majority = int(np.argmax(train.label_counts()))
+    baseline = float(np.mean(np.asarray(test.labels) == majority))
+    split = f"dirichlet alpha={args.alpha}" if args.partitioner == "dirichlet" else "iid"
+    return (f"\n{args.dataset}: {how}\n{args.sites} sites ({split}), {args.rounds} rounds x {args.local_epochs} "
+            f"local epoch(s); {args.model} + LoRA r=8; max length {args.max_length}; majority-class test accuracy "
+            f"{baseline:.3f}")
+
+
+@contextlib.contextmanager
+def workspace(out: str | None) -> Iterator[tuple[Path, str]]:
+    """(temporary folder for the prepared CSV, folder for run directories)."""
+    with tempfile.TemporaryDirectory(prefix="fedpeft-real-data-") as tmp:
+        runs = out or str(Path(tmp) / "runs")
+        Path(runs).mkdir(parents=True, exist_ok=True)
+        yield Path(tmp), runs
+
+
+def run_setting(args: argparse.Namespace, name: str, source: Path, labels: tuple[str, ...], out: str,
+                test: Any) -> Row:
+    cfg = run_config(args, name, source, labels, out)
+    if SETTINGS[name].kind == "centralized":
+        return run_centralized(cfg, test)
+    if SETTINGS[name].kind == "local":
+        return run_local(cfg, test)
+    return run_federated(cfg, name, test)
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    train, test, how = prepare(args)
+    with workspace(args.out) as (tmp, out):
+        source = tmp / f"{args.dataset}-train.csv"
+        write_csv(train, source)
+        _, tokenizer = fresh_model(run_config(args, "fedit", source, train.label_names, out))
+        test_encoded = encode(test, tokenizer, args.max_length)
+        rows = []
+        for name in args.settings:
+            rows.append(run_setting(args, name, source, train.label_names, out, test_encoded))
+    print(describe(args, how, train, test))
+    print_table(rows)
+    if args.plot:
+        plot(rows, args.plot, f"{args.dataset}: {args.sites} sites, {args.rounds} rounds, {len(train)} train rows")
+        print(f"plot: {args.plot}")
+    print(summary_line(rows, args))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

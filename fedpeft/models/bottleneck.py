@@ -1,0 +1,103 @@
+"""A bottleneck adapter (Houlsby et al., 2019; Pfeiffer et al., 2021) as a peft custom LoRA layer.
+
+After the wrapped projection: ``h + s * up(relu(down(h)))`` with ``down``: d -> r, ``up``: r -> d, ``up`` zero at
+initialisation (the adapter starts as the identity) and ``s = alpha / r`` as in LoRA. Placed on the attention output
+projection and/or the feed-forward output projection of every block.
+
+peft has no bottleneck adapter, and a new peft method needs a new ``PeftType`` member; instead this uses peft's
+extension point for custom LoRA layers (``LoraConfig._register_custom_module``): config = a LoraConfig whose
+dispatcher builds this layer, layer = ``BottleneckLinear``, model = peft's LoraModel. So the adapter's tensors are
+``lora_A`` (down) and ``lora_B`` (up) in peft's state dict, and everything downstream — the wire, DP-SGD on
+``nn.Linear`` per-example gradients, secure aggregation, checkpoints — treats it like LoRA. Loading a saved bottleneck
+adapter needs the same registration (``fedpeft.json`` beside the adapter says so; see ``load_saved_adapter``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft.tuners.lora.layer import Linear as LoraLinear
+from torch import nn
+
+from fedpeft.errors import ModelError
+
+# The projections closing each block's attention and feed-forward sublayers, per architecture.
+PLACEMENTS: dict[str, dict[str, str]] = {
+    "llama": {"attention": "o_proj", "ffn": "down_proj"},
+    "mistral": {"attention": "o_proj", "ffn": "down_proj"},
+    "qwen2": {"attention": "o_proj", "ffn": "down_proj"},
+    "bert": {"attention": r"attention\.output\.dense", "ffn": r"layer\.\d+\.output\.dense"},
+}
+
+
+def bottleneck_targets(model_type: str, placement: str) -> str:
+    """A peft target regex for the chosen placement ("attention", "ffn" or "both")."""
+    names = PLACEMENTS.get(model_type)
+    if names is None:
+        raise ModelError(f"peft.method = 'bottleneck' has no default placement for model type {model_type!r}; set "
+                         f"peft.target_modules to its output projections (known: {sorted(PLACEMENTS)})")
+    chosen = [names["attention"], names["ffn"]] if placement == "both" else [names[placement]]
+    return r".*\.(" + "|".join(chosen) + r")$"
+
+
+class BottleneckLinear(LoraLinear):
+    """peft's LoRA Linear with the adapter moved after the projection and a non-linearity in its bottleneck."""
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: Any, **kwargs: Any) -> None:
+        super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+        width = self.out_features
+        like = self.lora_A[adapter_name].weight
+        self.lora_A[adapter_name] = nn.Linear(width, r, bias=False, device=like.device, dtype=like.dtype)
+        self.lora_B[adapter_name] = nn.Linear(r, width, bias=False, device=like.device, dtype=like.dtype)
+        nn.init.kaiming_uniform_(self.lora_A[adapter_name].weight, a=5 ** 0.5)
+        nn.init.zeros_(self.lora_B[adapter_name].weight)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters:
+            return result
+        for name in self.active_adapters:
+            if name not in self.lora_A:
+                continue
+            down, up = self.lora_A[name], self.lora_B[name]
+            hidden = self._cast_input_dtype(result, down.weight.dtype)
+            delta = up(torch.relu(down(self.lora_dropout[name](hidden)))) * self.scaling[name]
+            result = result + delta.to(result.dtype)
+        return result
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        raise ModelError("a bottleneck adapter is non-linear and cannot be merged into the base; serve it as an "
+                         "adapter (fedpeft export without --merge)")
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        raise ModelError("a bottleneck adapter has no weight delta (it is non-linear)")
+
+
+def register(lora_config: Any) -> Any:
+    """Make ``lora_config`` build bottleneck layers on the Linear layers it targets (4-bit ones included)."""
+    lora_config._register_custom_module({nn.Linear: BottleneckLinear})
+    return lora_config
+
+
+METHOD_FILE = "fedpeft.json"  # beside a saved adapter: the fedpeft method when peft's own config cannot tell
+
+
+def method_marker(peft_config: Any) -> dict[str, str] | None:
+    """What to write into ``METHOD_FILE`` for this peft config (None: peft's files say everything)."""
+    custom = getattr(peft_config, "_custom_modules", None) or {}
+    return {"method": "bottleneck"} if BottleneckLinear in custom.values() else None
+
+
+def load_saved_adapter(base: Any, adapter_dir: Any) -> Any:
+    """``PeftModel.from_pretrained`` for any adapter fedpeft saved, bottleneck adapters included."""
+    import json
+    from pathlib import Path
+
+    from peft import LoraConfig, PeftModel
+
+    marker = Path(adapter_dir) / METHOD_FILE
+    if marker.is_file() and json.loads(marker.read_text(encoding="utf-8")).get("method") == "bottleneck":
+        config = register(LoraConfig.from_pretrained(str(adapter_dir)))
+        return PeftModel.from_pretrained(base, str(adapter_dir), config=config)
+    return PeftModel.from_pretrained(base, str(adapter_dir))

@@ -1,0 +1,93 @@
+"""benchmarks/real_data.py: the grouped split and macro-F1 (fast), and a tiny end-to-end run on a generated CSV in
+banking77's format (slow: a real MiniLM, a 2-site Flower simulation)."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedpeft.data.records import ClassificationData
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("real_data", ROOT / "benchmarks" / "real_data.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+real_data = _load_script()
+
+
+def test_macro_f1_matches_a_hand_computed_value():
+    # class 0: tp 1, fp 1, fn 1 -> 0.5; class 1: tp 2, fp 1, fn 0 -> 0.8; class 2: tp 0, fn 1 -> 0
+    assert real_data.macro_f1([0, 0, 1, 1, 2], [0, 1, 1, 1, 0]) == pytest.approx((0.5 + 0.8 + 0.0) / 3)
+    assert real_data.macro_f1([1, 1, 2], [1, 1, 2]) == 1.0
+
+
+def test_dedup_drops_multilabel_texts_and_keeps_one_copy():
+    data = ClassificationData(("a", "b", "a", "c", "b", "d"), (0, 1, 0, 2, 2, 1), ("x", "y", "z"))
+    unique, dropped = real_data.dedup_texts(data)
+    assert dropped == 1  # "b" appears as y and z
+    assert unique.texts == ("a", "c", "d") and unique.labels == (0, 2, 1) and unique.label_names == data.label_names
+
+
+def test_split_by_text_keeps_duplicates_together_and_is_seeded():
+    texts = tuple(f"t{i % 40}" for i in range(100))  # 40 groups, 2-3 copies each
+    data = ClassificationData(texts, tuple(i % 40 % 3 for i in range(100)), ("a", "b", "c"))
+    train, test = real_data.split_by_text(data, 0.2, seed=0)
+    assert not set(train.texts) & set(test.texts)
+    assert len(set(train.texts)) == 32 and len(set(test.texts)) == 8  # int(0.8 * 40) groups train
+    assert len(train) + len(test) == 100
+    again, _ = real_data.split_by_text(data, 0.2, seed=0)
+    assert again.texts == train.texts
+
+
+def test_subsample_is_stratified():
+    labels = tuple([0] * 60 + [1] * 30 + [2] * 10)
+    data = ClassificationData(tuple(f"t{i}" for i in range(100)), labels, ("a", "b", "c"))
+    small = real_data.subsample(data, 20, seed=0)
+    assert len(small) == 20 and small.label_counts() == [12, 6, 2]
+
+
+def _write_fake_banking77(root: Path) -> None:
+    names = ["card_arrival", "lost_or_stolen_card", "top_up_failed", "exchange_rate"]
+    words = {"card_arrival": "card arrive post", "lost_or_stolen_card": "lost stolen wallet",
+             "top_up_failed": "top up failed", "exchange_rate": "exchange rate currency"}
+    rng = random.Random(0)
+    folder = root / "banking77"
+    folder.mkdir(parents=True)
+    (folder / "categories.json").write_text(json.dumps(names))
+    for split, count in (("train", 80), ("test", 40)):
+        with (folder / f"{split}.csv").open("w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["text", "category"])
+            for i in range(count):
+                name = names[i % len(names)]
+                writer.writerow([f"{split} {i}: my {words[name]} question {rng.randint(0, 999)}", name])
+
+
+@pytest.mark.slow
+def test_tiny_run_prints_table_and_summary(tmp_path, capsys):
+    _write_fake_banking77(tmp_path / "data")
+    plot = tmp_path / "plot.png"
+    rows = real_data.main(["--data-dir", str(tmp_path / "data"), "--settings", "fedit,centralized", "--sites", "2",
+                           "--rounds", "1", "--max-train", "60", "--max-test", "30", "--max-length", "16",
+                           "--out", str(tmp_path / "runs"), "--plot", str(plot)])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [r.name for r in rows] == ["fedit", "centralized"]
+    assert any(line.startswith("fedit ") for line in lines) and any(line.startswith("centralized ") for line in lines)
+    assert lines[-1].startswith("summary: fedit / centralized accuracy = ")
+    fed = rows[0]
+    assert 0.0 <= fed.accuracy <= 1.0 and 0.0 <= fed.macro_f1 <= 1.0 and fed.bytes_per_round > 0
+    assert len(fed.curve) == 2  # rounds 0 and 1 from metrics.jsonl
+    assert plot.stat().st_size > 0
