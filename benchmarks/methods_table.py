@@ -4,6 +4,8 @@
     python benchmarks/methods_table.py --write docs/methods.md  # also replace the generated table in the doc
     python benchmarks/methods_table.py --accuracy               # + quick-start accuracy per method (slow: a
                                                                 #   5-site simulation each)
+    python benchmarks/methods_table.py --accuracy --reuse-accuracy --write docs/methods.md
+                                                                # simulate only rows the doc has no accuracy for
     python benchmarks/methods_table.py --model tiny-llama       # smoke size
 Ends with a one-line summary: the smallest and largest upload relative to LoRA's.
 """
@@ -31,6 +33,7 @@ VARIANTS = {  # row name -> [peft] settings
     "P-tuning (16 tokens)": {"method": "p-tuning"},
     "prefix tuning (16 tokens)": {"method": "prefix-tuning"},
     "P-tuning v2 (16 tokens)": {"method": "p-tuning-v2"},
+    "bottleneck adapter r=8": {"method": "bottleneck"},
 }
 BEGIN, END = "<!-- methods-table:begin -->", "<!-- methods-table:end -->"
 
@@ -57,7 +60,8 @@ def accuracy(model: str, peft: dict, out: str) -> float:
     return float(simulate(cfg).summary["final_accuracy"])
 
 
-def table(model: str, with_accuracy: bool, out: str) -> tuple[str, dict[str, int]]:
+def table(model: str, with_accuracy: bool, out: str, known: dict[str, str]) -> tuple[str, dict[str, int]]:
+    """The markdown table; ``known``: accuracies (as printed) to reuse by row name instead of simulating."""
     header = "| method | trainable values | of the model | upload per round (fp32) | DP-SGD | secure aggregation |"
     rows = [header + (" quick-start accuracy |" if with_accuracy else ""),
             "|---|---:|---:|---:|:-:|:-:|" + ("---:|" if with_accuracy else "")]
@@ -67,13 +71,23 @@ def table(model: str, with_accuracy: bool, out: str) -> tuple[str, dict[str, int
         sizes[name] = values
         dp = supports(peft, model, {"privacy": {"dp": True}})
         secure = supports(peft, model, {"federation": {"secure_aggregation": True}})
-        row = (f"| {name} | {values:,} | {values / total:.3%} | {values * 4 / 1024:,.1f} KiB | {'yes' if dp else 'no'} |"
-               f" {'yes' if secure else 'no'} |")
+        row = (f"| {name} | {values:,} | {values / total:.3%} | {values * 4 / 1024:,.1f} KiB |"
+               f" {'yes' if dp else 'no'} | {'yes' if secure else 'no'} |")
         if with_accuracy:
-            row += f" {accuracy(model, peft, out):.3f} |"
+            row += f" {known[name] if name in known else format(accuracy(model, peft, out), '.3f')} |"
         rows.append(row)
         print(row, flush=True)
     return "\n".join(rows), sizes
+
+
+def accuracies_in(doc: Path) -> dict[str, str]:
+    """Row name -> accuracy cell of the generated table already in ``doc`` (rows without one are left out)."""
+    text = doc.read_text(encoding="utf-8")
+    if BEGIN not in text:
+        return {}
+    block = text[text.index(BEGIN):text.index(END)]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in block.splitlines() if line.startswith("| ")]
+    return {row[0]: row[6] for row in cells[1:] if len(row) == 7 and re.fullmatch(r"[0-9.]+", row[6])}
 
 
 def write_into(doc: Path, text: str, command: str) -> None:
@@ -91,9 +105,12 @@ def main() -> None:
     parser.add_argument("--accuracy", action="store_true")
     parser.add_argument("--write", help="a markdown file with the table markers to update")
     parser.add_argument("--out", default="runs/methods", help="where --accuracy runs write")
+    parser.add_argument("--reuse-accuracy", action="store_true",
+                        help="keep the accuracies already in --write's table; simulate only the rows it lacks")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    text, sizes = table(args.model, args.accuracy, args.out)
+    known = accuracies_in(Path(args.write)) if args.reuse_accuracy and args.write else {}
+    text, sizes = table(args.model, args.accuracy, args.out, known)
     if args.write:
         command = "python benchmarks/methods_table.py" + (" --accuracy" if args.accuracy else "") + \
             (f" --model {args.model}" if args.model != "minilm" else "") + f" --write {args.write}"
