@@ -34,6 +34,9 @@ VARIANTS = {  # row name -> [peft] settings
     "prefix tuning (16 tokens)": {"method": "prefix-tuning"},
     "P-tuning v2 (16 tokens)": {"method": "p-tuning-v2"},
     "bottleneck adapter r=8": {"method": "bottleneck"},
+    "BitFit (biases + head)": {"method": "bitfit"},
+    "layer freezing (top 2 blocks + head)": {"method": "freeze"},
+    "full fine-tuning": {"method": "full"},
 }
 BEGIN, END = "<!-- methods-table:begin -->", "<!-- methods-table:end -->"
 

@@ -321,11 +321,12 @@ def run_federated(cfg: RunConfig, name: str, test: Any) -> Row:
         raise RuntimeError(f"setting {name}: no round changed the global adapter ({result.run_dir})")
     accuracy, f1 = adapter_scores(cfg, Path(result.summary["final_adapter"]), test)
     records = [json.loads(line) for line in (result.run_dir / METRICS_FILE).read_text(encoding="utf-8").splitlines()]
+    curve = [float(r["global_accuracy"]) for r in records]
     spent = result.summary.get("site_epsilon") or {}
     return Row(name, SETTINGS[name].what + ("" if cfg.peft.lora_mode == SETTINGS[name].lora_mode else
                                             f" ({cfg.peft.lora_mode})"),
                accuracy, f1, result.seconds, bytes_per_client(result), max(spent.values()) if spent else None,
-               note=f"run dir {result.run_dir}", curve=[float(r["global_accuracy"]) for r in records])
+               note=f"held-out acc by round {curve[0]:.3f} -> {curve[-1]:.3f}; {result.run_dir.name}", curve=curve)
 
 
 # ---- output ---------------------------------------------------------------------------------------------------------
@@ -365,15 +366,16 @@ def plot(rows: list[Row], path: str, title: str) -> None:
                         if SETTINGS[r.name].epsilon is not None and SETTINGS[r.name].secure == secure)
         if points:
             left.plot(*zip(*points, strict=True), style, label=label)
+    lines = {"centralized": ("--", "k"), "fedit": (":", "b"), "ffa": (":", "g"), "local": ("-.", "r")}
     for r in rows:
-        if r.name in ("centralized", "fedit"):
-            left.axhline(r.accuracy, linestyle="--" if r.name == "centralized" else ":",
-                         color="k" if r.name == "centralized" else "b", label=f"{r.name} (no DP)")
+        if r.name in lines:
+            left.axhline(r.accuracy, linestyle=lines[r.name][0], color=lines[r.name][1], label=f"{r.name} (no DP)")
     left.set(xlabel="epsilon per site (delta 1e-5)", ylabel="test accuracy", title="accuracy vs epsilon")
     left.legend(fontsize=8)
     for r in rows:
         if r.curve:
             right.plot(range(len(r.curve)), r.curve, marker=".", label=r.name)
+    right.xaxis.get_major_locator().set_params(integer=True)
     right.set(xlabel="round", ylabel="held-out accuracy (sites' eval splits)", title="global adapter by round")
     right.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)

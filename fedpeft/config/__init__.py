@@ -22,7 +22,8 @@ from fedpeft.errors import ConfigError
 TASKS = ("classification", "causal-lm")
 QUANTIZATIONS = ("auto", "none", "nf4", "fp4", "int8")
 COMPUTE_DTYPES = ("fp32", "bf16")
-PEFT_METHODS = ("lora", "ia3", "prompt-tuning", "p-tuning", "prefix-tuning", "p-tuning-v2", "bottleneck")
+PEFT_METHODS = ("lora", "ia3", "prompt-tuning", "p-tuning", "prefix-tuning", "p-tuning-v2", "bottleneck", "bitfit",
+                "freeze", "full")
 ADAPTER_PLACEMENTS = ("both", "attention", "ffn")
 LORA_MODES = ("fedit", "ffa")
 PARTITIONERS = ("iid", "dirichlet", "column")
@@ -59,6 +60,7 @@ class PeftConfig:
     virtual_tokens: int = 16  # prompt / p-tuning / prefix methods: learned tokens (per layer for prefix methods)
     encoder_hidden_size: int = 0  # p-tuning / prefix-tuning reparameterization MLP width; 0: the model's hidden size
     adapter_placement: str = "both"  # bottleneck: after the attention output, the feed-forward output, or both
+    trainable_blocks: int = 2  # freeze: the top blocks that train (with the task head); the others stay frozen
 
     def rank_list(self) -> list[int]:
         return [int(x) for x in self.site_ranks.split(",") if x.strip()] if self.site_ranks.strip() else []

@@ -21,6 +21,7 @@ from fedpeft.config import (
     RunConfig,
 )
 from fedpeft.errors import ConfigError
+from fedpeft.models.quantization import resolve_quantization
 
 Rule = tuple[str, Any, bool, str]  # (key, value, holds, fix)
 
@@ -76,6 +77,11 @@ def _peft_rules(cfg: RunConfig) -> list[Rule]:
         ("peft.use_dora", cfg.peft.use_dora,
          cfg.peft.method == "lora" or not (cfg.peft.use_dora or cfg.peft.use_rslora),
          "use_dora and use_rslora are LoRA options; use them with peft.method = 'lora'"),
+        ("peft.trainable_blocks", cfg.peft.trainable_blocks, cfg.peft.trainable_blocks >= 1,
+         "train at least the top block (e.g. 2)"),
+        ("peft.method", cfg.peft.method,
+         cfg.peft.method not in ("freeze", "full") or resolve_quantization(cfg.model) == "none",
+         f"'{cfg.peft.method}' trains base weights, which a quantized base cannot; set model.quantization = 'none'"),
         ("peft.adapter_placement", cfg.peft.adapter_placement, cfg.peft.adapter_placement in ADAPTER_PLACEMENTS,
          f"use one of {list(ADAPTER_PLACEMENTS)} (where the bottleneck adapter sits in each block)"),
         ("peft.alpha", cfg.peft.alpha, cfg.peft.alpha > 0, "use a positive scaling (commonly 2 x r)"),
@@ -156,6 +162,9 @@ def _privacy_rules(cfg: RunConfig) -> list[Rule]:
         ("privacy.dp", cfg.privacy.dp, not (cfg.privacy.dp and no_dp_cls),
          "DP-SGD (Opacus) fails on prompt-tuning / p-tuning with a classification head; with privacy.dp use "
          "'prefix-tuning', 'p-tuning-v2' or 'lora' for classification (prompt methods work with DP for causal-lm)"),
+        ("privacy.dp", cfg.privacy.dp, not (cfg.privacy.dp and cfg.peft.method == "full"),
+         "DP-SGD (Opacus) fails on full fine-tuning of BERT-family bases (position embeddings shared across the "
+         "batch have no per-example gradient; measured); with privacy.dp use peft.method = 'freeze' or 'bitfit'"),
         ("privacy.noise_multiplier", cfg.privacy.noise_multiplier, cfg.privacy.noise_multiplier >= 0,
          "use 0 (derive from privacy.target_epsilon) or a positive noise multiplier"),
         ("privacy.target_epsilon", cfg.privacy.target_epsilon, cfg.privacy.target_epsilon > 0,

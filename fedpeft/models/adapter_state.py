@@ -21,12 +21,20 @@ def is_prompt_learning(model: Any) -> bool:
     return bool(getattr(config, "is_prompt_learning", False))
 
 
+def travels_by_parameter(model: Any) -> bool:
+    """Methods whose trainable parameters are what travels, by their own names: prompt methods and the partial
+    methods (BitFit, layer freezing, full fine-tuning), which have no peft state dict at all."""
+    from fedpeft.models.partial import is_partial
+
+    return is_prompt_learning(model) or is_partial(model)
+
+
 def _trainable_parameters(model: Any) -> dict[str, Any]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad and p.numel()}
 
 
 def get_adapter_state(model: Any) -> AdapterState:
-    if is_prompt_learning(model):  # what trains is what travels: the encoder's parameters and the head
+    if travels_by_parameter(model):  # what trains is what travels: the encoder's parameters and the head
         return {name: p.detach().to("cpu").float().contiguous().clone()
                 for name, p in _trainable_parameters(model).items()}
     from peft import get_peft_model_state_dict
@@ -43,7 +51,7 @@ def trainable_adapter_names(model: Any) -> set[str]:
     """
     from peft import get_peft_model_state_dict
 
-    if is_prompt_learning(model):
+    if travels_by_parameter(model):
         return set(_trainable_parameters(model))
     trainable = {p.data_ptr() for p in model.parameters() if p.requires_grad and p.numel()}
     return {name for name, tensor in get_peft_model_state_dict(model).items()
@@ -54,7 +62,7 @@ def untravelled_trainable(model: Any) -> list[str]:
     """Trainable parameters that peft's state dict does not carry (a method fedpeft could not federate)."""
     from peft import get_peft_model_state_dict
 
-    if is_prompt_learning(model):
+    if travels_by_parameter(model):
         return []
     carried = {t.data_ptr() for t in get_peft_model_state_dict(model).values() if t.numel()}
     return [n for n, p in model.named_parameters() if p.requires_grad and p.numel() and p.data_ptr() not in carried]
@@ -88,7 +96,7 @@ def set_adapter_state(model: Any, state: Mapping[str, Any], source: str = "recei
     """Apply a full adapter state, or the wire state (its trainable part); anything else is refused."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-    if is_prompt_learning(model):
+    if travels_by_parameter(model):
         _set_trainable_parameters(model, state, source)
         return
     full = get_peft_model_state_dict(model)

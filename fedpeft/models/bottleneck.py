@@ -9,7 +9,7 @@ extension point for custom LoRA layers (``LoraConfig._register_custom_module``):
 dispatcher builds this layer, layer = ``BottleneckLinear``, model = peft's LoraModel. So the adapter's tensors are
 ``lora_A`` (down) and ``lora_B`` (up) in peft's state dict, and everything downstream — the wire, DP-SGD on
 ``nn.Linear`` per-example gradients, secure aggregation, checkpoints — treats it like LoRA. Loading a saved bottleneck
-adapter needs the same registration (``fedpeft.json`` beside the adapter says so; see ``load_saved_adapter``).
+adapter needs the same registration (``fedpeft.json`` beside the adapter says so; see ``fedpeft.models.saved``).
 """
 
 from __future__ import annotations
@@ -80,24 +80,7 @@ def register(lora_config: Any) -> Any:
     return lora_config
 
 
-METHOD_FILE = "fedpeft.json"  # beside a saved adapter: the fedpeft method when peft's own config cannot tell
-
-
 def method_marker(peft_config: Any) -> dict[str, str] | None:
     """What to write into ``METHOD_FILE`` for this peft config (None: peft's files say everything)."""
     custom = getattr(peft_config, "_custom_modules", None) or {}
     return {"method": "bottleneck"} if BottleneckLinear in custom.values() else None
-
-
-def load_saved_adapter(base: Any, adapter_dir: Any) -> Any:
-    """``PeftModel.from_pretrained`` for any adapter fedpeft saved, bottleneck adapters included."""
-    import json
-    from pathlib import Path
-
-    from peft import LoraConfig, PeftModel
-
-    marker = Path(adapter_dir) / METHOD_FILE
-    if marker.is_file() and json.loads(marker.read_text(encoding="utf-8")).get("method") == "bottleneck":
-        config = register(LoraConfig.from_pretrained(str(adapter_dir)))
-        return PeftModel.from_pretrained(base, str(adapter_dir), config=config)
-    return PeftModel.from_pretrained(base, str(adapter_dir))

@@ -29,6 +29,10 @@ def merge_into_base(peft_model: Any) -> Any:
     adapter was trained to compute. Merge into a 16/32-bit copy of the base instead (what `fedpeft export --merge`
     does), or serve the adapter unmerged on the quantized base.
     """
+    from fedpeft.models.partial import is_partial
+
+    if is_partial(peft_model):  # the trained tensors are the base's own: nothing to fold
+        return peft_model
     if is_quantized(peft_model):
         raise ModelError("refusing to merge an adapter into a quantized (4/8-bit) base: the merged weights would be "
                          "re-quantized and lose the adapter's precision. Load the base with "
@@ -38,8 +42,8 @@ def merge_into_base(peft_model: Any) -> Any:
 
 def export_run(run_dir: str | Path, out: str | Path, server_round: int | None = None, merge: bool = False) -> Path:
     from fedpeft.data.sites import num_labels
-    from fedpeft.models.bottleneck import load_saved_adapter
     from fedpeft.models.loader import load_base_model
+    from fedpeft.models.saved import load_saved_adapter
 
     run_dir, out = Path(run_dir), Path(out)
     config_path = run_dir / CONFIG_FILE

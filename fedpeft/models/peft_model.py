@@ -82,6 +82,10 @@ def wrap_with_peft(model: Any, cfg: PeftConfig, task: str, seed: int = 0) -> Any
     import torch
     from peft import get_peft_model
 
+    from fedpeft.models.partial import PARTIAL_METHODS, PartialConfig, prepare_partial
+
+    if cfg.method in PARTIAL_METHODS:  # the base's own tensors train: no peft wrapper
+        return prepare_partial(model, PartialConfig(cfg.method, cfg.trainable_blocks, task))
     peft_config = build_peft_config(model, cfg, task)
     try:
         with torch.random.fork_rng(devices=[]):
@@ -147,3 +151,10 @@ def train_heads_in_fp32(peft_model: Any) -> None:
 
 def _inputs_to_fp32(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(a.float() if hasattr(a, "is_floating_point") and a.is_floating_point() else a for a in args)
+
+
+def method_config(model: Any) -> Any:
+    """The config that describes what trains: peft's, or fedpeft's for the partial methods (saved with checkpoints)."""
+    from fedpeft.models.partial import is_partial
+
+    return model.fedpeft_partial if is_partial(model) else model.peft_config["default"]

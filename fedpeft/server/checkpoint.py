@@ -21,7 +21,8 @@ def save_global_adapter(run_dir: Path, server_round: int, state: dict[str, Any],
     """Write the adapter atomically, then point ``adapters/LATEST`` at it."""
     from safetensors.torch import save_file
 
-    from fedpeft.models.bottleneck import METHOD_FILE, method_marker
+    from fedpeft.models.bottleneck import method_marker
+    from fedpeft.models.saved import METHOD_FILE
 
     target = round_dir(run_dir, server_round)
 

@@ -19,7 +19,7 @@ from fedpeft.models.adapter_state import (
     saved_format,
 )
 from fedpeft.models.loader import load_base_model
-from fedpeft.models.peft_model import wrap_with_peft
+from fedpeft.models.peft_model import method_config, wrap_with_peft
 from fedpeft.server.checkpoint import ADAPTER_WEIGHTS
 
 
@@ -48,7 +48,7 @@ def initial_adapter(cfg: RunConfig) -> InitialAdapter:
     if cfg.run.init_from:
         wire = continued_from(cfg.run.init_from, wire, frozen)
     keep = model if is_prompt_learning(model) else None  # LoRA/IA3 save as they travel: no model kept in memory
-    return InitialAdapter(wire, frozen, model.peft_config["default"], fingerprint, keep)
+    return InitialAdapter(wire, frozen, method_config(model), fingerprint, keep)
 
 
 def continued_from(adapter_dir: str, wire: AdapterState, frozen: AdapterState) -> AdapterState:

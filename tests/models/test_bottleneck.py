@@ -11,9 +11,10 @@ from fedpeft.client.trainer import batch_loss
 from fedpeft.config import ModelConfig, PeftConfig, from_mapping
 from fedpeft.errors import ConfigError, ModelError
 from fedpeft.models.adapter_state import get_adapter_state, get_wire_state, set_adapter_state
-from fedpeft.models.bottleneck import BottleneckLinear, bottleneck_targets, load_saved_adapter
+from fedpeft.models.bottleneck import BottleneckLinear, bottleneck_targets
 from fedpeft.models.loader import load_base_model
 from fedpeft.models.peft_model import wrap_with_peft
+from fedpeft.models.saved import load_saved_adapter
 from fedpeft.privacy.dp_sgd import DpSettings, make_private
 
 TINY = ModelConfig(name="tiny-llama", task="classification", quantization="none")

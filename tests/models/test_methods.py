@@ -17,7 +17,8 @@ from fedpeft.models.peft_model import wrap_with_peft
 METHODS = [PeftConfig(method="ia3"), PeftConfig(use_dora=True, r=4), PeftConfig(use_rslora=True, r=4),
            PeftConfig(method="prompt-tuning", virtual_tokens=4), PeftConfig(method="p-tuning", virtual_tokens=4),
            PeftConfig(method="prefix-tuning", virtual_tokens=4), PeftConfig(method="p-tuning-v2", virtual_tokens=4),
-           PeftConfig(method="bottleneck", r=4)]
+           PeftConfig(method="bottleneck", r=4), PeftConfig(method="freeze", trainable_blocks=1),
+           PeftConfig(method="full")]
 
 
 def _wrapped(peft: PeftConfig, task: str = "classification", seed: int = 0):

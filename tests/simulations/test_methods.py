@@ -25,7 +25,11 @@ CASES = {  # method options, task
     "prefix-tuning": ({"method": "prefix-tuning", "virtual_tokens": 4}, "causal-lm"),
     "p-tuning-v2": ({"method": "p-tuning-v2", "virtual_tokens": 4}, "causal-lm"),
     "bottleneck": ({"method": "bottleneck", "r": 4}, "classification"),
+    "freeze": ({"method": "freeze", "trainable_blocks": 1}, "classification"),
+    "full": ({"method": "full"}, "classification"),
+    "bitfit": ({"method": "bitfit"}, "classification"),
 }
+MODELS = {"bitfit": {"name": "minilm"}}  # Llama-family blocks have no biases for BitFit to train
 PROMPT_METHODS = ("prompt-tuning", "p-tuning", "prefix-tuning", "p-tuning-v2")
 
 
@@ -44,7 +48,7 @@ def _config(tmp_path, name: str, peft: dict, task: str, **extra):
 
 
 def _rate(method: str) -> float:
-    return 0.05 if method in PROMPT_METHODS else 0.02 if method in ("ia3", "bottleneck") else 0.005
+    return 0.05 if method in PROMPT_METHODS else 0.02 if method in ("ia3", "bottleneck", "bitfit") else 0.005
 
 
 def _expected_wire(cfg) -> dict:
@@ -55,11 +59,12 @@ def _expected_wire(cfg) -> dict:
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_method_federates_only_its_trainable_tensors(tmp_path, case):
-    from fedpeft.models.bottleneck import load_saved_adapter
+    from fedpeft.models.partial import is_partial
+    from fedpeft.models.saved import load_saved_adapter
     from fedpeft.simulations.engine import simulate
 
     peft, task = CASES[case]
-    cfg = _config(tmp_path, case, peft, task)
+    cfg = _config(tmp_path, case, peft, task, model=MODELS.get(case, {}))
     result = simulate(cfg)
     rounds = [json.loads(line) for line in (result.run_dir / METRICS_FILE).read_text().splitlines()]
     assert all(r["sites_returned"] == 3 and r["aggregated"] for r in rounds[1:]), rounds
@@ -87,7 +92,11 @@ def test_method_federates_only_its_trainable_tensors(tmp_path, case):
     fresh, _ = load_base_model(cfg.model, labels)
     saved_dir = result.run_dir / "adapters" / "round-0002"
     saved = load_file(str(saved_dir / "adapter_model.safetensors"))
-    loaded = get_peft_model_state_dict(load_saved_adapter(fresh, saved_dir))
+    loaded_model = load_saved_adapter(fresh, saved_dir)
+    if is_partial(loaded_model):  # the checkpoint holds base tensors by their own names
+        loaded = {name: p.detach() for name, p in loaded_model.named_parameters() if name in saved}
+    else:
+        loaded = get_peft_model_state_dict(loaded_model)
     assert set(loaded) == set(saved) and all(torch.equal(loaded[k].float(), saved[k].float()) for k in saved)
     initial = initial_adapter(cfg)
     untrained = initial.saved_format(initial.wire)
@@ -132,3 +141,15 @@ def test_the_bottleneck_adapter_with_dp_and_secure_aggregation(tmp_path):
     assert all(r["sites_returned"] == 3 and r["aggregated"] and not r["failures"] for r in rounds[1:]), rounds
     assert all(0 < eps <= 8.0 + 1e-6 for eps in rounds[2]["site_epsilon"].values())
     assert (result.run_dir / "adapters" / "round-0002" / "fedpeft.json").is_file()
+
+
+def test_layer_freezing_with_dp_and_secure_aggregation(tmp_path):
+    from fedpeft.simulations.engine import simulate
+
+    cfg = _config(tmp_path, "freeze-private", {"method": "freeze", "trainable_blocks": 1}, "classification",
+                  federation={"secure_aggregation": True, "weighting": "uniform"},
+                  privacy={"dp": True, "target_epsilon": 8.0})
+    result = simulate(cfg)
+    rounds = [json.loads(line) for line in (result.run_dir / METRICS_FILE).read_text().splitlines()]
+    assert all(r["sites_returned"] == 3 and r["aggregated"] and not r["failures"] for r in rounds[1:]), rounds
+    assert json.loads((result.run_dir / "adapters" / "round-0002" / "fedpeft.json").read_text())["method"] == "freeze"

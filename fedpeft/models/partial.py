@@ -1,0 +1,110 @@
+"""Methods that train the base model's own tensors: BitFit, layer freezing, full fine-tuning.
+
+peft has none of them, so they cross no peft boundary: the "adapter" is the set of base parameters that train, by
+their own names. What travels is exactly those tensors; a checkpoint holds them (safetensors) plus ``fedpeft.json``
+naming the method, and ``load_partial`` puts them back into a fresh copy of the base.
+
+- ``bitfit``: every bias of the model plus the task head (Ben Zaken et al., 2022); refused for a base without biases.
+- ``freeze``: the top ``peft.trainable_blocks`` transformer blocks and the task head; the rest stays frozen.
+- ``full``: every parameter. Only sensible for small models: the whole model travels each round.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from fedpeft.errors import ModelError
+from fedpeft.models.saved import METHOD_FILE
+
+PARTIAL_METHODS = ("bitfit", "freeze", "full")
+HEADS = ("score", "classifier")  # sequence-classification heads of Llama-family and BERT-family models
+
+
+@dataclass(frozen=True)
+class PartialConfig:
+    """Stands where a peft config stands (checkpoints and the audit log read it)."""
+
+    method: str
+    trainable_blocks: int = 0
+    task: str = "classification"
+
+    def save_pretrained(self, directory: str) -> None:
+        (Path(directory) / METHOD_FILE).write_text(json.dumps(self.to_dict()) + "\n", encoding="utf-8")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def is_partial(model: Any) -> bool:
+    return isinstance(getattr(model, "fedpeft_partial", None), PartialConfig)
+
+
+def prepare_partial(model: Any, config: PartialConfig) -> Any:
+    """Unfreeze the method's tensors of the (frozen) base in place and mark the model with its config."""
+    names = trainable_names(model, config)
+    if not names:
+        raise ModelError(f"peft.method = {config.method!r}: no tensor of {type(model).__name__} would train "
+                         f"({_why_none(config)})")
+    for name, param in model.named_parameters():
+        if name in names and not param.is_floating_point():
+            raise ModelError(f"peft.method = {config.method!r} trains '{name}', which is quantized; set "
+                             "model.quantization = 'none'")
+        param.requires_grad_(name in names)
+    model.fedpeft_partial = config
+    return model
+
+
+def trainable_names(model: Any, config: PartialConfig) -> set[str]:
+    from fedpeft.client.trainer import block_index
+
+    named = dict(model.named_parameters())
+    head = {n for n in named if n.split(".")[0] in HEADS}
+    if config.method == "full":
+        return set(named)
+    if config.method == "bitfit":
+        biases = {n for n in named if n.endswith(".bias") and n not in head}
+        return biases | head if biases else set()
+    blocks = {n: block_index(n) for n in named}
+    depth = max((i for i in blocks.values() if i is not None), default=-1) + 1
+    top = {n for n, i in blocks.items() if i is not None and i >= depth - config.trainable_blocks}
+    return top | head
+
+
+def _why_none(config: PartialConfig) -> str:
+    if config.method == "bitfit":
+        return "the base has no bias terms (Llama-family models have none); use another method"
+    return "set peft.trainable_blocks to at least 1"
+
+
+def partial_state(model: Any) -> dict[str, Any]:
+    """The trainable tensors by name, fp32 on the CPU: what travels and what a checkpoint holds."""
+    return {name: p.detach().to("cpu").float().contiguous().clone()
+            for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_partial(base: Any, adapter_dir: Path) -> Any:
+    """A fresh base with a saved partial checkpoint's tensors put back (strictly: every saved name must exist)."""
+    from safetensors.torch import load_file
+
+    config = PartialConfig(**json.loads((adapter_dir / METHOD_FILE).read_text(encoding="utf-8")))
+    weights = adapter_dir / "adapter_model.safetensors"
+    try:
+        saved = load_file(str(weights))
+    except Exception as err:  # safetensors raises its own error type for truncated or foreign files
+        raise ModelError(f"{weights}: cannot read the saved tensors ({err}); the checkpoint is damaged or not "
+                         "fedpeft's — load another round's adapter (runs/NAME/adapters/round-NNNN)") from err
+    params = dict(base.named_parameters())
+    unknown = sorted(set(saved) - set(params))
+    if unknown:
+        raise ModelError(f"{adapter_dir}: {len(unknown)} saved tensors are not in this base model (e.g. "
+                         f"{unknown[:2]}); load it on the base the run used")
+    import torch
+
+    with torch.no_grad():
+        for name, tensor in saved.items():
+            params[name].copy_(tensor.to(params[name].dtype))
+    base.fedpeft_partial = config
+    return base
