@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fedpeft.config import ModelConfig, PeftConfig
+from fedpeft.errors import ModelError
 from fedpeft.models.adapter_state import (
     get_wire_state,
     set_adapter_state,
@@ -21,22 +22,38 @@ METHODS = [PeftConfig(method="ia3"), PeftConfig(use_dora=True, r=4), PeftConfig(
            PeftConfig(method="full")]
 
 
-def _wrapped(peft: PeftConfig, task: str = "classification", seed: int = 0):
-    base, _ = load_base_model(ModelConfig(name="tiny-llama", task=task, quantization="none"), 6)
+def _wrapped(peft: PeftConfig, task: str = "classification", seed: int = 0, name: str = "tiny-llama"):
+    base, _ = load_base_model(ModelConfig(name=name, task=task, quantization="none"), 6)
     return wrap_with_peft(base, peft, task, seed)
 
 
-@pytest.mark.parametrize("peft", METHODS, ids=lambda p: p.method + ("-dora" * p.use_dora) + ("-rs" * p.use_rslora))
-def test_the_wire_state_is_every_trainable_tensor_and_round_trips(peft):
-    model = _wrapped(peft)
+# Every method on both bases of the table test: the tiny Llama as a causal LM and MiniLM as a classifier.
+BASES = [("tiny-llama", "causal-lm"), ("minilm", "classification")]
+UNSUPPORTED = {("bitfit", "tiny-llama")}  # Llama-family blocks have no biases
+EVERY_METHOD = [PeftConfig(), PeftConfig(method="bitfit"), *METHODS]
+
+
+def _method_id(peft: PeftConfig) -> str:
+    return peft.method + ("-dora" * peft.use_dora) + ("-rs" * peft.use_rslora)
+
+
+@pytest.mark.parametrize("base", BASES, ids=lambda b: b[0])
+@pytest.mark.parametrize("peft", EVERY_METHOD, ids=_method_id)
+def test_the_wire_state_is_every_trainable_tensor_and_round_trips(peft, base):
+    name, task = base
+    if (peft.method, name) in UNSUPPORTED:
+        with pytest.raises(ModelError):
+            _wrapped(peft, task, name=name)
+        return
+    model = _wrapped(peft, task, name=name)
     wire = get_wire_state(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert sum(t.numel() for t in wire.values()) == trainable, "exactly the trainable values travel"
+    assert wire and sum(t.numel() for t in wire.values()) == trainable, "exactly the trainable values travel"
     assert not untravelled_trainable(model)
-    changed = {name: tensor + 0.5 for name, tensor in wire.items()}
-    other = _wrapped(peft, seed=1)
+    changed = {key: tensor + 0.5 for key, tensor in wire.items()}
+    other = _wrapped(peft, task, seed=1, name=name)
     set_adapter_state(other, changed)
-    assert all(torch.equal(get_wire_state(other)[name], changed[name]) for name in changed)
+    assert all(torch.equal(get_wire_state(other)[key], changed[key]) for key in changed)
 
 
 def test_a_trainable_tensor_outside_the_adapter_is_detected():
