@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 
 from fedpeft.config import ModelConfig, PeftConfig, from_mapping
-from fedpeft.errors import ConfigError
+from fedpeft.errors import ConfigError, ModelError
 from fedpeft.models.adapter_state import get_wire_state
 from fedpeft.models.loader import load_base_model
 from fedpeft.models.peft_model import wrap_with_peft
@@ -70,7 +70,12 @@ def table(model: str, with_accuracy: bool, out: str, known: dict[str, str]) -> t
             "|---|---:|---:|---:|:-:|:-:|" + ("---:|" if with_accuracy else "")]
     sizes = {}
     for name, peft in VARIANTS.items():
-        values, total = measure(model, peft)
+        try:
+            values, total = measure(model, peft)
+        except ModelError as err:  # e.g. BitFit on a base without biases
+            rows.append(f"| {name} | not for {model}: {str(err).split(': ', 1)[-1]} |")
+            print(rows[-1], flush=True)
+            continue
         sizes[name] = values
         dp = supports(peft, model, {"privacy": {"dp": True}})
         secure = supports(peft, model, {"federation": {"secure_aggregation": True}})
