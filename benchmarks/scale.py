@@ -7,16 +7,20 @@ per client per round, for tiny-llama (the built-in 2-layer Llama) through Flower
     python benchmarks/scale.py --fraction-train 0.1 --plot benchmarks/scale.png
 
 Every client holds --examples-per-client rows of the generated prompt/response data (causal-lm, the 4-bit NF4 base:
-model.quantization = "auto") split IID; with --task classification the quick-start's generated tickets instead.
+model.quantization = "auto"), split IID; with --task classification the quick-start's generated tickets (IID too).
 A round = the sampled clients train (federation.fraction_train, default 1.0: all of them), the server aggregates,
 then *every* client evaluates the new global adapter (fedpeft evaluates on all sites whatever fraction_train is).
 Rounds per minute come from the per-round `seconds` of the run's metrics.jsonl (rounds 1..N; round 0, the initial
 evaluation that also loads the model in every Ray actor, is left out). Memory: a background thread samples the driver's
-process tree with psutil (the Ray workers, raylet and GCS are all descendants of the driver) every --sample-every
-seconds: RSS of the driver, RSS summed over the Ray worker processes (`ray::...`), and PSS of the whole tree (shared
-pages divided between the processes that map them; summed RSS counts each shared library and Ray's shared-memory
-object store once per process). Bytes: the mean upload per client per round from metrics.jsonl; each sampled client
-also downloads the global adapter (the same size) to train, and every client downloads it again to evaluate.
+process tree with psutil (Ray's gcs_server and raylet are children of the driver, the workers children of the raylet)
+every --sample-every seconds: RSS of the driver, RSS summed over the Ray worker processes (the client actors
+`ray::ClientAppActor` and Ray's prestarted `ray::IDLE` workers, not its agents), and PSS of the whole tree including
+Ray's daemons (shared pages divided between the processes that map them; summed RSS counts each shared library and
+Ray's shared-memory object store once per process). The peaks are maxima over samples, so short spikes between two
+samples are missed. Each client count runs in a fresh process: Ray stays up after a simulation. With RAY_ADDRESS set
+the run joins that Ray cluster (docs/scale.md) and its workers are not in this process tree: only the driver counts.
+Bytes: the mean upload per client per round from metrics.jsonl; each sampled client also downloads the global adapter
+(the same size) to train, and every client downloads it again to evaluate.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ class MemoryPeaks:
     driver_workers_rss: int = 0  # driver + workers at one sample
     tree_pss: int = 0  # the whole process tree (driver, workers, Ray's own daemons)
     actors_seen: set[int] = field(default_factory=set)  # pids of the ClientAppActor processes
-    idle_seen: set[int] = field(default_factory=set)  # pids of idle (prestarted) Ray workers
+    idle_seen: set[int] = field(default_factory=set)  # pids seen as idle Ray workers (one may become an actor)
     samples: int = 0
 
 
@@ -99,12 +103,11 @@ class TreeSampler(threading.Thread):
 
 
 def make_config(args: argparse.Namespace, clients: int, out: str) -> RunConfig:
-    causal = args.task == "causal-lm"
     return from_mapping({
         "model": {"name": "tiny-llama", "task": args.task, "max_length": args.max_length},
         "federation": {"rounds": args.rounds, "num_sites": clients, "fraction_train": args.fraction_train},
         "data": {"synthetic_examples": clients * args.examples_per_client,
-                 "partitioner": "iid" if causal else "dirichlet"},
+                 "partitioner": "iid"},
         "run": {"name": f"scale-{clients}", "out_dir": out},
     })
 
@@ -139,7 +142,8 @@ def run_single(args: argparse.Namespace, clients: int) -> dict:
             "train_loss": [r.get("train_loss") for r in trained],
             "driver_rss": peaks.driver_rss, "workers_rss": peaks.workers_rss,
             "driver_workers_rss": peaks.driver_workers_rss, "tree_pss": peaks.tree_pss,
-            "actors": len(peaks.actors_seen), "idle_workers": len(peaks.idle_seen), "samples": peaks.samples}
+            "load_1min": os.getloadavg()[0], "actors": len(peaks.actors_seen),
+            "idle_workers": len(peaks.idle_seen - peaks.actors_seen), "samples": peaks.samples}
 
 
 def run_isolated(args: argparse.Namespace, clients: int) -> dict:
@@ -172,10 +176,15 @@ def print_table(args: argparse.Namespace, rows: list[dict]) -> None:
               f"{r['wall_s']:>7.0f} {r['driver_rss'] / MIB:>7.0f} MiB {r['workers_rss'] / MIB:>7.0f} MiB "
               f"{r['driver_workers_rss'] / MIB:>7.0f} MiB {r['tree_pss'] / MIB:>5.0f} MiB "
               f"{r['bytes_per_client'] / 1024:>17.1f}")
+    print("machine load (1-min load average at each run's end, all users): "
+          + ", ".join(f"{r['clients']} clients: {r['load_1min']:.1f}" for r in rows))
     print("per-round seconds (rounds 1..N): " + "; ".join(f"{r['clients']}: {r['round_s']}" for r in rows))
     print("Ray worker processes (client actors + idle workers): "
           + ", ".join(f"{r['clients']} clients: {r['actors']} + {r['idle_workers']}" for r in rows)
           + f"; rounds/min from {', '.join(sorted({r['rate_from'] for r in rows}))}")
+    if any(r["actors"] == 0 for r in rows):
+        print("no client actor was a descendant of the driver (an existing Ray cluster, RAY_ADDRESS?): the workers' "
+              "memory is not measured here; see `ray memory` / `ray status` on the cluster")
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -187,11 +196,11 @@ def plot(rows: list[dict], path: str) -> None:
     clients = [r["clients"] for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
     left.plot(clients, [r["rounds_per_min"] for r in rows], marker="o")
-    left.set(xlabel="virtual clients", ylabel="rounds per minute", title="throughput")
+    left.set(xlabel="virtual clients", ylabel="rounds per minute", title="throughput", ylim=(0, None))
     right.plot(clients, [r["driver_workers_rss"] / MIB for r in rows], marker="o", label="driver + workers RSS")
     right.plot(clients, [r["tree_pss"] / MIB for r in rows], marker="s", label="process tree PSS")
-    right.set(xlabel="virtual clients", ylabel="MiB", title="peak memory")
-    right.legend()
+    right.set(xlabel="virtual clients", ylabel="MiB", title="peak memory", ylim=(0, None))
+    right.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

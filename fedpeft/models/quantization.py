@@ -98,4 +98,6 @@ def quantize_built_model(model: Any, kwargs: dict[str, Any]) -> Any:
 
     with tempfile.TemporaryDirectory(prefix="fedpeft-quantize-") as tmp:
         model.save_pretrained(tmp)
-        return type(model).from_pretrained(tmp, **kwargs)
+        quantized = type(model).from_pretrained(tmp, **kwargs)
+    quantized.config.name_or_path = model.config.name_or_path  # not the deleted temp dir (saved adapters record it)
+    return quantized
