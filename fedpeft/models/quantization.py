@@ -99,5 +99,7 @@ def quantize_built_model(model: Any, kwargs: dict[str, Any]) -> Any:
     with tempfile.TemporaryDirectory(prefix="fedpeft-quantize-") as tmp:
         model.save_pretrained(tmp)
         quantized = type(model).from_pretrained(tmp, **kwargs)
-    quantized.config.name_or_path = model.config.name_or_path  # not the deleted temp dir (saved adapters record it)
+    # Not the deleted temp dir: peft records the base's name in saved adapters (and looks for a config there).
+    quantized.config.name_or_path = model.config.name_or_path
+    quantized.name_or_path = model.config.name_or_path
     return quantized

@@ -118,38 +118,25 @@ def test_ia3_with_secure_aggregation_and_dp_refused_when_the_run_is_built(tmp_pa
             _config(tmp_path, "refused", peft, "classification", privacy={"dp": True})
 
 
-def test_a_prefix_method_with_dp_and_secure_aggregation(tmp_path):
+PRIVATE_CASES = {  # beyond LoRA (tests/simulations/test_private_federation.py): prefix, bottleneck, freezing
+    "p-tuning-v2": {"method": "p-tuning-v2", "virtual_tokens": 4},
+    "bottleneck": {"method": "bottleneck", "r": 4},
+    "freeze": {"method": "freeze", "trainable_blocks": 1},
+}
+
+
+@pytest.mark.parametrize("case", sorted(PRIVATE_CASES))
+def test_method_with_dp_and_secure_aggregation(tmp_path, case):
+    from fedpeft.models.saved import saved_method
     from fedpeft.simulations.engine import simulate
 
-    cfg = _config(tmp_path, "ptv2-private", {"method": "p-tuning-v2", "virtual_tokens": 4}, "classification",
+    peft = PRIVATE_CASES[case]
+    cfg = _config(tmp_path, f"{case}-private", peft, "classification",
                   federation={"secure_aggregation": True, "weighting": "uniform"},
                   privacy={"dp": True, "target_epsilon": 8.0})
     result = simulate(cfg)
     rounds = [json.loads(line) for line in (result.run_dir / METRICS_FILE).read_text().splitlines()]
     assert all(r["sites_returned"] == 3 and r["aggregated"] and not r["failures"] for r in rounds[1:]), rounds
     assert all(0 < eps <= 8.0 + 1e-6 for eps in rounds[2]["site_epsilon"].values())
-
-
-def test_the_bottleneck_adapter_with_dp_and_secure_aggregation(tmp_path):
-    from fedpeft.simulations.engine import simulate
-
-    cfg = _config(tmp_path, "bottleneck-private", {"method": "bottleneck", "r": 4}, "classification",
-                  federation={"secure_aggregation": True, "weighting": "uniform"},
-                  privacy={"dp": True, "target_epsilon": 8.0})
-    result = simulate(cfg)
-    rounds = [json.loads(line) for line in (result.run_dir / METRICS_FILE).read_text().splitlines()]
-    assert all(r["sites_returned"] == 3 and r["aggregated"] and not r["failures"] for r in rounds[1:]), rounds
-    assert all(0 < eps <= 8.0 + 1e-6 for eps in rounds[2]["site_epsilon"].values())
-    assert (result.run_dir / "adapters" / "round-0002" / "fedpeft.json").is_file()
-
-
-def test_layer_freezing_with_dp_and_secure_aggregation(tmp_path):
-    from fedpeft.simulations.engine import simulate
-
-    cfg = _config(tmp_path, "freeze-private", {"method": "freeze", "trainable_blocks": 1}, "classification",
-                  federation={"secure_aggregation": True, "weighting": "uniform"},
-                  privacy={"dp": True, "target_epsilon": 8.0})
-    result = simulate(cfg)
-    rounds = [json.loads(line) for line in (result.run_dir / METRICS_FILE).read_text().splitlines()]
-    assert all(r["sites_returned"] == 3 and r["aggregated"] and not r["failures"] for r in rounds[1:]), rounds
-    assert json.loads((result.run_dir / "adapters" / "round-0002" / "fedpeft.json").read_text())["method"] == "freeze"
+    marker = saved_method(result.run_dir / "adapters" / "round-0002")  # fedpeft.json where peft's files do not tell
+    assert marker == (peft["method"] if peft["method"] in ("bottleneck", "freeze") else None)
