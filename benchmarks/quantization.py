@@ -25,6 +25,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from fedpeft.config import ModelConfig, PeftConfig
 from fedpeft.models.peft_model import wrap_with_peft
+from fedpeft.models.precision import bf16_autocast
 from fedpeft.models.quantization import guard_cpu_4bit, load_kwargs
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -62,22 +63,19 @@ def step_times(model: torch.nn.Module, args: argparse.Namespace) -> list[float]:
     peft_model.train()
     opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, 1000, (args.batch, args.seq), device=args.device)
-    autocast = args.one.endswith("+ac") if args.one else False
-    if autocast:  # adapter matmuls in bf16 on the bf16 activations, without peft's fp32 copy of each input
-        for module in peft_model.modules():
-            if hasattr(module, "cast_input_dtype_enabled"):
-                module.cast_input_dtype_enabled = False
+    autocast = args.one.endswith("+ac") if args.one else False  # what train.autocast does in fedpeft's trainer
     times = []
-    for _ in range(args.steps + 2):
-        start = time.perf_counter()
-        with torch.autocast(args.device, dtype=torch.bfloat16, enabled=autocast):
-            loss = peft_model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+    with bf16_autocast(peft_model, autocast) as forward_precision:
+        for _ in range(args.steps + 2):
+            start = time.perf_counter()
+            with forward_precision():
+                loss = peft_model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
     return times[2:]  # first steps warm up kernels and allocator
 
 
@@ -157,7 +155,8 @@ def main() -> None:
         return
     rows = run_all(args, argv)
     tokens = args.batch * args.seq
-    print(f"{'setting':<12} {'linear weight bytes':>20} {'median step (s)':>16} {'tokens/s':>10} {'peak train MiB':>15}")
+    print(f"{'setting':<12} {'linear weight bytes':>20} {'median step (s)':>16} {'tokens/s':>10} "
+          f"{'peak train MiB':>15}")
     for setting, row in rows.items():
         print(f"{setting:<12} {row['bytes']:>20,} {row['step']:>16.3f} {tokens / row['step']:>10,.0f} "
               f"{row['peak'] / 2**20:>15.1f}")

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from fedpeft.client.batches import IGNORE_INDEX, EncodedData, iterate_batches
 from fedpeft.config import TrainConfig
+from fedpeft.models.blocks import block_index
 from fedpeft.models.precision import bf16_autocast
 
 
@@ -82,15 +82,6 @@ def param_groups(model: Any, cfg: TrainConfig) -> list[dict[str, Any]]:
     if head:
         groups.append({"params": head, "lr": cfg.head_learning_rate or cfg.learning_rate})
     return groups
-
-
-_BLOCK = re.compile(r"\.(?:layers|layer|h|blocks)\.(\d+)\.")
-
-
-def block_index(name: str) -> int | None:
-    """The transformer block a parameter belongs to (Llama ``layers.N``, BERT ``layer.N``, GPT-2 ``h.N``)."""
-    match = _BLOCK.search(name)
-    return int(match.group(1)) if match else None
 
 
 def train_local(model: Any, data: EncodedData, cfg: TrainConfig, task: str, seed: int,

@@ -79,8 +79,3 @@ def register(lora_config: Any) -> Any:
     lora_config._register_custom_module({nn.Linear: BottleneckLinear})
     return lora_config
 
-
-def method_marker(peft_config: Any) -> dict[str, str] | None:
-    """What to write into ``METHOD_FILE`` for this peft config (None: peft's files say everything)."""
-    custom = getattr(peft_config, "_custom_modules", None) or {}
-    return {"method": "bottleneck"} if BottleneckLinear in custom.values() else None

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.errors import ModelError
+from fedpeft.models.blocks import block_index
 from fedpeft.models.saved import METHOD_FILE
 
 PARTIAL_METHODS = ("bitfit", "freeze", "full")
@@ -58,8 +59,6 @@ def prepare_partial(model: Any, config: PartialConfig) -> Any:
 
 
 def trainable_names(model: Any, config: PartialConfig) -> set[str]:
-    from fedpeft.client.trainer import block_index
-
     named = dict(model.named_parameters())
     head = {n for n in named if n.split(".")[0] in HEADS}
     if config.method == "full":
@@ -77,12 +76,6 @@ def _why_none(config: PartialConfig) -> str:
     if config.method == "bitfit":
         return "the base has no bias terms (Llama-family models have none); use another method"
     return "set peft.trainable_blocks to at least 1"
-
-
-def partial_state(model: Any) -> dict[str, Any]:
-    """The trainable tensors by name, fp32 on the CPU: what travels and what a checkpoint holds."""
-    return {name: p.detach().to("cpu").float().contiguous().clone()
-            for name, p in model.named_parameters() if p.requires_grad}
 
 
 def load_partial(base: Any, adapter_dir: Path) -> Any:

@@ -14,6 +14,15 @@ from typing import Any
 METHOD_FILE = "fedpeft.json"
 
 
+def write_method_marker(directory: str | Path, peft_config: Any) -> None:
+    """Beside peft's files, ``fedpeft.json`` for a config peft's own files cannot describe (a bottleneck adapter)."""
+    from fedpeft.models.bottleneck import BottleneckLinear
+
+    custom = getattr(peft_config, "_custom_modules", None) or {}
+    if BottleneckLinear in custom.values():
+        (Path(directory) / METHOD_FILE).write_text(json.dumps({"method": "bottleneck"}) + "\n", encoding="utf-8")
+
+
 def saved_method(adapter_dir: str | Path) -> str | None:
     marker = Path(adapter_dir) / METHOD_FILE
     return json.loads(marker.read_text(encoding="utf-8")).get("method") if marker.is_file() else None

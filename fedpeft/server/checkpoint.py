@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +20,13 @@ def save_global_adapter(run_dir: Path, server_round: int, state: dict[str, Any],
     """Write the adapter atomically, then point ``adapters/LATEST`` at it."""
     from safetensors.torch import save_file
 
-    from fedpeft.models.bottleneck import method_marker
-    from fedpeft.models.saved import METHOD_FILE
+    from fedpeft.models.saved import write_method_marker
 
     target = round_dir(run_dir, server_round)
 
-    marker = method_marker(peft_config)
-
     def fill(tmp: Path) -> None:
         peft_config.save_pretrained(str(tmp))
-        if marker is not None:
-            (tmp / METHOD_FILE).write_text(json.dumps(marker) + "\n", encoding="utf-8")
+        write_method_marker(tmp, peft_config)
         save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
 
     write_dir_atomic(target, fill)

@@ -24,7 +24,7 @@ def test_head_and_adapter_get_their_configured_learning_rates():
 def test_layered_rates_lower_each_block_below_the_one_above():
     import pytest
 
-    from fedpeft.client.trainer import block_index
+    from fedpeft.models.blocks import block_index
 
     model, _ = _model()  # tiny-llama: 2 blocks
     groups = param_groups(model, TrainConfig(learning_rate=1e-3, head_learning_rate=2e-2, layer_decay=0.5))

@@ -12,8 +12,14 @@ from fedpeft.config import ModelConfig, PeftConfig, TrainConfig
 from fedpeft.models.loader import load_base_model
 from fedpeft.models.peft_model import wrap_with_peft
 from fedpeft.privacy.accounting import planned_steps
-from fedpeft.privacy.dp_sgd import (DpSettings, _empty_gradients, make_private, private_loss,
-                                    resolve_grad_sample_mode, train_private)
+from fedpeft.privacy.dp_sgd import (
+    DpSettings,
+    _empty_gradients,
+    make_private,
+    private_loss,
+    resolve_grad_sample_mode,
+    train_private,
+)
 
 TASKS = ["classification", "causal-lm"]
 

@@ -10,8 +10,7 @@ import pytest
 
 from fedpeft.config import from_mapping
 from fedpeft.errors import LedgerCorrupted, PrivacyBudgetExceeded
-from fedpeft.privacy.accounting import epsilon
-from fedpeft.privacy.accounting import planned_steps
+from fedpeft.privacy.accounting import epsilon, planned_steps
 from fedpeft.privacy.ledger import PrivacyLedger
 from fedpeft.privacy.site_budget import SiteBudget, site_ledger_path, site_policy
 from fedpeft.server.run_dir import METRICS_FILE, SUMMARY_FILE
