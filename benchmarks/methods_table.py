@@ -28,6 +28,7 @@ VARIANTS = {  # row name -> [peft] settings
     "LoRA r=8, FFA (A frozen)": {"method": "lora", "lora_mode": "ffa"},
     "LoRA r=8 + rsLoRA": {"method": "lora", "use_rslora": True},
     "DoRA r=8": {"method": "lora", "use_dora": True},
+    "AdaLoRA r=12 pruned to 8 on average": {"method": "adalora"},
     "IA3": {"method": "ia3"},
     "prompt tuning (16 tokens)": {"method": "prompt-tuning"},
     "P-tuning (16 tokens)": {"method": "p-tuning"},

@@ -6,6 +6,7 @@ METRICS = "metrics"  # MetricRecord: the site's reply metrics
 
 # ConfigRecord keys (server -> site)
 SERVER_ROUND = "server-round"
+RANK_KEEP = "rank-keep"  # AdaLoRA: bits, one per singular value (sorted tensor names), 1 = trains this round
 
 # MetricRecord keys (site -> server)
 NUM_EXAMPLES = "num-examples"

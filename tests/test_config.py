@@ -33,7 +33,11 @@ def test_int_is_accepted_where_a_float_is_expected():
 BAD_INPUTS = [
     ({"peft": {"method": "ia3", "lora_mode": "ffa"}}, ["peft.lora_mode", "'ffa'", "peft.method = 'lora'"]),
     ({"peft": {"method": "ia3", "use_dora": True}}, ["peft.use_dora", "LoRA options"]),
-    ({"peft": {"method": "ia3"}, "privacy": {"dp": True}}, ["privacy.dp", "IA3", "per-example gradients"]),
+    ({"peft": {"method": "ia3"}, "privacy": {"dp": True, "grad_sample_mode": "ghost"}},
+     ["privacy.grad_sample_mode", "'ia3'", "ghost clipping", "'auto'"]),
+    ({"peft": {"method": "adalora", "r": 8, "adalora_init_r": 4}}, ["peft.adalora_init_r", "at least", "peft.r (8)"]),
+    ({"peft": {"method": "adalora", "adalora_warmup_rounds": 2, "adalora_final_rounds": 1},
+      "federation": {"rounds": 3}}, ["peft.adalora_warmup_rounds", "2 + 1", "federation.rounds (3)"]),
     ({"peft": {"use_dora": True}, "privacy": {"dp": True}}, ["privacy.dp", "DoRA"]),
     ({"peft": {"method": "adapter"}}, ["peft.method", "'adapter'", "'ia3'"]),
     ({"model": {"nme": "minilm"}}, ["model.nme", "known keys"]),

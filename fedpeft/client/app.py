@@ -53,7 +53,8 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(msg.content[wire.CONFIG][wire.SERVER_ROUND])
     audit = site.audit()
     try:
-        local = site.train_round(_received_adapter(msg), server_round)
+        rank_keep = msg.content[wire.CONFIG].get(wire.RANK_KEEP)
+        local = site.train_round(_received_adapter(msg), server_round, rank_keep)
     except PrivacyError as refusal:  # policy or budget: a clear answer the server records, not a crash
         audit.refusal(site.cfg.run.name, server_round, str(refusal))
         metrics = MetricRecord({wire.REFUSED: 1, wire.PARTITION_ID: site.partition_id})

@@ -7,6 +7,7 @@ A Ray actor of the simulation engine serves many virtual sites in turn, so the p
 from __future__ import annotations
 
 import functools
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from fedpeft.client.trainer import EvalResult, TrainResult, evaluate, train_loca
 from fedpeft.config import ModelConfig, PeftConfig, RunConfig
 from fedpeft.data.records import ClassificationData
 from fedpeft.data.sites import SiteData, num_labels, site_split
+from fedpeft.models.adalora import keep_ranks
 from fedpeft.models.adapter_state import AdapterState, get_wire_state, set_adapter_state
 from fedpeft.models.loader import load_base_model
 from fedpeft.models.peft_model import wrap_with_peft
@@ -102,8 +104,10 @@ class Site:
         ledger = Path(self.ledger_path) if self.ledger_path else site_ledger_path(self.cfg, site)
         return SiteBudget(self.cfg, site, policy, ledger)
 
-    def train_round(self, global_state: AdapterState, server_round: int) -> LocalRound:
-        """Raises a PrivacyError subclass, before any training, when policy or budget forbid this round."""
+    def train_round(self, global_state: AdapterState, server_round: int, rank_keep: bytes | None = None) -> LocalRound:
+        """Raises a PrivacyError subclass, before any training, when policy or budget forbid this round.
+
+        ``rank_keep``: AdaLoRA's mask for this round (from the server); masked singular values stay zero."""
         budget = self.budget()
         if budget is not None:
             budget.check_policy()
@@ -111,12 +115,13 @@ class Site:
         seed = self.cfg.run.seed * 1_000_003 + server_round * 1009 + self.partition_id
         privacy: dict[str, float] = {}
         ledger_line = None
-        if self.cfg.privacy.dp:
-            result, privacy = self._train_private(budget, server_round, seed)
-            ledger_line = budget.ledger.last_line_sha256()
-        else:
-            mu = self.cfg.strategy.proximal_mu if self.cfg.federation.aggregation == "fedprox" else 0.0
-            result = train_local(self.model, self.train_data, self.cfg.train, self.cfg.model.task, seed, mu)
+        with keep_ranks(self.model, rank_keep) if rank_keep is not None else nullcontext():
+            if self.cfg.privacy.dp:
+                result, privacy = self._train_private(budget, server_round, seed)
+                ledger_line = budget.ledger.last_line_sha256()
+            else:
+                mu = self.cfg.strategy.proximal_mu if self.cfg.federation.aggregation == "fedprox" else 0.0
+                result = train_local(self.model, self.train_data, self.cfg.train, self.cfg.model.task, seed, mu)
         trained, start = get_wire_state(self.model), self.local_view(global_state)
         update = {name: trained[name] - start[name] for name in trained}
         if self.hetero:

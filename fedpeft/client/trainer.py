@@ -9,6 +9,7 @@ from typing import Any
 
 from fedpeft.client.batches import IGNORE_INDEX, EncodedData, iterate_batches
 from fedpeft.config import TrainConfig
+from fedpeft.models.adalora import orthogonality_penalty
 from fedpeft.models.blocks import block_index
 from fedpeft.models.precision import bf16_autocast
 
@@ -105,6 +106,9 @@ def train_local(model: Any, data: EncodedData, cfg: TrainConfig, task: str, seed
             with forward_precision():
                 loss, _, _ = batch_loss(model, batch, task)
             data_loss = loss.detach()
+            penalty = orthogonality_penalty(model)
+            if penalty is not None:
+                loss = loss + penalty
             if proximal_mu:
                 drift = sum((p - a).pow(2).sum() for p, a in zip(trainable, anchor, strict=True))
                 loss = loss + proximal_mu / 2 * drift

@@ -22,8 +22,8 @@ from fedpeft.errors import ConfigError
 TASKS = ("classification", "causal-lm")
 QUANTIZATIONS = ("auto", "none", "nf4", "fp4", "int8")
 COMPUTE_DTYPES = ("fp32", "bf16")
-PEFT_METHODS = ("lora", "ia3", "prompt-tuning", "p-tuning", "prefix-tuning", "p-tuning-v2", "bottleneck", "bitfit",
-                "freeze", "full")
+PEFT_METHODS = ("lora", "adalora", "ia3", "prompt-tuning", "p-tuning", "prefix-tuning", "p-tuning-v2", "bottleneck",
+                "bitfit", "freeze", "full")
 ADAPTER_PLACEMENTS = ("both", "attention", "ffn")
 LORA_MODES = ("fedit", "ffa")
 PARTITIONERS = ("iid", "dirichlet", "column")
@@ -61,6 +61,10 @@ class PeftConfig:
     encoder_hidden_size: int = 0  # p-tuning / prefix-tuning reparameterization MLP width; 0: the model's hidden size
     adapter_placement: str = "both"  # bottleneck: after the attention output, the feed-forward output, or both
     trainable_blocks: int = 2  # freeze: the top blocks that train (with the task head); the others stay frozen
+    adalora_init_r: int = 12  # adalora: every module starts at this rank; the server prunes to r per module on average
+    adalora_warmup_rounds: int = 1  # adalora: rounds at the initial rank budget before pruning starts
+    adalora_final_rounds: int = 1  # adalora: rounds at the final budget (r per module) after pruning ends
+    adalora_orth_reg: float = 0.5  # adalora: weight of the orthogonality penalty on A and B (not applied under DP)
 
     def rank_list(self) -> list[int]:
         return [int(x) for x in self.site_ranks.split(",") if x.strip()] if self.site_ranks.strip() else []

@@ -32,7 +32,7 @@ def _fail(origin: str, key: str, value: Any, rule: str) -> None:
 
 def check_values(cfg: RunConfig, origin: str) -> None:
     """Raise ConfigError for the first rule the config breaks."""
-    sections = (_model_rules, _peft_rules, _train_rules, _federation_rules, _data_rules, _privacy_rules,
+    sections = (_model_rules, _peft_rules, _adalora_rules, _train_rules, _federation_rules, _data_rules, _privacy_rules,
                 _strategy_rules, _secagg_rules, _run_rules)
     for rules in sections:
         for key, value, holds, fix in rules(cfg):
@@ -86,6 +86,23 @@ def _peft_rules(cfg: RunConfig) -> list[Rule]:
          f"use one of {list(ADAPTER_PLACEMENTS)} (where the bottleneck adapter sits in each block)"),
         ("peft.alpha", cfg.peft.alpha, cfg.peft.alpha > 0, "use a positive scaling (commonly 2 x r)"),
         ("peft.dropout", cfg.peft.dropout, 0.0 <= cfg.peft.dropout < 1.0, "use a probability in [0, 1)"),
+    ]
+
+
+def _adalora_rules(cfg: RunConfig) -> list[Rule]:
+    p = cfg.peft
+    if p.method != "adalora":
+        return []
+    return [
+        ("peft.adalora_init_r", p.adalora_init_r, p.adalora_init_r >= p.r,
+         f"the initial rank must be at least the final average rank peft.r ({p.r}); e.g. 1.5 x r"),
+        ("peft.adalora_warmup_rounds", p.adalora_warmup_rounds, p.adalora_warmup_rounds >= 0, "use 0 or more"),
+        ("peft.adalora_final_rounds", p.adalora_final_rounds, p.adalora_final_rounds >= 0, "use 0 or more"),
+        ("peft.adalora_warmup_rounds", p.adalora_warmup_rounds,
+         p.adalora_warmup_rounds + p.adalora_final_rounds < cfg.federation.rounds,
+         f"warm-up plus final rounds ({p.adalora_warmup_rounds} + {p.adalora_final_rounds}) must leave a round "
+         f"for pruning within federation.rounds ({cfg.federation.rounds}); lower them or run more rounds"),
+        ("peft.adalora_orth_reg", p.adalora_orth_reg, p.adalora_orth_reg >= 0, "use 0 (off) or a positive weight"),
     ]
 
 
@@ -149,16 +166,22 @@ def _data_rules(cfg: RunConfig) -> list[Rule]:
 
 
 def _privacy_rules(cfg: RunConfig) -> list[Rule]:
-    # Opacus computes per-example gradients per module that owns and uses its parameters; IA3's scaling vectors
-    # (a ParameterDict used by its parent) and DoRA's magnitude module (called with keyword-only arguments) are
-    # neither, in every grad-sample mode (hooks, functorch, ghost): measured, see tests/config.
-    no_dp_yet = cfg.peft.method == "ia3" or cfg.peft.use_dora
+    # Opacus computes per-example gradients per module that owns and uses its parameters; DoRA's magnitude module
+    # (called with keyword-only arguments) is not one, in every grad-sample mode: measured, see tests/config.
+    # IA3's and AdaLoRA's tensors (ParameterDicts used by their parent) get fedpeft's own per-example gradients,
+    # which feed Opacus' per-sample optimizer (hooks / functorch) but not ghost clipping's norm-only pass.
+    no_dp_yet = cfg.peft.use_dora
+    own_sampler = cfg.peft.method in ("ia3", "adalora")
     # Prompt and P-tuning with a classification head fail inside Opacus' per-example gradient of the head.
     no_dp_cls = cfg.peft.method in ("prompt-tuning", "p-tuning") and cfg.model.task == "classification"
     return [
         ("privacy.dp", cfg.privacy.dp, not (cfg.privacy.dp and no_dp_yet),
-         "DP-SGD (Opacus) cannot compute per-example gradients for IA3's scaling vectors or DoRA's magnitudes; "
-         "with privacy.dp use peft.method = 'lora' (use_rslora is fine), or turn privacy.dp off"),
+         "DP-SGD (Opacus) cannot compute per-example gradients for DoRA's magnitudes; with privacy.dp use "
+         "peft.method = 'lora' (use_rslora is fine), or turn privacy.dp off"),
+        ("privacy.grad_sample_mode", cfg.privacy.grad_sample_mode,
+         not (cfg.privacy.dp and own_sampler and cfg.privacy.grad_sample_mode == "ghost"),
+         f"'{cfg.peft.method}' gets per-example gradients from fedpeft's own sampler, which ghost clipping cannot "
+         "use; set privacy.grad_sample_mode = 'auto' (hooks)"),
         ("privacy.dp", cfg.privacy.dp, not (cfg.privacy.dp and no_dp_cls),
          "DP-SGD (Opacus) fails on prompt-tuning / p-tuning with a classification head; with privacy.dp use "
          "'prefix-tuning', 'p-tuning-v2' or 'lora' for classification (prompt methods work with DP for causal-lm)"),

@@ -33,6 +33,14 @@ def build_peft_config(model: Any, cfg: PeftConfig, task: str) -> Any:
     if cfg.method == "lora":
         return LoraConfig(task_type=task_type, r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                           target_modules=lora_targets(model, cfg), use_dora=cfg.use_dora, use_rslora=cfg.use_rslora)
+    if cfg.method == "adalora":
+        from peft import AdaLoraConfig
+
+        # peft's step-based rank allocator is never called: fedpeft fixes the ranks per round on the server
+        # (fedpeft/models/adalora.py); total_step only satisfies AdaLoraConfig's own check.
+        return AdaLoraConfig(task_type=task_type, init_r=cfg.adalora_init_r, target_r=cfg.r, lora_alpha=cfg.alpha,
+                             lora_dropout=cfg.dropout, target_modules=lora_targets(model, cfg), total_step=1,
+                             orth_reg_weight=cfg.adalora_orth_reg)
     if cfg.method == "bottleneck":
         from fedpeft.models.bottleneck import bottleneck_targets, register
 

@@ -90,8 +90,10 @@ def make_private(model: Any, optimizer: Any, data: EncodedData, batch_size: int,
         module, optimizer, criterion, loader = parts
         return Private(module, optimizer, loader, criterion)
     from fedpeft.privacy.fused_optimizer import fuse
+    from fedpeft.privacy.peft_grad_samplers import attach_peft_grad_samplers
 
     module, optimizer, loader = parts
+    attach_peft_grad_samplers(module)  # IA3 / AdaLoRA tensors, which Opacus' own hooks never reach
     return Private(module, fuse(optimizer), loader)
 
 

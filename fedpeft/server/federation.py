@@ -17,6 +17,7 @@ from fedpeft.audit.trail import CoordinatorAudit
 from fedpeft.config import RunConfig
 from fedpeft.errors import FederationError, SecAggAbort
 from fedpeft.io.atomic import append_jsonl, write_json_atomic
+from fedpeft.models.adalora import RankSchedule, pack, prune
 from fedpeft.models.adapter_state import AdapterState
 from fedpeft.secagg.server import SecAggRound
 from fedpeft.server.checkpoint import (
@@ -72,6 +73,7 @@ class Federation:
         self.audit = CoordinatorAudit(cfg, run_dir)
         self.last_site_accuracy: dict[str, float] = {}
         self.timeout = cfg.federation.round_timeout
+        self.ranks = RankSchedule.from_config(cfg) if cfg.peft.method == "adalora" else None
 
     def run(self) -> dict[str, Any]:
         nodes = self.wait_for_sites()
@@ -166,6 +168,8 @@ class Federation:
                 update_sum, weight_sum = rank_aware_mean({**update_sum, RANK_WEIGHT: rank_weight}, weight_sum), 1.0
             update_norm = mean_update_norm(update_sum, weight_sum)
             self.global_state = self.rule.aggregate(self.global_state, update_sum, weight_sum)
+            if self.ranks is not None:
+                self.global_state = prune(self.global_state, self.ranks.keep(self.global_state, server_round))
             saved = save_global_adapter(self.run_dir, server_round, self.initial.saved_format(self.global_state),
                                         self.peft_config)
             adapter_sha256 = file_digest(saved / ADAPTER_WEIGHTS)
@@ -190,7 +194,7 @@ class Federation:
         if self.cfg.federation.secure_aggregation:
             got = self.secure_train_round(sampled, server_round)
         else:
-            replies = broadcast(self.grid, sampled, TRAIN, self.global_state, {wire.SERVER_ROUND: server_round},
+            replies = broadcast(self.grid, sampled, TRAIN, self.global_state, self.train_config(server_round),
                                 self.timeout)
             got = collect_updates(replies, self.template, self.cfg.federation.weighting)
         if got.first_record is not None:
@@ -200,7 +204,7 @@ class Federation:
     def secure_train_round(self, sampled: list[int], server_round: int) -> RoundCollection:
         import torch  # noqa: F401  (ArrayRecord needs torch imported to accept a state dict)
 
-        config = ConfigRecord({wire.SERVER_ROUND: server_round})
+        config = ConfigRecord(self.train_config(server_round))
         content = RecordDict({wire.ADAPTER: ArrayRecord(self.global_state), wire.CONFIG: config})
         length = sum(t.numel() for t in self.template.values())
         try:
@@ -210,6 +214,13 @@ class Federation:
             return RoundCollection(failures={"secagg": str(abort)})
         scale = self.cfg.secagg.max_weight if self.cfg.federation.weighting == "num-examples" else 1.0
         return collect_secure(secure, self.template, scale)
+
+    def train_config(self, server_round: int) -> dict[str, Any]:
+        """The round's instructions; with AdaLoRA, which singular values train (fixed here for every site)."""
+        config: dict[str, Any] = {wire.SERVER_ROUND: server_round}
+        if self.ranks is not None:
+            config[wire.RANK_KEEP] = pack(self.ranks.keep(self.global_state, server_round - 1))
+        return config
 
     def record_manifest(self, record: Any) -> None:
         """Write once what a site upload consists of (names, shapes, dtypes, bytes): the evidence of what left."""

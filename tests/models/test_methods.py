@@ -15,7 +15,7 @@ from fedpeft.models.adapter_state import (
 from fedpeft.models.loader import load_base_model
 from fedpeft.models.peft_model import wrap_with_peft
 
-METHODS = [PeftConfig(method="ia3"), PeftConfig(use_dora=True, r=4), PeftConfig(use_rslora=True, r=4),
+METHODS = [PeftConfig(method="ia3"), PeftConfig(method="adalora", r=2, adalora_init_r=4), PeftConfig(use_dora=True, r=4), PeftConfig(use_rslora=True, r=4),
            PeftConfig(method="prompt-tuning", virtual_tokens=4), PeftConfig(method="p-tuning", virtual_tokens=4),
            PeftConfig(method="prefix-tuning", virtual_tokens=4), PeftConfig(method="p-tuning-v2", virtual_tokens=4),
            PeftConfig(method="bottleneck", r=4), PeftConfig(method="freeze", trainable_blocks=1),

@@ -1,5 +1,6 @@
 """PEFT methods beyond plain LoRA, federated end to end: only the method's trainable tensors travel, the global
-adapter loads back with peft, and training helps; IA3 also under DP-SGD with secure aggregation."""
+adapter loads back with peft, and training helps; IA3, AdaLoRA, the bottleneck adapter, prefix methods and layer
+freezing also under DP-SGD with secure aggregation."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ pytestmark = pytest.mark.slow
 
 CASES = {  # method options, task
     "ia3": ({"method": "ia3"}, "causal-lm"),
+    "adalora": ({"method": "adalora", "r": 2, "adalora_init_r": 4, "adalora_final_rounds": 0}, "classification"),
     "dora": ({"method": "lora", "use_dora": True, "r": 4}, "classification"),
     "rslora": ({"method": "lora", "use_rslora": True, "r": 4}, "causal-lm"),
     "prompt-tuning": ({"method": "prompt-tuning", "virtual_tokens": 4}, "causal-lm"),
@@ -48,7 +50,8 @@ def _config(tmp_path, name: str, peft: dict, task: str, **extra):
 
 
 def _rate(method: str) -> float:
-    return 0.05 if method in PROMPT_METHODS else 0.02 if method in ("ia3", "bottleneck", "bitfit") else 0.005
+    return 0.05 if method in PROMPT_METHODS else 0.02 if method in ("ia3", "bottleneck", "bitfit", "adalora") \
+        else 0.005
 
 
 def _expected_wire(cfg) -> dict:
@@ -79,6 +82,8 @@ def test_method_federates_only_its_trainable_tensors(tmp_path, case):
         assert any("lora_magnitude_vector" in name for name in expected), "DoRA's magnitudes travel too"
     if case == "ia3":
         assert all("ia3_l" in name for name in expected) and values < 1000, "IA3 sends scaling vectors only"
+    if case == "adalora":
+        _check_rank_budget(result.run_dir, cfg)
 
     if peft["method"] in PROMPT_METHODS:  # the encoder's parameters travel; checkpoints hold the computed prompts
         assert any(name.startswith("prompt_encoder.") for name in expected)
@@ -103,7 +108,23 @@ def test_method_federates_only_its_trainable_tensors(tmp_path, case):
     assert any(not torch.equal(saved[k].float(), untrained[k].float()) for k in saved), "training changed it"
 
 
-def test_ia3_with_secure_aggregation_and_dp_refused_when_the_run_is_built(tmp_path):
+def _check_rank_budget(run_dir, cfg) -> None:
+    """After each round the global adapter keeps exactly the scheduled number of singular values, and every site
+    trained the same pattern (a masked value stays exactly zero in the average)."""
+    from safetensors.torch import load_file
+
+    from fedpeft.models.adalora import RankSchedule, singular_value_names
+
+    schedule = RankSchedule.from_config(cfg)
+    for completed in (1, 2):
+        saved = load_file(str(run_dir / "adapters" / f"round-{completed:04d}" / "adapter_model.safetensors"))
+        names = singular_value_names(saved)
+        kept = sum(int((saved[name] != 0).sum()) for name in names)
+        assert kept == schedule.budget(completed, len(names)), (completed, kept)
+    assert schedule.budget(2, len(names)) == cfg.peft.r * len(names) < schedule.budget(1, len(names))
+
+
+def test_ia3_with_secure_aggregation_and_what_dp_cannot_take_refused_when_the_run_is_built(tmp_path):
     from fedpeft.errors import ConfigError
     from fedpeft.simulations.engine import simulate
 
@@ -113,12 +134,14 @@ def test_ia3_with_secure_aggregation_and_dp_refused_when_the_run_is_built(tmp_pa
     rounds = [json.loads(line) for line in (result.run_dir / METRICS_FILE).read_text().splitlines()]
     assert all(r["sites_returned"] == 3 and r["aggregated"] and not r["failures"] for r in rounds[1:]), rounds
     assert rounds[2]["global_eval_loss"] < rounds[0]["global_eval_loss"]
-    for peft in ({"method": "ia3"}, {"method": "lora", "use_dora": True}, {"method": "prompt-tuning"}):
+    for peft in ({"method": "lora", "use_dora": True}, {"method": "prompt-tuning"}):
         with pytest.raises(ConfigError, match=r"privacy\.dp.*Opacus"):
             _config(tmp_path, "refused", peft, "classification", privacy={"dp": True})
 
 
-PRIVATE_CASES = {  # beyond LoRA (tests/simulations/test_private_federation.py): prefix, bottleneck, freezing
+PRIVATE_CASES = {  # beyond LoRA (tests/simulations/test_private_federation.py)
+    "ia3": {"method": "ia3"},
+    "adalora": {"method": "adalora", "r": 2, "adalora_init_r": 4, "adalora_final_rounds": 0},
     "p-tuning-v2": {"method": "p-tuning-v2", "virtual_tokens": 4},
     "bottleneck": {"method": "bottleneck", "r": 4},
     "freeze": {"method": "freeze", "trainable_blocks": 1},
