@@ -17,11 +17,19 @@ from fedpeft.client.batches import EncodedData, encode_classification, encode_pr
 from fedpeft.client.trainer import EvalResult, TrainResult, evaluate, train_local
 from fedpeft.config import ModelConfig, PeftConfig, RunConfig
 from fedpeft.data.records import ClassificationData
-from fedpeft.data.sites import SiteData, num_labels, site_split
+from fedpeft.data.sites import SiteData, is_multitask, label_names, num_labels, site_split
+from fedpeft.io.atomic import write_bytes_atomic
 from fedpeft.models.adalora import keep_ranks
-from fedpeft.models.adapter_state import AdapterState, get_wire_state, set_adapter_state
+from fedpeft.models.adapter_state import (
+    AdapterState,
+    get_head_state,
+    get_wire_state,
+    set_adapter_state,
+    set_head_state,
+)
 from fedpeft.models.loader import load_base_model
 from fedpeft.models.peft_model import wrap_with_peft
+from fedpeft.models.task_heads import attach_task_heads
 from fedpeft.privacy.accounting import planned_steps
 from fedpeft.privacy.client_dp import add_gaussian, clip_update, noise_share_std
 from fedpeft.privacy.dp_sgd import DpSettings, train_private
@@ -37,17 +45,28 @@ class LocalRound:
     ledger_line_sha256: str | None = None  # the privacy ledger's line for this round (DP), for the audit log
 
 
+HEAD_FILE = "head.safetensors"  # a site's own task head when heads stay local (peft.head = "local")
+
+
+@dataclass(frozen=True)
+class SharedModel:
+    model: Any  # the peft model, its trainable tensors overwritten for each site and round
+    tokenizer: Any
+    initial_head: AdapterState  # the seeded head as built, for a local-head site that has not trained yet
+
+
 @functools.lru_cache(maxsize=4)  # one per distinct LoRA rank a process serves
-def shared_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, labels: int, seed: int) -> tuple[Any, Any]:
+def shared_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, labels: int, seed: int) -> SharedModel:
     base, tokenizer = load_base_model(model_cfg, labels)
-    return wrap_with_peft(base, peft_cfg, model_cfg.task, seed), tokenizer
+    model = wrap_with_peft(base, peft_cfg, model_cfg.task, seed)
+    return SharedModel(model, tokenizer, get_head_state(model))
 
 
 @functools.lru_cache(maxsize=256)
 def encoded_site_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> tuple[EncodedData, EncodedData]:
     split = site_split(cfg, partition_id, num_partitions)
-    _, tokenizer = shared_model(cfg.model, site_peft_config(cfg.peft, site_rank(cfg, partition_id)),
-                                num_labels(cfg), cfg.run.seed)
+    tokenizer = shared_model(cfg.model, site_peft_config(cfg.peft, site_rank(cfg, partition_id)),
+                             num_labels(cfg), cfg.run.seed).tokenizer
     return _encode(split.train, tokenizer, cfg.model.max_length), _encode(split.eval, tokenizer, cfg.model.max_length)
 
 
@@ -70,7 +89,10 @@ class Site:
         self.audit_files = audit_files  # (log, key); None: beside the ledger
         self.rank = site_rank(cfg, partition_id)
         self.hetero = bool(cfg.peft.site_ranks)
-        self.model, _ = shared_model(cfg.model, site_peft_config(cfg.peft, self.rank), num_labels(cfg), cfg.run.seed)
+        self.shared = shared_model(cfg.model, site_peft_config(cfg.peft, self.rank), num_labels(cfg), cfg.run.seed)
+        self.model = self.shared.model
+        self.local_head = cfg.peft.head == "local"
+        attach_task_heads(self.model, label_names(cfg) if is_multitask(cfg.data) else None)
         self.train_data, self.eval_data = encoded_site_data(cfg, *data_partition)
 
     def local_view(self, global_state: AdapterState) -> AdapterState:
@@ -78,8 +100,26 @@ class Site:
         return truncate(global_state, self.rank) if self.hetero else dict(global_state)
 
     def load_global(self, global_state: AdapterState) -> None:
+        """The global adapter, and with local heads this site's own head (the seeded one until it trains)."""
         set_adapter_state(self.model, self.local_view(global_state),
                           source=f"global adapter received by site {self.partition_id}")
+        if self.local_head:
+            from safetensors.torch import load_file
+
+            path = self.site_dir() / HEAD_FILE
+            head = load_file(str(path)) if path.is_file() else self.shared.initial_head
+            set_head_state(self.model, head, source=f"site {self.partition_id}'s own head {path}")
+
+    def save_local_head(self) -> None:
+        """Atomically: a crash leaves the previous round's head, never a torn file."""
+        from safetensors.torch import save
+
+        write_bytes_atomic(self.site_dir() / HEAD_FILE, save(get_head_state(self.model)))
+
+    def site_dir(self) -> Path:
+        """The site's own files (ledger, audit log, local head): beside its ledger."""
+        return (Path(self.ledger_path) if self.ledger_path
+                else site_ledger_path(self.cfg, str(self.partition_id))).parent
 
     def evaluate(self, global_state: AdapterState) -> EvalResult:
         self.load_global(global_state)
@@ -90,9 +130,7 @@ class Site:
         if self.audit_files is not None:
             log, key = (Path(p) for p in self.audit_files)
         else:
-            here = (Path(self.ledger_path) if self.ledger_path
-                    else site_ledger_path(self.cfg, str(self.partition_id))).parent
-            log, key = here / "audit.jsonl", here / "audit.key"
+            log, key = self.site_dir() / "audit.jsonl", self.site_dir() / "audit.key"
         return SiteAudit(log, key, str(self.partition_id))
 
     def budget(self) -> SiteBudget | None:
@@ -122,7 +160,9 @@ class Site:
             else:
                 mu = self.cfg.strategy.proximal_mu if self.cfg.federation.aggregation == "fedprox" else 0.0
                 result = train_local(self.model, self.train_data, self.cfg.train, self.cfg.model.task, seed, mu)
-        trained, start = get_wire_state(self.model), self.local_view(global_state)
+        if self.local_head:
+            self.save_local_head()
+        trained, start = get_wire_state(self.model, self.local_head), self.local_view(global_state)
         update = {name: trained[name] - start[name] for name in trained}
         if self.hetero:
             update = pad(update, global_state, self.rank)

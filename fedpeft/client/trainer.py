@@ -12,6 +12,7 @@ from fedpeft.config import TrainConfig
 from fedpeft.models.adalora import orthogonality_penalty
 from fedpeft.models.blocks import block_index
 from fedpeft.models.precision import bf16_autocast
+from fedpeft.models.task_heads import label_tasks, restrict_to_task
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,9 @@ def batch_loss(model: Any, batch: dict[str, Any], task: str) -> tuple[Any, Any, 
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     labels = batch["labels"]
     if task == "classification":
+        tasks = label_tasks(model)
+        if tasks is not None:  # multi-task site: each example against its own task's head only
+            logits = restrict_to_task(logits, labels, tasks)
         loss = F.cross_entropy(logits.float(), labels)
         return loss, (logits.argmax(-1) == labels).sum(), labels.new_tensor(labels.numel())
     if logits.shape[1] > labels.shape[1]:  # prompt / p-tuning prepend virtual tokens to the sequence

@@ -25,6 +25,7 @@ COMPUTE_DTYPES = ("fp32", "bf16")
 PEFT_METHODS = ("lora", "adalora", "ia3", "prompt-tuning", "p-tuning", "prefix-tuning", "p-tuning-v2", "bottleneck",
                 "bitfit", "freeze", "full")
 ADAPTER_PLACEMENTS = ("both", "attention", "ffn")
+HEAD_MODES = ("aggregate", "local")
 LORA_MODES = ("fedit", "ffa")
 PARTITIONERS = ("iid", "dirichlet", "column")
 WEIGHTINGS = ("num-examples", "uniform")
@@ -61,6 +62,7 @@ class PeftConfig:
     encoder_hidden_size: int = 0  # p-tuning / prefix-tuning reparameterization MLP width; 0: the model's hidden size
     adapter_placement: str = "both"  # bottleneck: after the attention output, the feed-forward output, or both
     trainable_blocks: int = 2  # freeze: the top blocks that train (with the task head); the others stay frozen
+    head: str = "aggregate"  # classification head: "aggregate" (travels like the adapter) or "local" (personalized)
     adalora_init_r: int = 12  # adalora: every module starts at this rank; the server prunes to r per module on average
     adalora_warmup_rounds: int = 1  # adalora: rounds at the initial rank budget before pruning starts
     adalora_final_rounds: int = 1  # adalora: rounds at the final budget (r per module) after pruning ends
@@ -114,7 +116,7 @@ class StrategyConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "synthetic"  # "synthetic" or a path to a .csv/.jsonl file
+    source: str = "synthetic"  # "synthetic", "synthetic-multitask" or a path to a .csv/.jsonl file
     synthetic_examples: int = 1500
     text_column: str = "text"
     label_column: str = "label"
@@ -125,6 +127,7 @@ class DataConfig:
     partition_column: str = ""
     eval_fraction: float = 0.2
     label_names: tuple[str, ...] = ()  # the federation's classes in id order; needed when sites read their own files
+    task_column: str = ""  # multi-task classification: the column naming each row's task (one head per task)
 
 
 @dataclass(frozen=True)

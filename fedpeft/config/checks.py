@@ -12,6 +12,7 @@ from fedpeft.config import (
     CLIENT_DP_MODES,
     COMPUTE_DTYPES,
     GRAD_SAMPLE_MODES,
+    HEAD_MODES,
     LORA_MODES,
     PARTITIONERS,
     PEFT_METHODS,
@@ -84,6 +85,9 @@ def _peft_rules(cfg: RunConfig) -> list[Rule]:
          f"'{cfg.peft.method}' trains base weights, which a quantized base cannot; set model.quantization = 'none'"),
         ("peft.adapter_placement", cfg.peft.adapter_placement, cfg.peft.adapter_placement in ADAPTER_PLACEMENTS,
          f"use one of {list(ADAPTER_PLACEMENTS)} (where the bottleneck adapter sits in each block)"),
+        ("peft.head", cfg.peft.head, cfg.peft.head in HEAD_MODES, f"use one of {list(HEAD_MODES)}"),
+        ("peft.head", cfg.peft.head, cfg.peft.head == "aggregate" or cfg.model.task == "classification",
+         "a causal LM has no separate task head; local heads need model.task = 'classification'"),
         ("peft.alpha", cfg.peft.alpha, cfg.peft.alpha > 0, "use a positive scaling (commonly 2 x r)"),
         ("peft.dropout", cfg.peft.dropout, 0.0 <= cfg.peft.dropout < 1.0, "use a probability in [0, 1)"),
     ]
@@ -148,6 +152,10 @@ def _federation_rules(cfg: RunConfig) -> list[Rule]:
 
 def _data_rules(cfg: RunConfig) -> list[Rule]:
     return [
+        ("data.task_column", cfg.data.task_column,
+         cfg.model.task == "classification" or not (cfg.data.task_column or cfg.data.source == "synthetic-multitask"),
+         "multi-task heads are classification heads; set model.task = 'classification' or clear data.task_column "
+         "(a causal LM takes every task as prompt and response)"),
         ("data.partitioner", cfg.data.partitioner, cfg.data.partitioner in PARTITIONERS,
          f"use one of {list(PARTITIONERS)}"),
         ("data.dirichlet_alpha", cfg.data.dirichlet_alpha, cfg.data.dirichlet_alpha > 0,

@@ -29,15 +29,20 @@ def load_classification(
     label_column: str = "label",
     group_column: str | None = None,
     label_names: tuple[str, ...] = (),
+    task_column: str | None = None,
 ) -> ClassificationData:
     """Read texts and labels; integer labels are kept as ids, string labels are mapped in sorted order.
 
     ``label_names`` fixes the mapping instead (name i is id i): every site of a deployment must use the same ids,
-    and a site whose file lacks a class would otherwise shift every id after it.
+    and a site whose file lacks a class would otherwise shift every id after it. With ``task_column`` each row's
+    label becomes ``task:label`` (multi-task: one head per task).
     """
     table = _read_table(path)
     texts = _column(table, text_column, "data.text_column", strip=False)
     raw_labels = _column(table, label_column, "data.label_column", strip=True)
+    if task_column:
+        tasks = _column(table, task_column, "data.task_column", strip=True)
+        raw_labels = [f"{task}:{label}" for task, label in zip(tasks, raw_labels, strict=True)]
     if label_names:
         labels = _labels_by_name(table, raw_labels, label_column, label_names)
     else:

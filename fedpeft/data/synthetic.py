@@ -143,6 +143,22 @@ def make_support_tickets(num_examples: int, seed: int = 0) -> ClassificationData
     return ClassificationData(texts=tuple(texts), labels=tuple(labels), label_names=SUPPORT_LABELS)
 
 
+MULTITASK_LABELS: tuple[str, ...] = (*(f"topic:{t}" for t in TOPICS), *(f"urgency:{u}" for u in URGENCY_LEVELS))
+
+
+def make_multitask_tickets(num_examples: int, seed: int = 0) -> ClassificationData:
+    """Tickets labelled for one of two tasks, alternately: their topic (3 classes) or their urgency (2 classes);
+    label names are ``task:label`` (fedpeft.models.task_heads)."""
+    rng = _rng(num_examples, seed)
+    texts, labels = [], []
+    for i in range(num_examples):
+        topic, urgency = rng.choice(TOPICS), rng.choice(URGENCY_LEVELS)
+        texts.append(_ticket(rng, topic, urgency))
+        name = f"topic:{topic}" if i % 2 == 0 else f"urgency:{urgency}"
+        labels.append(MULTITASK_LABELS.index(name))
+    return ClassificationData(texts=tuple(texts), labels=tuple(labels), label_names=MULTITASK_LABELS)
+
+
 def make_prompt_response(num_examples: int, seed: int = 0) -> PromptResponseData:
     """Generate instruction pairs asking for a ticket's urgency, department, or full label."""
     rng = _rng(num_examples, seed)

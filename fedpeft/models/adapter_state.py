@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from fedpeft.errors import AdapterMismatchError
+from fedpeft.models.blocks import is_head
 
 AdapterState = dict[str, Any]  # name -> torch.Tensor (fp32, contiguous, on CPU)
 
@@ -68,10 +69,32 @@ def untravelled_trainable(model: Any) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad and p.numel() and p.data_ptr() not in carried]
 
 
-def get_wire_state(model: Any) -> AdapterState:
-    """The trainable part of the adapter state: what a site sends and receives each round."""
+def get_wire_state(model: Any, local_head: bool = False) -> AdapterState:
+    """The trainable part of the adapter state: what a site sends and receives each round (without the task head
+    when heads stay local: ``peft.head = "local"``)."""
     names = trainable_adapter_names(model)
-    return {name: tensor for name, tensor in get_adapter_state(model).items() if name in names}
+    return {name: tensor for name, tensor in get_adapter_state(model).items()
+            if name in names and not (local_head and is_head(name))}
+
+
+def get_head_state(model: Any) -> AdapterState:
+    """The trainable task head alone (a site's personal head when heads stay local)."""
+    return {name: tensor for name, tensor in get_wire_state(model).items() if is_head(name)}
+
+
+def set_head_state(model: Any, head: Mapping[str, Any], source: str) -> None:
+    set_adapter_state(model, {**get_wire_state(model), **head}, source)
+
+
+def _expected_form(full: Mapping[str, Any], trainable: set[str], received: set[str]) -> dict[str, Any]:
+    """The accepted form ``received`` has: the full adapter state, the wire state, or the wire state without the
+    head (local heads); the wire state when it is none of them, so that the mismatch is reported against it."""
+    wire = {k: v for k, v in full.items() if k in trainable}
+    headless = {k: v for k, v in wire.items() if not is_head(k)}
+    for form in (full, wire, headless):
+        if set(form) == received:
+            return dict(form)
+    return wire
 
 
 def check_adapter_state(expected: Mapping[str, Any], received: Mapping[str, Any], source: str) -> None:
@@ -93,17 +116,17 @@ def check_adapter_state(expected: Mapping[str, Any], received: Mapping[str, Any]
 
 
 def set_adapter_state(model: Any, state: Mapping[str, Any], source: str = "received adapter") -> None:
-    """Apply a full adapter state, or the wire state (its trainable part); anything else is refused."""
+    """Apply a full adapter state, or the wire state (its trainable part, with or without the task head); anything
+    else is refused. A state without the head leaves the model's head as it is."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     if travels_by_parameter(model):
         _set_trainable_parameters(model, state, source)
         return
     full = get_peft_model_state_dict(model)
-    names = trainable_adapter_names(model)
-    expected = full if set(state) == set(full) else {k: v for k, v in full.items() if k in names}
-    check_adapter_state(expected, state, source)
-    result = set_peft_model_state_dict(model, dict(state))
+    check_adapter_state(_expected_form(full, trainable_adapter_names(model), set(state)), state, source)
+    kept_head = {name: tensor for name, tensor in full.items() if is_head(name) and name not in state}
+    result = set_peft_model_state_dict(model, {**kept_head, **state})  # peft needs every head tensor
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise AdapterMismatchError(f"{source}: peft rejected {len(unexpected)} tensors, e.g. {unexpected[:2]}")
@@ -113,7 +136,7 @@ def _set_trainable_parameters(model: Any, state: Mapping[str, Any], source: str)
     import torch
 
     parameters = _trainable_parameters(model)
-    check_adapter_state(parameters, state, source)
+    check_adapter_state(_expected_form(parameters, set(parameters), set(state)), state, source)
     with torch.no_grad():
         for name, tensor in state.items():
             parameters[name].copy_(tensor.to(parameters[name].dtype))

@@ -17,11 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.errors import ModelError
-from fedpeft.models.blocks import block_index
+from fedpeft.models.blocks import block_index, is_head
 from fedpeft.models.saved import METHOD_FILE
 
 PARTIAL_METHODS = ("bitfit", "freeze", "full")
-HEADS = ("score", "classifier")  # sequence-classification heads of Llama-family and BERT-family models
 
 
 @dataclass(frozen=True)
@@ -60,7 +59,7 @@ def prepare_partial(model: Any, config: PartialConfig) -> Any:
 
 def trainable_names(model: Any, config: PartialConfig) -> set[str]:
     named = dict(model.named_parameters())
-    head = {n for n in named if n.split(".")[0] in HEADS}
+    head = {n for n in named if is_head(n)}
     if config.method == "full":
         return set(named)
     if config.method == "bitfit":

@@ -15,6 +15,7 @@ from fedpeft.models.adapter_state import (
     check_adapter_state,
     get_adapter_state,
     get_wire_state,
+    is_head,
     is_prompt_learning,
     saved_format,
 )
@@ -30,12 +31,12 @@ class InitialAdapter:
     peft_config: Any
     base_fingerprint: str = ""  # SHA-256 of the base model's weights, for the audit log
     model: Any = None  # the server's peft model: turns the wire state into peft's save format
+    local_head: bool = False  # peft.head = "local": heads stay at the sites, the global adapter has none
 
     def saved_format(self, wire: AdapterState) -> AdapterState:
         """What a checkpoint holds: peft's own format (computed prompts for prompt/prefix methods)."""
-        if self.model is not None:
-            return saved_format(self.model, wire)
-        return {**self.frozen, **wire}
+        saved = saved_format(self.model, wire) if self.model is not None else {**self.frozen, **wire}
+        return {name: t for name, t in saved.items() if not (self.local_head and is_head(name))}
 
 
 def initial_adapter(cfg: RunConfig) -> InitialAdapter:
@@ -43,12 +44,14 @@ def initial_adapter(cfg: RunConfig) -> InitialAdapter:
     base, _ = load_base_model(cfg.model, num_labels(cfg))
     fingerprint = model_fingerprint(base)
     model = wrap_with_peft(base, cfg.peft, cfg.model.task, cfg.run.seed)
-    wire = get_wire_state(model)
-    frozen = {name: t for name, t in get_adapter_state(model).items() if name not in wire}
+    local_head = cfg.peft.head == "local"
+    wire = get_wire_state(model, local_head)
+    frozen = {name: t for name, t in get_adapter_state(model).items()
+              if name not in wire and not (local_head and is_head(name))}
     if cfg.run.init_from:
         wire = continued_from(cfg.run.init_from, wire, frozen)
     keep = model if is_prompt_learning(model) else None  # LoRA/IA3 save as they travel: no model kept in memory
-    return InitialAdapter(wire, frozen, method_config(model), fingerprint, keep)
+    return InitialAdapter(wire, frozen, method_config(model), fingerprint, keep, local_head)
 
 
 def continued_from(adapter_dir: str, wire: AdapterState, frozen: AdapterState) -> AdapterState:

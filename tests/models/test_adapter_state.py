@@ -72,3 +72,29 @@ def test_unknown_model_name_is_a_clear_error(tmp_path):
 def test_encoder_models_refuse_causal_lm():
     with pytest.raises(ModelError, match="cannot do causal-lm"):
         load_base_model(ModelConfig(name="minilm", task="causal-lm"), num_labels=0)
+
+
+@pytest.mark.parametrize("method", ["lora", "freeze"])
+def test_a_state_without_the_head_leaves_the_local_head_alone(method):
+    from fedpeft.models.adapter_state import get_head_state, get_wire_state, set_head_state
+
+    base, _ = load_base_model(ModelConfig(name="minilm", quantization="none"), num_labels=3)
+    model = wrap_with_peft(base, PeftConfig(method=method, r=4, trainable_blocks=1), "classification")
+    head = get_head_state(model)
+    assert head and all("classifier" in name for name in head)
+    headless = get_wire_state(model, local_head=True)
+    assert set(headless) == set(get_wire_state(model)) - set(head)
+    set_head_state(model, {name: t + 1.0 for name, t in head.items()}, source="test head")
+    set_adapter_state(model, {name: t + 2.0 for name, t in headless.items()}, source="global without head")
+    after = get_wire_state(model)
+    assert all(torch.equal(after[name], head[name] + 1.0) for name in head), "the head is the site's own"
+    assert all(torch.equal(after[name], headless[name] + 2.0) for name in headless)
+
+
+def test_head_names_are_recognised_in_every_naming():
+    from fedpeft.models.blocks import is_head
+
+    assert is_head("classifier.weight") and is_head("base_model.model.score.weight")
+    assert is_head("base_model.classifier.modules_to_save.default.bias")
+    assert not is_head("base_model.model.bert.encoder.layer.0.output.dense.lora_A.weight")
+    assert not is_head("base_model.model.model.layers.1.mlp.score_proj.weight")
