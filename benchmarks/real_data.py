@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import json
 import os
 import tempfile
@@ -50,14 +49,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from real_data_sets import DATASETS, prepare, write_csv  # beside this script
 
+from fedpeft.client.trainer import predict
 from fedpeft.config import RunConfig, from_mapping
-from fedpeft.data.loaders import load_classification
 from fedpeft.data.records import ClassificationData
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = REPO.parent / "shared" / "data"
-DATASETS = ("banking77", "medical-abstracts")
 DEFAULT_SITES = {"banking77": 10, "medical-abstracts": 5}
 DEFAULT_MAX_LENGTH = {"banking77": 64, "medical-abstracts": 256}  # as in shared/REFERENCE.md
 HEADLINE = "dp8-secure"
@@ -100,91 +99,6 @@ class Row:
     curve: list[float] = field(default_factory=list)  # held-out (site eval split) accuracy by round, from metrics
 
 
-# ---- data ---------------------------------------------------------------------------------------------------------
-
-def dedup_texts(data: ClassificationData) -> tuple[ClassificationData, int]:
-    """One row per distinct text; a text seen under more than one label (multi-label) is dropped.
-
-    Returns the data and the number of dropped multi-label texts.
-    """
-    labels_of: dict[str, set[int]] = {}
-    for text, label in zip(data.texts, data.labels, strict=True):
-        labels_of.setdefault(text, set()).add(label)
-    keep = [t for t, labels in labels_of.items() if len(labels) == 1]  # dicts keep first-appearance order
-    dropped = len(labels_of) - len(keep)
-    return ClassificationData(tuple(keep), tuple(next(iter(labels_of[t])) for t in keep), data.label_names), dropped
-
-
-def split_by_text(data: ClassificationData, test_fraction: float,
-                  seed: int) -> tuple[ClassificationData, ClassificationData]:
-    """Train/test split by group of identical texts: the first int((1 - f) * groups) of a seeded permutation of
-    the groups train, the rest test; a duplicated text never crosses the split."""
-    groups: dict[str, list[int]] = {}
-    for row, text in enumerate(data.texts):
-        groups.setdefault(text, []).append(row)
-    keys = list(groups)
-    order = np.random.default_rng(seed).permutation(len(keys))
-    n_train = int((1 - test_fraction) * len(keys))
-    train = sorted(row for i in order[:n_train] for row in groups[keys[i]])
-    test = sorted(row for i in order[n_train:] for row in groups[keys[i]])
-    return data.subset(train), data.subset(test)
-
-
-def subsample(data: ClassificationData, limit: int, seed: int) -> ClassificationData:
-    """At most ``limit`` rows, stratified: each class keeps its share (rows ranked by position within a shuffled
-    class, so the first ``limit`` hold every class in proportion)."""
-    if not limit or limit >= len(data):
-        return data
-    rng = np.random.default_rng(seed)
-    labels = np.asarray(data.labels)
-    key = np.empty(len(data))
-    for cls in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == cls))
-        key[members] = (np.arange(len(members)) + rng.random(len(members))) / len(members)
-    return data.subset(sorted(int(i) for i in np.argsort(key, kind="stable")[:limit]))
-
-
-def load_banking77(root: Path) -> tuple[ClassificationData, ClassificationData, str]:
-    names = tuple(json.loads((root / "categories.json").read_text(encoding="utf-8")))
-    train = load_classification(root / "train.csv", "text", "category", label_names=names)
-    test = load_classification(root / "test.csv", "text", "category", label_names=names)
-    train, dropped = dedup_texts(train)
-    overlap = set(train.texts) & set(test.texts)
-    if overlap:
-        train = train.subset([i for i, t in enumerate(train.texts) if t not in overlap])
-    return train, test, f"train.csv -> sites, test.csv = test ({dropped} multi-label, {len(overlap)} overlapping)"
-
-
-def load_medical(root: Path, seed: int) -> tuple[ClassificationData, ClassificationData, str]:
-    with (root / "medical_tc_labels.csv").open(encoding="utf-8", newline="") as handle:
-        named = [(r["condition_label"].strip(), r["condition_name"].strip()) for r in csv.DictReader(handle)]
-    codes, names = zip(*named, strict=True)
-    rows = load_classification(root / "medical_tc_test.csv", "medical_abstract", "condition_label",
-                               label_names=tuple(codes))
-    unique, dropped = dedup_texts(rows)
-    train, test = split_by_text(ClassificationData(unique.texts, unique.labels, tuple(names)), 0.2, seed)
-    return train, test, (f"{len(rows)} rows -> {len(unique)} unique texts ({dropped} multi-label dropped) -> "
-                         f"80/20 by text, seed {seed}")
-
-
-def prepare(args: argparse.Namespace) -> tuple[ClassificationData, ClassificationData, str]:
-    root = Path(args.data_dir) / args.dataset
-    if args.dataset == "banking77":
-        train, test, how = load_banking77(root)
-    else:
-        train, test, how = load_medical(root, 0)  # REFERENCE.md's split: seed 0, whatever --seed says
-    full = (len(train), len(test))
-    train, test = subsample(train, args.max_train, args.seed), subsample(test, args.max_test, args.seed)
-    return train, test, f"{how}; {len(train)}/{full[0]} train, {len(test)}/{full[1]} test rows used"
-
-
-def write_csv(data: ClassificationData, path: Path) -> None:
-    with path.open("w", encoding="utf-8", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["text", "label"])
-        writer.writerows((text, data.label_names[label]) for text, label in zip(data.texts, data.labels, strict=True))
-
-
 # ---- scoring --------------------------------------------------------------------------------------------------------
 
 def macro_f1(y_true: Any, y_pred: Any) -> float:
@@ -199,24 +113,8 @@ def macro_f1(y_true: Any, y_pred: Any) -> float:
     return float(np.mean(scores)) if scores else float("nan")
 
 
-def predict(model: Any, data: Any, batch_size: int) -> np.ndarray:
-    import torch
-
-    from fedpeft.client.batches import iterate_batches
-    from fedpeft.client.trainer import on_model_device
-
-    model.eval()
-    preds = []
-    with torch.no_grad():
-        for batch in iterate_batches(data, batch_size):
-            batch = on_model_device(batch, model)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            preds.append(logits.argmax(-1).cpu().numpy())
-    return np.concatenate(preds) if preds else np.zeros(0, dtype=int)
-
-
 def score(model: Any, test: Any, batch_size: int) -> tuple[float, float]:
-    preds, truth = predict(model, test, batch_size), test.labels.numpy()
+    preds, truth = predict(model, test, batch_size).numpy(), test.labels.numpy()
     return float(np.mean(preds == truth)), macro_f1(truth, preds)
 
 

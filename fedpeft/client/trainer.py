@@ -151,6 +151,23 @@ def evaluate(model: Any, data: EncodedData, batch_size: int, task: str) -> EvalR
     return EvalResult(total_loss / rows, correct / scored, len(data))
 
 
+def predict(model: Any, data: EncodedData, batch_size: int) -> Any:
+    """Predicted label ids of a classification set, in row order (multi-task: within each row's own task)."""
+    import torch
+
+    model.eval()
+    predictions = []
+    with torch.no_grad():
+        for batch in iterate_batches(data, batch_size):
+            batch = on_model_device(batch, model)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            tasks = label_tasks(model)
+            if tasks is not None:
+                logits = restrict_to_task(logits, batch["labels"], tasks)
+            predictions.append(logits.argmax(-1).cpu())
+    return torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long)
+
+
 def mean_loss(values: list[Any]) -> float:
     """Mean of per-step losses kept as tensors (one host sync at the end of training, not one per step)."""
     import torch

@@ -18,6 +18,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load_script():
+    if str(ROOT / "benchmarks") not in sys.path:  # as when run as a script: its helper module sits beside it
+        sys.path.insert(0, str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location("real_data", ROOT / "benchmarks" / "real_data.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
@@ -26,6 +28,7 @@ def _load_script():
 
 
 real_data = _load_script()
+real_data_sets = sys.modules["real_data_sets"]
 
 
 def test_macro_f1_matches_a_hand_computed_value():
@@ -36,7 +39,7 @@ def test_macro_f1_matches_a_hand_computed_value():
 
 def test_dedup_drops_multilabel_texts_and_keeps_one_copy():
     data = ClassificationData(("a", "b", "a", "c", "b", "d"), (0, 1, 0, 2, 2, 1), ("x", "y", "z"))
-    unique, dropped = real_data.dedup_texts(data)
+    unique, dropped = real_data_sets.dedup_texts(data)
     assert dropped == 1  # "b" appears as y and z
     assert unique.texts == ("a", "c", "d") and unique.labels == (0, 2, 1) and unique.label_names == data.label_names
 
@@ -44,18 +47,18 @@ def test_dedup_drops_multilabel_texts_and_keeps_one_copy():
 def test_split_by_text_keeps_duplicates_together_and_is_seeded():
     texts = tuple(f"t{i % 40}" for i in range(100))  # 40 groups, 2-3 copies each
     data = ClassificationData(texts, tuple(i % 40 % 3 for i in range(100)), ("a", "b", "c"))
-    train, test = real_data.split_by_text(data, 0.2, seed=0)
+    train, test = real_data_sets.split_by_text(data, 0.2, seed=0)
     assert not set(train.texts) & set(test.texts)
     assert len(set(train.texts)) == 32 and len(set(test.texts)) == 8  # int(0.8 * 40) groups train
     assert len(train) + len(test) == 100
-    again, _ = real_data.split_by_text(data, 0.2, seed=0)
+    again, _ = real_data_sets.split_by_text(data, 0.2, seed=0)
     assert again.texts == train.texts
 
 
 def test_subsample_is_stratified():
     labels = tuple([0] * 60 + [1] * 30 + [2] * 10)
     data = ClassificationData(tuple(f"t{i}" for i in range(100)), labels, ("a", "b", "c"))
-    small = real_data.subsample(data, 20, seed=0)
+    small = real_data_sets.subsample(data, 20, seed=0)
     assert len(small) == 20 and small.label_counts() == [12, 6, 2]
 
 
