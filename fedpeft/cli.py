@@ -37,6 +37,12 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the run named --name after its last completed round (e.g. with more rounds)")
     p.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    p.add_argument("--cpus-per-site", type=float, default=1.0,
+                   help="CPUs each simulated site's Ray actor reserves (default 1: one actor per core)")
+    p.add_argument("--gpus-per-site", type=float, default=0.0,
+                   help="GPUs each site's actor reserves, e.g. 0.25 for four sites per GPU (default 0: CPU)")
+    p.add_argument("--ray-address", help="run on this Ray cluster ('auto' or HOST:PORT); default $RAY_ADDRESS if "
+                                         "set, else a fresh local Ray instance (docs/scale.md)")
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
@@ -52,7 +58,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from fedpeft.simulations.engine import simulate
 
-    print_result(simulate(cfg, verbose=args.verbose, resume=args.resume))
+    print_result(simulate(cfg, verbose=args.verbose, resume=args.resume, cpus_per_site=args.cpus_per_site,
+                          gpus_per_site=args.gpus_per_site, ray_address=args.ray_address))
     return 0
 
 

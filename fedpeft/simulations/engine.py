@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.config import RunConfig
+from fedpeft.errors import ConfigError
 from fedpeft.data.records import ClassificationData
 from fedpeft.data.sites import SiteSplit, site_split
 from fedpeft.server.run_dir import SUMMARY_FILE, free_run_name
@@ -45,8 +46,13 @@ def majority_baseline(splits: list[SiteSplit]) -> float | None:
 
 
 def simulate(cfg: RunConfig, verbose: bool = False, cpus_per_site: float = 1.0,
-             resume: bool = False) -> SimulationResult:
-    """Run a federation; ``resume`` continues ``run.name`` after its last completed round instead of starting anew."""
+             resume: bool = False, gpus_per_site: float = 0.0, ray_address: str | None = None) -> SimulationResult:
+    """Run a federation; ``resume`` continues ``run.name`` after its last completed round instead of starting anew.
+
+    Each simulated site's Ray actor reserves ``cpus_per_site`` CPUs and ``gpus_per_site`` GPUs. ``ray_address``:
+    a Ray cluster to run on ("auto", "HOST:PORT"); default ``$RAY_ADDRESS`` if set, else a fresh local instance --
+    never, silently, a cluster that ``ray start`` left running on this machine (docs/scale.md).
+    """
     from flwr.simulation import run_simulation
 
     from fedpeft.client.app import build_client_app
@@ -61,7 +67,7 @@ def simulate(cfg: RunConfig, verbose: bool = False, cpus_per_site: float = 1.0,
     with _quiet_flower(verbose):
         run_simulation(server_app=build_server_app(flat), client_app=build_client_app([run_config_mod(flat)]),
                        num_supernodes=cfg.federation.num_sites, backend_name="ray",
-                       backend_config=_backend_config(cpus_per_site, verbose),
+                       backend_config=_backend_config(cpus_per_site, verbose, gpus_per_site, ray_address),
                        verbose_logging=verbose)
     run_dir = Path(cfg.run.out_dir).expanduser() / cfg.run.name
     summary_path = run_dir / SUMMARY_FILE
@@ -72,11 +78,17 @@ def simulate(cfg: RunConfig, verbose: bool = False, cpus_per_site: float = 1.0,
     return SimulationResult(run_dir, summary, baseline, time.monotonic() - started)
 
 
-def _backend_config(cpus_per_site: float, verbose: bool) -> dict[str, Any]:
+def _backend_config(cpus_per_site: float, verbose: bool, gpus_per_site: float = 0.0,
+                    ray_address: str | None = None) -> dict[str, Any]:
     # Site errors come back to the server as error replies (and are shown there), so the actors' own stdout, full
     # of library import chatter, is only forwarded with --verbose.
-    return {"client_resources": {"num_cpus": cpus_per_site, "num_gpus": 0.0},
-            "init_args": {"log_to_driver": verbose, "logging_level": logging.INFO if verbose else logging.ERROR}}
+    if cpus_per_site <= 0 or gpus_per_site < 0:
+        raise ConfigError(f"cpus_per_site = {cpus_per_site}, gpus_per_site = {gpus_per_site}: each site's actor "
+                          "needs a positive number of CPUs and zero or more GPUs (e.g. 1 and 0.25)")
+    address = ray_address or os.environ.get("RAY_ADDRESS") or "local"
+    return {"client_resources": {"num_cpus": cpus_per_site, "num_gpus": gpus_per_site},
+            "init_args": {"address": address, "log_to_driver": verbose,
+                          "logging_level": logging.INFO if verbose else logging.ERROR}}
 
 
 @contextlib.contextmanager
