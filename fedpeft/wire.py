@@ -17,6 +17,7 @@ EVAL_ACCURACY = "eval-accuracy"
 PARTITION_ID = "partition-id"
 REFUSED = "refused"  # 1 when the site refused the round (policy or budget) and trained nothing
 EPSILON = "epsilon"  # the site's cumulative example-level epsilon after the round
+SAMPLE_RATE = "sample-rate"  # DP-SGD's Poisson sampling rate at the site this round (1: every row, every step)
 
 # ConfigRecord keys (site -> server)
 REFUSAL_REASON = "refusal-reason"

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedpeft import wire
 from fedpeft.audit.trail import SiteAudit
 from fedpeft.client.batches import EncodedData, encode_classification, encode_prompt_response
 from fedpeft.client.trainer import EvalResult, TrainResult, evaluate, train_local
@@ -175,8 +176,8 @@ class Site:
         settings = DpSettings(plan.noise_multiplier, plan.max_grad_norm, self.cfg.privacy.grad_sample_mode)
         done = train_private(self.model, self.train_data, self.cfg.train, self.cfg.model.task, seed, settings)
         spent = budget.commit(server_round, plan, done.steps)
-        return done.train, {"epsilon": spent, "noise-multiplier": plan.noise_multiplier,
-                            "sample-rate": plan.sample_rate, "dp-steps": done.steps}
+        return done.train, {wire.EPSILON: spent, "noise-multiplier": plan.noise_multiplier,
+                            wire.SAMPLE_RATE: plan.sample_rate, "dp-steps": done.steps}
 
     def _client_level_dp(self, update: AdapterState) -> AdapterState:
         """Clip (and, distributed, noise) the whole update; nothing about its norm leaves the site."""

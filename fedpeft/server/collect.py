@@ -23,6 +23,7 @@ class RoundCollection:
     site_epsilon: dict[str, float] = field(default_factory=dict)  # site -> cumulative example-level epsilon
     payload_sha256: dict[str, str] = field(default_factory=dict)  # site -> digest of what it sent (audit)
     payload_bytes: dict[str, int] = field(default_factory=dict)  # site -> bytes of what it sent
+    whole_batch_sites: list[str] = field(default_factory=list)  # DP sites that sampled every row at every step
     first_record: Any = None  # one upload's ArrayRecord, for the upload manifest
 
 
@@ -49,8 +50,6 @@ def collect_updates(replies: Replies, global_state: dict[str, Any], weighting: s
         out.losses.append((float(metrics[wire.TRAIN_LOSS]), examples))
         out.sizes.append(payload_bytes(record))
         _note_payload(out, metrics, record)
-        if wire.EPSILON in metrics:
-            out.site_epsilon[str(int(metrics[wire.PARTITION_ID]))] = float(metrics[wire.EPSILON])
         out.first_record = out.first_record or record
     return out
 
@@ -72,8 +71,6 @@ def collect_secure(secure: Any, global_state: dict[str, Any], weight_scale: floa
         out.losses.append((float(metrics[wire.TRAIN_LOSS]), 1.0))
         out.sizes.append(size)
         _note_payload(out, metrics, reply.content[wire.SA_MASKED])
-        if wire.EPSILON in metrics:
-            out.site_epsilon[str(int(metrics[wire.PARTITION_ID]))] = float(metrics[wire.EPSILON])
         out.first_record = out.first_record or reply.content[wire.SA_MASKED]
     for node, reason in list(out.failures.items()):
         if reason.startswith("masked input: refused: "):
@@ -86,3 +83,7 @@ def _note_payload(out: RoundCollection, metrics: Any, record: Any) -> None:
     site = str(int(metrics[wire.PARTITION_ID]))
     out.payload_sha256[site] = payload_digest(record)
     out.payload_bytes[site] = payload_bytes(record)
+    if wire.EPSILON in metrics:
+        out.site_epsilon[site] = float(metrics[wire.EPSILON])
+    if float(metrics.get(wire.SAMPLE_RATE, 0.0)) >= 1.0:
+        out.whole_batch_sites.append(site)

@@ -74,6 +74,7 @@ class Federation:
         self.last_site_accuracy: dict[str, float] = {}
         self.timeout = cfg.federation.round_timeout
         self.ranks = RankSchedule.from_config(cfg) if cfg.peft.method == "adalora" else None
+        self.warned_whole_batch: set[str] = set()
 
     def run(self) -> dict[str, Any]:
         nodes = self.wait_for_sites()
@@ -178,6 +179,7 @@ class Federation:
                                   f"federation.min_sites = {self.cfg.federation.min_sites}); the global adapter "
                                   "is unchanged")
         self.site_epsilon.update(got.site_epsilon)
+        self.warn_whole_batch(got.whole_batch_sites)
         with self.progress.stage(f"round {server_round}: evaluating on {len(nodes)} sites"):
             evaluation = self.evaluate(nodes, server_round)
         audit = round_audit_record(
@@ -214,6 +216,16 @@ class Federation:
             return RoundCollection(failures={"secagg": str(abort)})
         scale = self.cfg.secagg.max_weight if self.cfg.federation.weighting == "num-examples" else 1.0
         return collect_secure(secure, self.template, scale)
+
+    def warn_whole_batch(self, sites: list[str]) -> None:
+        """Once per site: a DP site with no more rows than train.batch_size gets no privacy amplification by
+        sampling, so its epsilon grows much faster than a larger site's."""
+        for site in sorted(set(sites) - self.warned_whole_batch):
+            self.warned_whole_batch.add(site)
+            self.progress.message(
+                f"[yellow]site {site} holds no more training rows than train.batch_size "
+                f"({self.cfg.train.batch_size}): DP-SGD used every row at every step (sampling rate 1, no "
+                "amplification by sampling), so its budget runs out fast; lower train.batch_size[/yellow]")
 
     def train_config(self, server_round: int) -> dict[str, Any]:
         """The round's instructions; with AdaLoRA, which singular values train (fixed here for every site)."""

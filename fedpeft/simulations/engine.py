@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.config import RunConfig
-from fedpeft.errors import ConfigError
 from fedpeft.data.records import ClassificationData
 from fedpeft.data.sites import SiteSplit, site_split
+from fedpeft.errors import ConfigError
 from fedpeft.server.run_dir import SUMMARY_FILE, free_run_name
 
 
