@@ -117,10 +117,12 @@ class Site:
 
         write_bytes_atomic(self.site_dir() / HEAD_FILE, save(get_head_state(self.model)))
 
+    def ledger_file(self) -> Path:
+        return Path(self.ledger_path) if self.ledger_path else site_ledger_path(self.cfg, str(self.partition_id))
+
     def site_dir(self) -> Path:
         """The site's own files (ledger, audit log, local head): beside its ledger."""
-        return (Path(self.ledger_path) if self.ledger_path
-                else site_ledger_path(self.cfg, str(self.partition_id))).parent
+        return self.ledger_file().parent
 
     def evaluate(self, global_state: AdapterState) -> EvalResult:
         self.load_global(global_state)
@@ -140,8 +142,7 @@ class Site:
         policy = site_policy(self.cfg, site, self.policy_file)
         if policy is None and not self.cfg.privacy.dp:
             return None
-        ledger = Path(self.ledger_path) if self.ledger_path else site_ledger_path(self.cfg, site)
-        return SiteBudget(self.cfg, site, policy, ledger)
+        return SiteBudget(self.cfg, site, policy, self.ledger_file())
 
     def train_round(self, global_state: AdapterState, server_round: int, rank_keep: bytes | None = None) -> LocalRound:
         """Raises a PrivacyError subclass, before any training, when policy or budget forbid this round.
