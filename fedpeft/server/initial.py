@@ -15,10 +15,10 @@ from fedpeft.models.adapter_state import (
     check_adapter_state,
     get_adapter_state,
     get_wire_state,
-    is_head,
     is_prompt_learning,
     saved_format,
 )
+from fedpeft.models.blocks import is_head
 from fedpeft.models.loader import load_base_model
 from fedpeft.models.peft_model import method_config, wrap_with_peft
 from fedpeft.server.checkpoint import ADAPTER_WEIGHTS
