@@ -26,7 +26,6 @@ from fedpeft.models.adapter_state import (
     get_head_state,
     get_wire_state,
     set_adapter_state,
-    set_head_state,
 )
 from fedpeft.models.loader import load_base_model
 from fedpeft.models.peft_model import wrap_with_peft
@@ -102,14 +101,17 @@ class Site:
 
     def load_global(self, global_state: AdapterState) -> None:
         """The global adapter, and with local heads this site's own head (the seeded one until it trains)."""
-        set_adapter_state(self.model, self.local_view(global_state),
-                          source=f"global adapter received by site {self.partition_id}")
+        state = self.local_view(global_state)
         if self.local_head:
-            from safetensors.torch import load_file
+            state = {**state, **self.own_head()}
+        set_adapter_state(self.model, state, source=f"global adapter received by site {self.partition_id}"
+                          + (f" with its own head {self.site_dir() / HEAD_FILE}" if self.local_head else ""))
 
-            path = self.site_dir() / HEAD_FILE
-            head = load_file(str(path)) if path.is_file() else self.shared.initial_head
-            set_head_state(self.model, head, source=f"site {self.partition_id}'s own head {path}")
+    def own_head(self) -> AdapterState:
+        from safetensors.torch import load_file
+
+        path = self.site_dir() / HEAD_FILE
+        return load_file(str(path)) if path.is_file() else self.shared.initial_head
 
     def save_local_head(self) -> None:
         """Atomically: a crash leaves the previous round's head, never a torn file."""

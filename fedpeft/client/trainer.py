@@ -12,7 +12,7 @@ from fedpeft.config import TrainConfig
 from fedpeft.models.adalora import orthogonality_penalty
 from fedpeft.models.blocks import block_index
 from fedpeft.models.precision import bf16_autocast
-from fedpeft.models.task_heads import label_tasks, restrict_to_task
+from fedpeft.models.task_heads import within_own_task
 
 
 @dataclass(frozen=True)
@@ -40,9 +40,7 @@ def batch_loss(model: Any, batch: dict[str, Any], task: str) -> tuple[Any, Any, 
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     labels = batch["labels"]
     if task == "classification":
-        tasks = label_tasks(model)
-        if tasks is not None:  # multi-task site: each example against its own task's head only
-            logits = restrict_to_task(logits, labels, tasks)
+        logits = within_own_task(model, logits, labels)  # multi-task: each example against its own task's head
         loss = F.cross_entropy(logits.float(), labels)
         return loss, (logits.argmax(-1) == labels).sum(), labels.new_tensor(labels.numel())
     if logits.shape[1] > labels.shape[1]:  # prompt / p-tuning prepend virtual tokens to the sequence
@@ -161,10 +159,7 @@ def predict(model: Any, data: EncodedData, batch_size: int) -> Any:
         for batch in iterate_batches(data, batch_size):
             batch = on_model_device(batch, model)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            tasks = label_tasks(model)
-            if tasks is not None:
-                logits = restrict_to_task(logits, batch["labels"], tasks)
-            predictions.append(logits.argmax(-1).cpu())
+            predictions.append(within_own_task(model, logits, batch["labels"]).argmax(-1).cpu())
     return torch.cat(predictions) if predictions else torch.zeros(0, dtype=torch.long)
 
 

@@ -82,10 +82,6 @@ def get_head_state(model: Any) -> AdapterState:
     return {name: tensor for name, tensor in get_wire_state(model).items() if is_head(name)}
 
 
-def set_head_state(model: Any, head: Mapping[str, Any], source: str) -> None:
-    set_adapter_state(model, {**get_wire_state(model), **head}, source)
-
-
 def _expected_form(full: Mapping[str, Any], trainable: set[str], received: set[str]) -> dict[str, Any]:
     """The accepted form ``received`` has: the full adapter state, the wire state, or the wire state without the
     head (local heads); the wire state when it is none of them, so that the mismatch is reported against it."""

@@ -42,6 +42,12 @@ def label_tasks(model: Any) -> Any:
     return getattr(getattr(model, "_module", model), "fedpeft_label_tasks", None)
 
 
+def within_own_task(model: Any, logits: Any, labels: Any) -> Any:
+    """The logits a loss or prediction may use: on a multi-task model each row's own task's only, else all."""
+    tasks = label_tasks(model)
+    return logits if tasks is None else restrict_to_task(logits, labels, tasks)
+
+
 def restrict_to_task(logits: Any, labels: Any, tasks: Any) -> Any:
     """Each row's logits with the other tasks' labels at -inf: out of its softmax, its gradient and its argmax."""
     tasks = tasks.to(logits.device)

@@ -76,7 +76,7 @@ def test_encoder_models_refuse_causal_lm():
 
 @pytest.mark.parametrize("method", ["lora", "freeze"])
 def test_a_state_without_the_head_leaves_the_local_head_alone(method):
-    from fedpeft.models.adapter_state import get_head_state, get_wire_state, set_head_state
+    from fedpeft.models.adapter_state import get_head_state, get_wire_state
 
     base, _ = load_base_model(ModelConfig(name="minilm", quantization="none"), num_labels=3)
     model = wrap_with_peft(base, PeftConfig(method=method, r=4, trainable_blocks=1), "classification")
@@ -84,7 +84,8 @@ def test_a_state_without_the_head_leaves_the_local_head_alone(method):
     assert head and all("classifier" in name for name in head)
     headless = get_wire_state(model, local_head=True)
     assert set(headless) == set(get_wire_state(model)) - set(head)
-    set_head_state(model, {name: t + 1.0 for name, t in head.items()}, source="test head")
+    set_adapter_state(model, {**get_wire_state(model), **{name: t + 1.0 for name, t in head.items()}},
+                      source="test head")
     set_adapter_state(model, {name: t + 2.0 for name, t in headless.items()}, source="global without head")
     after = get_wire_state(model)
     assert all(torch.equal(after[name], head[name] + 1.0) for name in head), "the head is the site's own"
