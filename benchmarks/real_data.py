@@ -33,6 +33,9 @@ macro-F1. "wall s" is the training wall time (a federation: the whole simulation
 site evaluations included; local: all sites one after another). Upload bytes are from metrics.jsonl (under SecAgg+
 the masked vector only; the key and share messages are not counted).
 Prints a table and ends with a one-line summary: headline accuracy / centralized accuracy (goal >= 0.95x).
+``--results FILE`` keeps each finished setting in an append-only JSONL (benchmarks/real_data_results.py): a long
+comparison that is stopped resumes where it was, and settings measured in separate invocations under the same setup
+come together in one table and plot.
 """
 
 from __future__ import annotations
@@ -44,12 +47,13 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from real_data_sets import DATASETS, prepare, write_csv  # beside this script
+from real_data_results import append_row, load_rows, setup_of  # beside this script
+from real_data_sets import DATASETS, prepare, write_csv
 
 from fedpeft.client.trainer import predict
 from fedpeft.config import RunConfig, from_mapping
@@ -127,7 +131,7 @@ def run_config(args: argparse.Namespace, name: str, source: Path, labels: tuple[
         "model": {"name": args.model, "max_length": args.max_length},
         "peft": {"lora_mode": args.dp_lora_mode if dp else setting.lora_mode},
         "train": {"local_epochs": args.local_epochs, "batch_size": args.dp_batch_size if dp else args.batch_size,
-                  "learning_rate": args.dp_lr if dp else args.lr},
+                  "learning_rate": args.dp_lr if dp else args.lr, **head_rate(args, dp)},
         "federation": {"rounds": args.rounds, "num_sites": args.sites, "aggregation": setting.aggregation,
                        "secure_aggregation": setting.secure},
         "data": {"source": str(source), "text_column": "text", "label_column": "label", "label_names": list(labels),
@@ -135,6 +139,11 @@ def run_config(args: argparse.Namespace, name: str, source: Path, labels: tuple[
         "privacy": {"dp": dp, "target_epsilon": setting.epsilon or 8.0, "delta": 1e-5},
         "run": {"name": f"{args.dataset}-{name}", "out_dir": out, "seed": args.seed},
     }, origin=f"setting {name}")
+
+
+def head_rate(args: argparse.Namespace, dp: bool) -> dict[str, float]:
+    """The task head's rate for DP rows when --dp-head-lr is given; otherwise fedpeft's default."""
+    return {"head_learning_rate": args.dp_head_lr} if dp and args.dp_head_lr is not None else {}
 
 
 def fresh_model(cfg: RunConfig) -> tuple[Any, Any]:
@@ -267,10 +276,12 @@ def plot(rows: list[Row], path: str, title: str) -> None:
                         if SETTINGS[r.name].epsilon is not None and SETTINGS[r.name].secure == secure)
         if points:
             left.plot(*zip(*points, strict=True), style, label=label)
-    lines = {"centralized": ("--", "k"), "fedit": (":", "b"), "ffa": (":", "g"), "local": ("-.", "r")}
+    lines = {"centralized": ("--", "k"), "fedit": (":", "b"), "ffa": (":", "g"), "secure": (":", "m"),
+             "local": ("-.", "r")}
     for r in rows:
         if r.name in lines:
             left.axhline(r.accuracy, linestyle=lines[r.name][0], color=lines[r.name][1], label=f"{r.name} (no DP)")
+    left.set_xlim(0, 9)
     left.set(xlabel="epsilon per site (delta 1e-5)", ylabel="test accuracy", title="accuracy vs epsilon")
     left.legend(fontsize=8)
     for r in rows:
@@ -302,6 +313,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--dp-batch-size", type=int, default=64, help="expected (Poisson) batch of the DP rows")
     p.add_argument("--dp-lr", type=float, default=2e-3)
+    p.add_argument("--dp-head-lr", type=float, help="the classification head's rate in the DP rows (default: "
+                                                     "fedpeft's train.head_learning_rate)")
     p.add_argument("--dp-lora-mode", choices=("fedit", "ffa"), default="ffa")
     p.add_argument("--max-train", type=int, default=0, help="stratified subsample of the training split; 0: all")
     p.add_argument("--max-test", type=int, default=0, help="stratified subsample of the test set; 0: all")
@@ -313,6 +326,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "shared CPU 1 can be faster (Ray gives each simulated site's actor 1 CPU)")
     p.add_argument("--out", help="where run directories go (default: a temporary directory, removed afterwards)")
     p.add_argument("--plot", help="write a PNG: accuracy vs epsilon (DP rows) and accuracy by round")
+    p.add_argument("--results", help="append-only JSONL of finished settings: each is appended as it finishes, and "
+                                     "a setting already in the file under the same setup is reused, not run again")
     args = p.parse_args(argv)
     args.sites = args.sites or DEFAULT_SITES[args.dataset]
     args.max_length = args.max_length or DEFAULT_MAX_LENGTH[args.dataset]
@@ -351,6 +366,17 @@ def run_setting(args: argparse.Namespace, name: str, source: Path, labels: tuple
     return run_federated(cfg, name, test)
 
 
+def earlier_rows(args: argparse.Namespace) -> dict[str, Row]:
+    """The settings ``--results`` already holds for this exact setup (they are not run again)."""
+    if not args.results:
+        return {}
+    found = load_rows(Path(args.results), setup_of(args))
+    reused = {name: Row(**found[name][0]) for name in args.settings if name in found}
+    for name in reused:
+        print(f"{name}: reusing the row measured {found[name][1]} ({args.results})", flush=True)
+    return reused
+
+
 def main(argv: list[str] | None = None) -> list[Row]:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -358,6 +384,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
         import torch
 
         torch.set_num_threads(args.threads)
+    reused = earlier_rows(args)
     train, test, how = prepare(args)
     with workspace(args.out) as (tmp, out):
         source = tmp / f"{args.dataset}-train.csv"
@@ -366,7 +393,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
         test_encoded = encode(test, tokenizer, args.max_length)
         rows = []
         for name in args.settings:
-            rows.append(run_setting(args, name, source, train.label_names, out, test_encoded))
+            rows.append(reused.get(name) or run_setting(args, name, source, train.label_names, out, test_encoded))
+            if args.results and name not in reused:
+                append_row(Path(args.results), setup_of(args), asdict(rows[-1]))
     print(describe(args, how, train, test))
     print_table(rows)
     if args.plot:

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import random
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,7 @@ def _load_script():
 
 real_data = _load_script()
 real_data_sets = sys.modules["real_data_sets"]
+real_data_results = sys.modules["real_data_results"]
 
 
 def test_macro_f1_matches_a_hand_computed_value():
@@ -60,6 +62,27 @@ def test_subsample_is_stratified():
     data = ClassificationData(tuple(f"t{i}" for i in range(100)), labels, ("a", "b", "c"))
     small = real_data_sets.subsample(data, 20, seed=0)
     assert len(small) == 20 and small.label_counts() == [12, 6, 2]
+
+
+def test_results_log_reuses_rows_of_the_same_setup_only(tmp_path):
+    log = tmp_path / "results.jsonl"
+    args = real_data.parse_args(["--settings", "fedit,dp8", "--rounds", "2", "--results", str(log)])
+    row = real_data.Row("fedit", "FedAvg", 0.5, 0.4, 12.0, 1024.0, None, "note", [0.1, 0.5])
+    real_data_results.append_row(log, real_data_results.setup_of(args), real_data.asdict(row))
+    assert real_data.earlier_rows(args) == {"fedit": row}
+    other = real_data.parse_args(["--settings", "fedit", "--rounds", "3", "--results", str(log)])
+    assert real_data.earlier_rows(other) == {}  # another setup: runs again
+    real_data_results.append_row(log, real_data_results.setup_of(args), real_data.asdict(replace(row, accuracy=0.6)))
+    assert real_data.earlier_rows(args)["fedit"].accuracy == 0.6  # the last line of a setting wins
+    assert len(log.read_text().splitlines()) == 2  # appended, never rewritten
+
+
+def test_results_log_names_the_file_and_line_of_a_bad_line(tmp_path):
+    log = tmp_path / "results.jsonl"
+    log.write_text('{"setup": {}, "row": {"name": "fedit"}, "measured": "t"}\nnot json\n')
+    args = real_data.parse_args(["--results", str(log)])
+    with pytest.raises(SystemExit, match=r"results\.jsonl, line 2: not a results line"):
+        real_data.earlier_rows(args)
 
 
 def _write_fake_banking77(root: Path) -> None:
@@ -94,3 +117,18 @@ def test_tiny_run_prints_table_and_summary(tmp_path, capsys):
     assert 0.0 <= fed.accuracy <= 1.0 and 0.0 <= fed.macro_f1 <= 1.0 and fed.bytes_per_round > 0
     assert len(fed.curve) == 2  # rounds 0 and 1 from metrics.jsonl
     assert plot.stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_a_stopped_comparison_resumes_from_its_results_log(tmp_path, capsys):
+    _write_fake_banking77(tmp_path / "data")
+    log = tmp_path / "results.jsonl"
+    common = ["--data-dir", str(tmp_path / "data"), "--sites", "2", "--rounds", "1", "--max-train", "60",
+              "--max-test", "30", "--max-length", "16", "--results", str(log)]
+    first = real_data.main(common + ["--settings", "centralized", "--out", str(tmp_path / "runs1")])
+    both = real_data.main(common + ["--settings", "centralized,fedit", "--out", str(tmp_path / "runs2")])
+    out = capsys.readouterr().out
+    assert "centralized: reusing the row measured" in out
+    assert both[0] == first[0]  # taken from the log, not trained again
+    assert [path.name for path in (tmp_path / "runs2").iterdir()] == ["banking77-fedit"]  # only fedit ran
+    assert [json.loads(line)["row"]["name"] for line in log.read_text().splitlines()] == ["centralized", "fedit"]

@@ -1,0 +1,57 @@
+"""An append-only JSONL log of benchmarks/real_data.py's finished settings, so a long comparison can be resumed and
+its rows combined across invocations (``--results FILE``).
+
+Each line is ``{"setup": {...}, "row": {...}, "measured": "<UTC time>"}``. A row is reused only for the exact setup
+it was measured under (dataset, sites, rounds, sizes, rates, seed, ...): change any of them and the setting runs
+again. Lines are only ever appended (one write, flushed and fsynced), never rewritten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+# the options that change what a setting measures; --settings, --out, --plot, --threads, --data-dir do not
+SETUP_KEYS = ("dataset", "model", "sites", "partitioner", "alpha", "rounds", "local_epochs", "batch_size", "lr",
+              "dp_batch_size", "dp_lr", "dp_head_lr", "dp_lora_mode", "max_train", "max_test", "max_length",
+              "eval_fraction", "seed")
+
+
+def setup_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The setup a row was measured under; an option left unset (None) is left out, so lines written before the
+    option existed still match a run that does not use it."""
+    return {key: getattr(args, key) for key in SETUP_KEYS if getattr(args, key) is not None}
+
+
+def load_rows(path: Path, setup: dict[str, Any]) -> dict[str, tuple[dict[str, Any], str]]:
+    """``{setting name: (row fields, when measured)}`` of the rows measured under ``setup``; the last one wins."""
+    if not path.exists():
+        return {}
+    found: dict[str, tuple[dict[str, Any], str]] = {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            entry_setup, row, measured = entry["setup"], entry["row"], entry["measured"]
+            name = row["name"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise SystemExit(f"--results {path}, line {number}: not a results line ({exc}); fix or remove that line, "
+                             f"or pass another --results file") from exc
+        if entry_setup == setup:
+            found[name] = (row, measured)
+    return found
+
+
+def append_row(path: Path, setup: dict[str, Any], row: dict[str, Any]) -> None:
+    measured = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    line = json.dumps({"setup": setup, "row": row, "measured": measured}, sort_keys=True) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(line)
+        handle.flush()
+        os.fsync(handle.fileno())
