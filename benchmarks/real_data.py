@@ -3,9 +3,8 @@ pooled data and local-only training, every method scored on the same held-out te
 
     python benchmarks/real_data.py                                # banking77: 10 banks, Dirichlet a=0.5, all settings
     python benchmarks/real_data.py --dataset medical-abstracts    # 5 hospitals over an 80/20 grouped split
-    python benchmarks/real_data.py --max-train 800 --max-test 400 --max-length 32 --rounds 2 \
-        --settings centralized,fedit,dp8-secure --plot benchmarks/real_data_banking77.png
-                                          # reduced: 12.7 min on the shared 2-core CPU (the PNG beside this file)
+    python benchmarks/real_data.py --max-length 32 --settings dp8-secure,fedit,centralized --dp-batch-size 128 \
+        --dp-lr 5e-3 --threads 1 --plot benchmarks/real_data_banking77_full.png   # all rows: ~40 min on 2 cores
     python benchmarks/real_data.py --data-dir DIR --sites 2 --rounds 1 --max-train 60 --max-test 30 \
         --max-length 16 --settings fedit,centralized              # smoke size (tests/benchmarks/test_real_data.py)
 
