@@ -392,8 +392,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
         test_encoded = encode(test, tokenizer, args.max_length)
         rows = []
         for name in args.settings:
-            rows.append(reused.get(name) or run_setting(args, name, source, train.label_names, out, test_encoded))
-            if args.results and name not in reused:
+            if name in reused:
+                rows.append(reused[name])
+                continue
+            rows.append(run_setting(args, name, source, train.label_names, out, test_encoded))
+            if args.results:
                 append_row(Path(args.results), setup_of(args), asdict(rows[-1]))
     print(describe(args, how, train, test))
     print_table(rows)

@@ -3,17 +3,18 @@ its rows combined across invocations (``--results FILE``).
 
 Each line is ``{"setup": {...}, "row": {...}, "measured": "<UTC time>"}``. A row is reused only for the exact setup
 it was measured under (dataset, sites, rounds, sizes, rates, seed, ...): change any of them and the setting runs
-again. Lines are only ever appended (one write, flushed and fsynced), never rewritten.
+again. Lines are only ever appended (fedpeft's append_jsonl: flushed and fsynced), never rewritten.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
+
+from fedpeft.io.atomic import append_jsonl
 
 # the options that change what a setting measures; --settings, --out, --plot, --threads, --data-dir do not
 SETUP_KEYS = ("dataset", "model", "sites", "partitioner", "alpha", "rounds", "local_epochs", "batch_size", "lr",
@@ -49,9 +50,4 @@ def load_rows(path: Path, setup: dict[str, Any]) -> dict[str, tuple[dict[str, An
 
 def append_row(path: Path, setup: dict[str, Any], row: dict[str, Any]) -> None:
     measured = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    line = json.dumps({"setup": setup, "row": row, "measured": measured}, sort_keys=True) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as handle:
-        handle.write(line)
-        handle.flush()
-        os.fsync(handle.fileno())
+    append_jsonl(path, {"setup": setup, "row": row, "measured": measured})
