@@ -28,9 +28,19 @@ def flower_executable(name: str) -> str:
 def runtime_env(flwr_home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment of Flower's processes: their own FLWR_HOME, no downloads, no per-run dependency installs."""
     env = {**os.environ, "FLWR_HOME": str(flwr_home), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1"}
+           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1",
+           "PATH": with_own_scripts(os.environ.get("PATH", ""))}
     env.update(extra or {})
     return env
+
+
+def with_own_scripts(path: str) -> str:
+    """``path`` with this interpreter's scripts directory first: Flower's processes spawn their children
+    (``flower-superexec``, ``flwr-clientapp``) by name, and a venv that was never activated is not on PATH (the
+    systemd unit in docs/deployment.md runs ``/venv/bin/fedpeft`` exactly so)."""
+    scripts = str(Path(sys.executable).parent)
+    parts = [p for p in path.split(os.pathsep) if p and p != scripts]
+    return os.pathsep.join([scripts, *parts])
 
 
 def start(command: Sequence[str], log_file: Path, env: Mapping[str, str], cwd: Path | None = None,

@@ -65,12 +65,30 @@ def prompt_learning_config(model: Any, cfg: PeftConfig, task_type: Any) -> Any:
         return PromptTuningConfig(**common)
     if cfg.method == "p-tuning":
         return PromptEncoderConfig(**common, encoder_hidden_size=width)
+    if cfg.method in ("prefix-tuning", "p-tuning-v2"):
+        check_takes_prefixes(model, cfg.method)
     if cfg.method == "prefix-tuning":
         return PrefixTuningConfig(**common, prefix_projection=True, encoder_hidden_size=width)
     if cfg.method == "p-tuning-v2":
         return PrefixTuningConfig(**common, prefix_projection=False)
     raise ModelError(f"peft.method = {cfg.method!r} is not supported; use one of 'lora', 'ia3', 'prompt-tuning', "
                      "'p-tuning', 'prefix-tuning', 'p-tuning-v2', 'bottleneck'")
+
+
+def check_takes_prefixes(model: Any, method: str) -> None:
+    """peft's prefix methods hand their prefixes to the base as ``past_key_values``; a transformers release whose
+    model (or backbone) no longer names that argument would fail at the first forward, or silently drop the
+    prefixes into ``**kwargs`` (transformers 5.24 renamed it to ``cache`` for Llama; measured)."""
+    import inspect
+
+    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    for module in (model, backbone):
+        if module is not None and "past_key_values" in inspect.signature(module.forward).parameters:
+            return
+    raise ModelError(f"peft.method = {method!r} passes its prefixes as past_key_values, which "
+                     f"{type(model).__name__}.forward of this transformers release does not take; use "
+                     "peft.method = 'lora' or 'prompt-tuning', or install the tested versions "
+                     "(pip install -e . -c constraints.txt)")
 
 
 def ia3_targets(model: Any, cfg: PeftConfig) -> tuple[list[str] | None, list[str] | None]:

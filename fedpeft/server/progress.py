@@ -9,9 +9,16 @@ from rich.console import Console
 from rich.table import Table
 
 
+def plain_console() -> Console:
+    """A terminal gets rich's own layout; a log file or pipe gets each line whole (rich would wrap at 80 columns,
+    splitting a long path, or a phrase a reader greps for, across lines)."""
+    console = Console()
+    return console if console.is_terminal else Console(soft_wrap=True, width=10_000)
+
+
 class ConsoleProgress:
     def __init__(self, total_rounds: int, console: Console | None = None) -> None:
-        self.console = console or Console()
+        self.console = console or plain_console()
         self.total_rounds = total_rounds
 
     def stage(self, text: str) -> AbstractContextManager[Any]:

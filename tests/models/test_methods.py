@@ -72,3 +72,26 @@ def test_prompt_methods_are_saved_in_peft_format():
     assert all(name.startswith("prompt_encoder.") for name in initial.wire)
     saved = initial.saved_format(initial.wire)
     assert set(saved) == {"prompt_embeddings"} and saved["prompt_embeddings"].shape[0] == 4
+
+
+class _CacheOnlyLlama(torch.nn.Module):
+    """A classifier whose forward (and backbone's) takes the cache under another name, as transformers 5.24's Llama."""
+
+    base_model_prefix = "model"
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def forward(self, input_ids=None, attention_mask=None, cache=None, **kwargs):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+
+@pytest.mark.parametrize("method", ["prefix-tuning", "p-tuning-v2"])
+def test_a_prefix_method_is_refused_on_a_model_that_takes_no_past_key_values(method):
+    from fedpeft.models.peft_model import check_takes_prefixes
+
+    base, _ = load_base_model(ModelConfig(name="tiny-llama", quantization="none", compute_dtype="fp32"), 3)
+    check_takes_prefixes(base, method)  # this release's Llama takes them
+    with pytest.raises(ModelError, match=rf"'{method}'.*past_key_values.*constraints.txt"):
+        check_takes_prefixes(_CacheOnlyLlama(_CacheOnlyLlama(base.model)), method)
