@@ -17,15 +17,15 @@ import time
 
 import torch
 
-from fedpeft.client.batches import EncodedData, encode_classification
-from fedpeft.client.trainer import batch_loss
 from fedpeft.config import ModelConfig, PeftConfig
 from fedpeft.data.synthetic import make_support_tickets
+from fedpeft.methods import wrap_with_peft
 from fedpeft.models.loader import load_base_model
-from fedpeft.models.peft_model import wrap_with_peft
 from fedpeft.models.precision import bf16_autocast
 from fedpeft.models.quantization import compute_device, guard_cpu_4bit, load_kwargs
 from fedpeft.privacy.dp_sgd import DpSettings, make_private, private_loss
+from fedpeft.training.batches import EncodedData, encode_classification
+from fedpeft.training.trainer import batch_loss
 
 
 def fresh_model(args: argparse.Namespace):
@@ -155,7 +155,7 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, tuple[float, float]], i
     for mode in args.modes.split(","):
         model, _ = fresh_model(args)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-        private = make_private(model, optimizer, encoded, args.batch, DpSettings(1.0, 1.0, mode),
+        private = make_private(model, optimizer, encoded, args.batch, dp=DpSettings(1.0, 1.0, mode),
                                poisson_sampling=False)
         reset_peak()
         times = timed_steps(private, batch, args.steps, args.task, args.autocast)

@@ -22,28 +22,41 @@ import re
 from collections.abc import Collection
 from pathlib import Path
 
-from fedpeft.config import ModelConfig, PeftConfig, from_mapping
+from fedpeft.composition import from_mapping
+from fedpeft.config import ModelConfig, PeftConfig
 from fedpeft.errors import ConfigError, ModelError
+from fedpeft.methods import registered_methods, wrap_with_peft
 from fedpeft.models.adapter_state import get_wire_state
 from fedpeft.models.loader import load_base_model
-from fedpeft.models.peft_model import wrap_with_peft
 
-VARIANTS = {  # row name -> [peft] settings
-    "LoRA r=8 (default)": {"method": "lora"},
-    "LoRA r=8, FFA (A frozen)": {"method": "lora", "lora_mode": "ffa"},
-    "LoRA r=8 + rsLoRA": {"method": "lora", "use_rslora": True},
-    "DoRA r=8": {"method": "lora", "use_dora": True},
-    "AdaLoRA r=12 pruned to 8 on average": {"method": "adalora"},
-    "IA3": {"method": "ia3"},
-    "prompt tuning (16 tokens)": {"method": "prompt-tuning"},
-    "P-tuning (16 tokens)": {"method": "p-tuning"},
-    "prefix tuning (16 tokens)": {"method": "prefix-tuning"},
-    "P-tuning v2 (16 tokens)": {"method": "p-tuning-v2"},
-    "bottleneck adapter r=8": {"method": "bottleneck"},
-    "BitFit (biases + head)": {"method": "bitfit"},
-    "layer freezing (top 2 blocks + head)": {"method": "freeze"},
-    "full fine-tuning": {"method": "full"},
+# The rows come from the method registry: each registered method gets its rows here (variants of one method are
+# rows of their own), and a method added to fedpeft/methods/ without rows here still gets one, named by its summary.
+VARIANTS_OF: dict[str, list[tuple[str, dict]]] = {  # method -> [(row name, extra [peft] settings)]
+    "lora": [("LoRA r=8 (default)", {}), ("LoRA r=8, FFA (A frozen)", {"lora_mode": "ffa"}),
+             ("LoRA r=8 + rsLoRA", {"use_rslora": True}), ("DoRA r=8", {"use_dora": True})],
+    "adalora": [("AdaLoRA r=12 pruned to 8 on average", {})],
+    "ia3": [("IA3", {})],
+    "prompt-tuning": [("prompt tuning (16 tokens)", {})],
+    "p-tuning": [("P-tuning (16 tokens)", {})],
+    "prefix-tuning": [("prefix tuning (16 tokens)", {})],
+    "p-tuning-v2": [("P-tuning v2 (16 tokens)", {})],
+    "bottleneck": [("bottleneck adapter r=8", {})],
+    "bitfit": [("BitFit (biases + head)", {})],
+    "freeze": [("layer freezing (top 2 blocks + head)", {})],
+    "full": [("full fine-tuning", {})],
 }
+
+
+def variants() -> dict[str, dict]:
+    """Row name -> [peft] settings, for every registered method."""
+    rows: dict[str, dict] = {}
+    for name, method in registered_methods().items():
+        for label, extra in VARIANTS_OF.get(name, [(f"{name}: {method.summary}", {})]):
+            rows[label] = {"method": name, **extra}
+    return rows
+
+
+VARIANTS = variants()
 BEGIN, END = "<!-- methods-table:begin -->", "<!-- methods-table:end -->"
 SWEEP_BEGIN, SWEEP_END = "<!-- methods-rates:begin -->", "<!-- methods-rates:end -->"
 DEFAULT_RATE = 1e-3  # train.learning_rate's default: the main table's accuracy column

@@ -27,8 +27,9 @@ import os
 import tempfile
 from pathlib import Path
 
-from fedpeft.config import RunConfig, from_mapping
-from fedpeft.server.run_dir import METRICS_FILE
+from fedpeft.composition import from_mapping
+from fedpeft.config import RunConfig
+from fedpeft.runs.run_dir import METRICS_FILE
 from fedpeft.simulations.engine import simulate
 
 DECISIONS = ("yes", "no", "maybe")
@@ -94,10 +95,10 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def load_final_model(run_dir: Path) -> tuple:
     """The base as the sites loaded it (run_config.json) with the last global adapter from ``adapters/LATEST``."""
+    from fedpeft.methods import load_saved_adapter
     from fedpeft.models.loader import load_base_model
-    from fedpeft.models.saved import load_saved_adapter
-    from fedpeft.server.checkpoint import latest_adapter
-    from fedpeft.server.run_dir import CONFIG_FILE
+    from fedpeft.runs.checkpoint import latest_adapter
+    from fedpeft.runs.run_dir import CONFIG_FILE
 
     config_path = run_dir / CONFIG_FILE
     cfg = from_mapping(json.loads(config_path.read_text(encoding="utf-8")), origin=str(config_path))
@@ -110,13 +111,13 @@ def load_final_model(run_dir: Path) -> tuple:
     return model, tokenizer, cfg.model.max_length
 
 
-def decision_logprobs(model, tokenizer, prompts: list[str], max_length: int):  # noqa: ANN001, ANN201
+def decision_logprobs(model, tokenizer, prompts: list[str], max_length: int):
     """(len(prompts), 3) summed log-likelihoods of "yes" / "no" / "maybe" as the response, encoded exactly as in
     training ([BOS] prompt [SEP] response, the prompt truncated first) with the response's EOS left unscored."""
     import torch
 
-    from fedpeft.client.batches import IGNORE_INDEX, encode_prompt_response, trim_batch
-    from fedpeft.client.trainer import on_model_device
+    from fedpeft.training.batches import IGNORE_INDEX, encode_prompt_response, trim_batch
+    from fedpeft.training.trainer import on_model_device
 
     repeated = tuple(p for p in prompts for _ in DECISIONS)
     data = encode_prompt_response(repeated, DECISIONS * len(prompts), tokenizer, max_length)
@@ -132,7 +133,7 @@ def decision_logprobs(model, tokenizer, prompts: list[str], max_length: int):  #
     return (logp * scored).sum(dim=1).view(len(prompts), len(DECISIONS)).cpu()
 
 
-def predict(model, tokenizer, rows: list[dict], max_length: int, batch: int) -> list[str]:  # noqa: ANN001
+def predict(model, tokenizer, rows: list[dict], max_length: int, batch: int) -> list[str]:
     picks: list[str] = []
     for start in range(0, len(rows), batch):
         prompts = [r["prompt"] for r in rows[start: start + batch]]

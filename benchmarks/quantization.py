@@ -24,7 +24,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fedpeft.config import ModelConfig, PeftConfig
-from fedpeft.models.peft_model import wrap_with_peft
+from fedpeft.methods import wrap_with_peft
 from fedpeft.models.precision import bf16_autocast
 from fedpeft.models.quantization import guard_cpu_4bit, load_kwargs
 

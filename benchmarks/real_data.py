@@ -54,9 +54,10 @@ import numpy as np
 from real_data_results import append_row, load_rows, setup_of  # beside this script
 from real_data_sets import DATASETS, prepare, write_csv
 
-from fedpeft.client.trainer import predict
-from fedpeft.config import RunConfig, from_mapping
+from fedpeft.composition import from_mapping
+from fedpeft.config import RunConfig
 from fedpeft.data.records import ClassificationData
+from fedpeft.training.trainer import predict
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = REPO.parent / "shared" / "data"
@@ -148,8 +149,8 @@ def head_rate(args: argparse.Namespace, dp: bool) -> dict[str, float]:
 def fresh_model(cfg: RunConfig) -> tuple[Any, Any]:
     """A site's starting point: the base from fedpeft's loader wrapped with the run's seeded adapter."""
     from fedpeft.data.sites import num_labels
+    from fedpeft.methods import wrap_with_peft
     from fedpeft.models.loader import load_base_model
-    from fedpeft.models.peft_model import wrap_with_peft
 
     base, tokenizer = load_base_model(cfg.model, num_labels(cfg))
     return wrap_with_peft(base, cfg.peft, cfg.model.task, cfg.run.seed), tokenizer
@@ -163,7 +164,7 @@ def site_train_sets(cfg: RunConfig) -> list[ClassificationData]:
 
 
 def encode(data: ClassificationData, tokenizer: Any, max_length: int) -> Any:
-    from fedpeft.client.batches import encode_classification
+    from fedpeft.training.batches import encode_classification
 
     return encode_classification(data.texts, data.labels, tokenizer, max_length)
 
@@ -174,7 +175,7 @@ def train_epochs(cfg: RunConfig) -> Any:
 
 
 def run_centralized(cfg: RunConfig, test: Any) -> Row:
-    from fedpeft.client.trainer import train_local
+    from fedpeft.training.trainer import train_local
 
     sites = site_train_sets(cfg)
     pooled = ClassificationData(tuple(t for s in sites for t in s.texts), tuple(y for s in sites for y in s.labels),
@@ -182,7 +183,7 @@ def run_centralized(cfg: RunConfig, test: Any) -> Row:
     model, tokenizer = fresh_model(cfg)
     started = time.monotonic()
     train_local(model, encode(pooled, tokenizer, cfg.model.max_length), train_epochs(cfg), cfg.model.task,
-                cfg.run.seed)
+                seed=cfg.run.seed)
     seconds = time.monotonic() - started
     accuracy, f1 = score(model, test, cfg.train.eval_batch_size)
     return Row("centralized", SETTINGS["centralized"].what, accuracy, f1, seconds,
@@ -190,8 +191,8 @@ def run_centralized(cfg: RunConfig, test: Any) -> Row:
 
 
 def run_local(cfg: RunConfig, test: Any) -> Row:
-    from fedpeft.client.trainer import train_local
     from fedpeft.models.adapter_state import get_adapter_state, set_adapter_state
+    from fedpeft.training.trainer import train_local
 
     model, tokenizer = fresh_model(cfg)
     start = get_adapter_state(model)
@@ -200,7 +201,7 @@ def run_local(cfg: RunConfig, test: Any) -> Row:
         set_adapter_state(model, start, source="the seeded initial adapter")
         started = time.monotonic()
         train_local(model, encode(site, tokenizer, cfg.model.max_length), train_epochs(cfg), cfg.model.task,
-                    cfg.run.seed + pid)
+                    seed=cfg.run.seed + pid)
         seconds += time.monotonic() - started
         scores.append(score(model, test, cfg.train.eval_batch_size))
     acc = [a for a, _ in scores]
@@ -212,15 +213,15 @@ def adapter_scores(cfg: RunConfig, adapter_dir: Path, test: Any) -> tuple[float,
     """The saved global adapter, loaded onto a freshly loaded base (fedpeft's load_saved_adapter: peft's
     PeftModel.from_pretrained for LoRA), on the common test set."""
     from fedpeft.data.sites import num_labels
+    from fedpeft.methods import load_saved_adapter
     from fedpeft.models.loader import load_base_model
-    from fedpeft.models.saved import load_saved_adapter
 
     base, _ = load_base_model(cfg.model, num_labels(cfg))
     return score(load_saved_adapter(base, adapter_dir), test, cfg.train.eval_batch_size)
 
 
 def run_federated(cfg: RunConfig, name: str, test: Any) -> Row:
-    from fedpeft.server.run_dir import METRICS_FILE
+    from fedpeft.runs.run_dir import METRICS_FILE
     from fedpeft.simulations.engine import simulate
     from fedpeft.simulations.report import bytes_per_client
 

@@ -37,8 +37,9 @@ from pathlib import Path
 
 import psutil
 
-from fedpeft.config import RunConfig, from_mapping
-from fedpeft.server.run_dir import METRICS_FILE
+from fedpeft.composition import from_mapping
+from fedpeft.config import RunConfig
+from fedpeft.runs.run_dir import METRICS_FILE
 from fedpeft.simulations.engine import simulate
 
 MIB = 1024 * 1024

@@ -67,13 +67,13 @@ class InProcessGrid:
     def _train(self, msg: Message, context: Context) -> Message:
         """Like fedpeft/client/app.py's _secure_reply, with the site's update given instead of trained."""
         values, weight = self.inputs[msg.metadata.dst_node_id]
-        masked = masked_upload(msg.content[wire.CONFIG], context, values, weight, self.settings.clip_range,
-                               self.settings.bits)
+        masked = masked_upload(msg.content[wire.CONFIG], context, values, weight,
+                               clip_range=self.settings.clip_range, bits=self.settings.bits)
         metrics = MetricRecord({wire.TRAIN_LOSS: 0.0, wire.TRAIN_STEPS: 0,
                                 wire.PARTITION_ID: int(context.node_config[wire.NODE_PARTITION_ID])})
         return Message(RecordDict({wire.SA_MASKED: masked, wire.METRICS: metrics}), reply_to=msg)
 
-    def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:  # noqa: ANN001
+    def send_and_receive(self, messages, *, timeout: float | None = None) -> list[Message]:
         replies = []
         stage = 0
         for msg in messages:
@@ -115,11 +115,11 @@ class Case:
     error_bound: float = 0.0
 
 
-def timed_method(instance, name: str, sink: dict[str, float]) -> None:  # noqa: ANN001
+def timed_method(instance, name: str, sink: dict[str, float]) -> None:
     """Time one method of this instance only (SecAggRound itself stays unchanged)."""
     original = getattr(instance, name)
 
-    def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def wrapper(*args, **kwargs):
         start = time.process_time()
         try:
             return original(*args, **kwargs)

@@ -14,8 +14,8 @@ import os
 import statistics
 import tempfile
 
-from fedpeft.config import from_mapping
-from fedpeft.server.run_dir import METRICS_FILE
+from fedpeft.composition import from_mapping
+from fedpeft.runs.run_dir import METRICS_FILE
 from fedpeft.simulations.engine import simulate
 
 

@@ -74,7 +74,7 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from fedpeft.models.export import export_run
+    from fedpeft.runs.export import export_run
 
     out = export_run(args.run_dir, args.out, args.round, args.merge)
     print(f"exported {'merged model' if args.merge else 'adapter'} to {out}")
@@ -135,7 +135,7 @@ def _server_parser(sub: argparse._SubParsersAction) -> None:
                    help="override one config value; repeatable")
     p.add_argument("--state-dir", default="coordinator", help="the coordinator's working directory "
                    "(SuperLink database, logs; default ./coordinator)")
-    p.add_argument("--host", default="0.0.0.0", help="interface to listen on (default: all)")  # noqa: S104
+    p.add_argument("--host", default="0.0.0.0", help="interface to listen on (default: all)")
     p.add_argument("--port", type=int, default=9092, help="port the sites connect to (default 9092)")
     p.add_argument("--site", action="append", default=[], help="only these sites (default: every site of the PKI)")
 
@@ -210,7 +210,8 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     if args.audit_command == "report":
         from fedpeft.audit.report import render_report
 
-        out = render_report(args.log, args.out, args.format, key(args.pubkey), args.site_log)
+        out = render_report(args.log, args.out, fmt=args.format, public_key=key(args.pubkey),
+                            site_logs=args.site_log)
         print(f"report written to {out}")
         return 0
     if args.site or args.server:
@@ -232,8 +233,9 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return 0 if verification.intact else 1
 
 
-def _load_config(path: str | None, overrides: dict[str, object]):  # noqa: ANN202
-    from fedpeft.config import RunConfig, from_mapping, load_toml, unflatten
+def _load_config(path: str | None, overrides: dict[str, object]):
+    from fedpeft.composition import from_mapping, load_toml
+    from fedpeft.config import RunConfig, unflatten
 
     if path:
         return load_toml(path, overrides)

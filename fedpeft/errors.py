@@ -31,15 +31,30 @@ class FederationError(FedpeftError):
 
 
 class PrivacyError(FedpeftError):
-    """A differential-privacy setting is invalid or cannot be honoured."""
+    """A differential-privacy setting is invalid or cannot be honoured.
+
+    A site that raises one refuses the round; what leaves the site is a typed refusal (``fedpeft.messaging.Refusal``)
+    with ``rule`` and ``public`` -- the reason in values, never the site's file paths (the full message stays in
+    the site's own log)."""
+
+    default_rule = "privacy"
+
+    def __init__(self, message: str, *, rule: str | None = None, public: str | None = None) -> None:
+        super().__init__(message)
+        self.rule = rule or self.default_rule
+        self.public = public  # None: the message is sent with any file path in it replaced
 
 
 class PrivacyBudgetExceeded(PrivacyError):
     """Training this round would take a site past its privacy budget; the site refuses and trains nothing."""
 
+    default_rule = "privacy_budget"
+
 
 class PolicyViolation(PrivacyError):
-    """The run config asks for something the site's own privacy policy forbids."""
+    """The run config asks for something the site's own privacy policy forbids (``rule`` names the policy key)."""
+
+    default_rule = "policy"
 
 
 class LedgerCorrupted(PrivacyError):

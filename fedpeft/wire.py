@@ -19,8 +19,9 @@ REFUSED = "refused"  # 1 when the site refused the round (policy or budget) and 
 EPSILON = "epsilon"  # the site's cumulative example-level epsilon after the round
 SAMPLE_RATE = "sample-rate"  # DP-SGD's Poisson sampling rate at the site this round (1: every row, every step)
 
-# ConfigRecord keys (site -> server)
-REFUSAL_REASON = "refusal-reason"
+# ConfigRecord keys (site -> server): a refusal (fedpeft.messaging.Refusal)
+REFUSAL_RULE = "refusal-rule"  # the rule that forbids the round (a policy key, "privacy_budget", ...)
+REFUSAL_REASON = "refusal-reason"  # the reason in values; never a site's file path
 
 # Flower node_config keys set by the simulation engine for each virtual SuperNode
 NODE_PARTITION_ID = "partition-id"  # in a deployment: the site's index (seeds, metrics), set by `fedpeft client`

@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from fedpeft.config import RunConfig, from_flat, from_mapping, load_toml, unflatten
+from fedpeft.composition import from_flat, from_mapping, load_toml
+from fedpeft.config import RunConfig, unflatten
 from fedpeft.errors import ConfigError
 
 

@@ -11,13 +11,16 @@ from __future__ import annotations
 import base64
 import html
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedpeft.audit.verify import Verification, verify_log
 from fedpeft.errors import AuditError
+
+if TYPE_CHECKING:
+    from fedpeft.audit.crosscheck import CrossCheck
 
 FORMATS = ("html", "md")
 CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;padding:0 1em;max-width:1100px;color:#222}
@@ -40,7 +43,7 @@ class Text:
 
 @dataclass
 class Table:
-    head: list[str]
+    head: Sequence[str | Text]
     rows: list[list[Any]]
     css: str = ""
 
@@ -69,7 +72,7 @@ class Run:
     refusals: list[dict[str, Any]] = field(default_factory=list)
 
 
-def render_report(log_path: str | Path, out_path: str | Path, fmt: str = "html", public_key: str | None = None,
+def render_report(log_path: str | Path, out_path: str | Path, *, fmt: str = "html", public_key: str | None = None,
                   site_logs: Sequence[str | Path] = ()) -> Path:
     """Verify the coordinator log at ``log_path`` and write its report to ``out_path``; returns ``out_path``.
 
@@ -147,17 +150,19 @@ def _summary(run: Run) -> Section:
     dp_text = (f"{'on' if dp.get('dp') else 'off'}; target ε {_fmt(dp.get('target_epsilon'))}, δ "
                f"{_fmt(dp.get('delta'))}, accountant {_fmt(dp.get('accountant'))}, client-level DP "
                f"{_fmt(dp.get('client_dp'))}")
-    rows = [["run name", s.get("run")], ["config SHA-256", Text(_fmt(s.get("config_sha256")), "code")],
-            ["library versions", ", ".join(f"{k} {v}" for k, v in sorted(versions.items()))],
-            ["base model", f"{_fmt(base.get('name'))} (quantization {_fmt(base.get('quantization'))})"],
-            ["base model fingerprint", Text(_fmt(base.get("sha256")), "code")],
-            ["PEFT", f"{_fmt(peft.get('method', peft.get('peft_type')))}, rank {_fmt(peft.get('r'))}"],
-            ["aggregation", f"{_fmt(s.get('aggregation'))} (weighting {_fmt(s.get('weighting'))})"],
-            ["differential privacy", dp_text], ["secure aggregation", "on" if s.get("secure_aggregation") else "off"],
-            ["expected sites", f"{_fmt(s.get('expected_sites'))} (at least {_fmt(s.get('min_sites'))} per round)"],
-            ["started", run.start_time or "— (no run-start record)"], ["ended", run.end_time or "— (no run-end)"],
-            ["rounds", _fmt(end.get("rounds", max(run.rounds, default=None)))],
-            ["final accuracy", _fmt(end.get("final_accuracy"))]]
+    rows: list[list[Any]] = [
+        ["run name", s.get("run")], ["config SHA-256", Text(_fmt(s.get("config_sha256")), "code")],
+        ["library versions", ", ".join(f"{k} {v}" for k, v in sorted(versions.items()))],
+        ["base model", f"{_fmt(base.get('name'))} (quantization {_fmt(base.get('quantization'))})"],
+        ["base model fingerprint", Text(_fmt(base.get("sha256")), "code")],
+        ["PEFT", f"{_fmt(peft.get('method', peft.get('peft_type')))}, rank {_fmt(peft.get('r'))}"],
+        ["aggregation", f"{_fmt(s.get('aggregation'))} (weighting {_fmt(s.get('weighting'))})"],
+        ["differential privacy", dp_text], ["secure aggregation", "on" if s.get("secure_aggregation") else "off"],
+        ["expected sites", f"{_fmt(s.get('expected_sites'))} (at least {_fmt(s.get('min_sites'))} per round)"],
+        ["started", run.start_time or "— (no run-start record)"], ["ended", run.end_time or "— (no run-end)"],
+        ["rounds", _fmt(end.get("rounds", max(run.rounds, default=None)))],
+        ["final accuracy", _fmt(end.get("final_accuracy"))],
+    ]
     for time, data in run.resumes:
         rows.append(["coordinator restarted", f"after round {_fmt(data.get('after_round'))} at {time}"])
     return Section("summary", "Run summary", [Table(["", ""], rows, "kv")])
@@ -303,6 +308,7 @@ def _verification(verification: Verification, log_path: Path, public_key: str | 
     if not verification.intact:
         blocks.append(Table(["kind", "line", "seq", "detail"],
                             [[d.kind, _fmt(d.line), _fmt(d.seq), d.detail] for d in verification.damage], "damage"))
+    cross_check: Callable[..., CrossCheck] | None
     try:
         from fedpeft.audit.crosscheck import cross_check
     except ImportError:

@@ -70,8 +70,8 @@ class CoordinatorAudit:
     def round(self, data: dict[str, Any]) -> None:
         self.log.append("round", _json_safe(data))
 
-    def refusal(self, server_round: int, site: str, reason: str) -> None:
-        rule = reason.split("rule '", 1)[1].split("'", 1)[0] if "rule '" in reason else "budget"
+    def refusal(self, server_round: int, site: str, *, rule: str, reason: str) -> None:
+        """A site's refusal as it arrived: a typed rule and its reason (never parsed back out of a string)."""
         self.log.append("refusal", {"round": server_round, "site": site, "rule": rule, "reason": reason})
 
     def run_end(self, final_adapter: str | None, adapter_sha256: str | None, summary: dict[str, Any]) -> None:
@@ -91,7 +91,7 @@ class SiteAudit:
         if not log_path.exists() or log_path.stat().st_size == 0:
             self.log.append("site-start", {"public_key": self.log.public_key, "site": site})
 
-    def release(self, run: str, server_round: int, payload_sha256: str, payload_bytes: int, secure: bool,
+    def release(self, run: str, server_round: int, payload_sha256: str, payload_bytes: int, *, secure: bool,
                 privacy: dict[str, float], ledger_line_sha256: str | None) -> None:
         self.log.append("release", {"run": run, "round": server_round, "payload_sha256": payload_sha256,
                                     "payload_bytes": payload_bytes, "secure_aggregation": secure,

@@ -5,6 +5,11 @@ The first bad record is named with the kind of damage:
 and never appears), ``inserted`` (a record that repeats an earlier one), ``reordered`` (a record out of sequence
 that does appear elsewhere), ``truncated`` (a partial last line, or no ``run-end`` record), ``wrong key`` (no
 record verifies under the given public key), and ``timestamp`` (time going backwards).
+
+A record may carry ``schema_version`` (written since versions exist) or not (older logs, version 1): both verify, as
+the signature covers whichever fields the writer signed. A record from a newer fedpeft is not judged at all, since
+its chain or signature rules may have changed: verify_log raises AuditError saying "upgrade fedpeft", so that a
+newer log is never reported as damaged (or intact) by an older verifier. A malformed version is ``edited``.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.audit.keys import key_id
-from fedpeft.audit.log import FIELDS, GENESIS, canonical, line_hash
+from fedpeft.audit.log import FIELDS, GENESIS, UNVERSIONED_FIELDS, canonical, check_record_version, line_hash
+from fedpeft.io.schema import SCHEMA_VERSION_KEY, UNVERSIONED, is_schema_version
 
 END_KINDS = ("run-end",)  # a coordinator's log ends with one; a site's log stays open across runs
 
@@ -79,7 +85,12 @@ def _parse(path: Path, result: Verification) -> list[tuple[int, bytes, dict[str,
     for number, line in enumerate(lines[:-1], start=1):
         try:
             record = json.loads(line)
-            if not isinstance(record, dict) or set(record) != set(FIELDS):
+            if isinstance(record, dict):
+                version = record.get(SCHEMA_VERSION_KEY, UNVERSIONED)
+                if not is_schema_version(version):
+                    raise ValueError(f"{SCHEMA_VERSION_KEY} {version!r} is not an integer >= 1")
+                check_record_version(record, f"audit log {path} (line {number})")  # a newer one: AuditError
+            if not isinstance(record, dict) or set(record) not in (set(FIELDS), set(UNVERSIONED_FIELDS)):
                 raise ValueError(f"fields {sorted(record) if isinstance(record, dict) else type(record).__name__}")
         except ValueError as err:
             result.damage.append(Damage("edited", number, None, f"not a well-formed record ({err})"))
@@ -123,17 +134,19 @@ def _walk(parsed: list[tuple[int, bytes, dict[str, Any]]], genuine: list[bool], 
     expected, prev_hash, prev_time = 0, GENESIS, ""
     for position, ((number, line, record), ok) in enumerate(zip(parsed, genuine, strict=True)):
         seq = record.get("seq")
-        damage = _classify(record, ok, seq, expected, prev_hash, line in seen_lines, all_seqs[position + 1:])
+        damage = _classify(record, ok, seq=seq, expected=expected, prev_hash=prev_hash, repeated=line in seen_lines,
+                           later_seqs=all_seqs[position + 1:])
         if damage is None and str(record["time"]) < prev_time:
             damage = ("timestamp", f"time {record['time']} is before the previous record's {prev_time}")
         if damage is not None:
             result.damage.append(Damage(damage[0], number, seq if isinstance(seq, int) else None, damage[1]))
             return  # later findings follow from the first; the first bad record is what matters
         seen_lines[line] = number
+        assert isinstance(seq, int)  # _classify reports a record without an integer seq as damage (returned above)
         expected, prev_hash, prev_time = seq + 1, line_hash(line), str(record["time"])
 
 
-def _classify(record: dict[str, Any], genuine: bool, seq: Any, expected: int, prev_hash: str, repeated: bool,
+def _classify(record: dict[str, Any], genuine: bool, *, seq: Any, expected: int, prev_hash: str, repeated: bool,
               later_seqs: list[Any]) -> tuple[str, str] | None:
     if not genuine:
         return "edited", "the record's signature does not match its content (changed after it was signed)"

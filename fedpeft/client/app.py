@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedpeft import wire
 from fedpeft.audit.payload import payload_bytes, payload_digest
 from fedpeft.client.mods import Mod
+from fedpeft.messaging import Refusal, array_record, as_int, config_record
 
 
-def _site(context: Context):  # noqa: ANN202 - imported lazily so that loading the app stays cheap
+def _site(context: Context):  # imported lazily so that loading the app stays cheap
     from fedpeft.client.site import Site
-    from fedpeft.config import from_flat
+    from fedpeft.composition import run_config
 
-    cfg = from_flat(context.run_config)
+    cfg = run_config(context.run_config)
     node = context.node_config
     partition_id = int(node[wire.NODE_PARTITION_ID])
     data_partition = (partition_id, int(node.get(wire.NODE_NUM_PARTITIONS, cfg.federation.num_sites)))
@@ -24,11 +25,11 @@ def _site(context: Context):  # noqa: ANN202 - imported lazily so that loading t
     policy, ledger = node.get(wire.NODE_POLICY_FILE), node.get(wire.NODE_LEDGER_PATH)
     audit_log, audit_key = node.get(wire.NODE_AUDIT_LOG), node.get(wire.NODE_AUDIT_KEY)
     audit_files = (str(audit_log), str(audit_key)) if audit_log and audit_key else None
-    return Site(cfg, partition_id, data_partition, str(policy) if policy else None, str(ledger) if ledger else None,
-                audit_files)
+    return Site(cfg, partition_id, data_partition, policy_file=str(policy) if policy else None,
+                ledger_path=str(ledger) if ledger else None, audit_files=audit_files)
 
 
-def _with_local_files(cfg, node: dict):  # noqa: ANN001, ANN202
+def _with_local_files(cfg, node: dict):
     """The run config with the site's own data file and base-model copy, where its node config names them."""
     from dataclasses import replace
 
@@ -43,45 +44,48 @@ def _with_local_files(cfg, node: dict):  # noqa: ANN001, ANN202
 def _received_adapter(msg: Message) -> dict:
     import torch  # noqa: F401  (Ray workers must import torch before ArrayRecord.to_torch_state_dict)
 
-    return msg.content[wire.ADAPTER].to_torch_state_dict()
+    return array_record(msg.content).to_torch_state_dict()
 
 
 def train(msg: Message, context: Context) -> Message:
-    from fedpeft.errors import PrivacyError
+    from fedpeft.errors import PrivacyError, SecAggError
 
     site = _site(context)
-    server_round = int(msg.content[wire.CONFIG][wire.SERVER_ROUND])
+    config = config_record(msg.content)
+    server_round = as_int(config[wire.SERVER_ROUND])
     audit = site.audit()
+    secure = site.cfg.federation.secure_aggregation  # one source: the run config the site's policy was checked on
     try:
-        rank_keep = msg.content[wire.CONFIG].get(wire.RANK_KEEP)
-        local = site.train_round(_received_adapter(msg), server_round, rank_keep)
-    except PrivacyError as refusal:  # policy or budget: a clear answer the server records, not a crash
-        audit.refusal(site.cfg.run.name, server_round, str(refusal))
-        metrics = MetricRecord({wire.REFUSED: 1, wire.PARTITION_ID: site.partition_id})
-        reason = ConfigRecord({wire.REFUSAL_REASON: str(refusal)})
-        return Message(RecordDict({wire.METRICS: metrics, wire.CONFIG: reason}), reply_to=msg)
+        if (wire.SA_SURVIVORS in config) != secure:
+            raise SecAggError(f"round {server_round}: the message {'lacks' if secure else 'carries'} secure-"
+                              "aggregation stages, which the run's federation.secure_aggregation = "
+                              f"{str(secure).lower()} does not; the site sends nothing this round")
+        local = site.train_round(_received_adapter(msg), server_round, dict(config))
+    except (PrivacyError, SecAggError) as err:  # policy, budget, a mismatched mode: an answer, not a crash
+        audit.refusal(site.cfg.run.name, server_round, str(err))
+        return Message(Refusal.of(err).content(site.partition_id), reply_to=msg)
     metrics = {wire.TRAIN_LOSS: local.train.mean_loss, wire.TRAIN_STEPS: local.train.steps,
                wire.PARTITION_ID: site.partition_id, **local.privacy}
-    secure = wire.SA_SURVIVORS in msg.content[wire.CONFIG]
     if secure:
         key, upload = wire.SA_MASKED, _masked_upload(msg, context, site, local)
     else:
         metrics[wire.NUM_EXAMPLES] = local.train.num_examples
         key, upload = wire.ADAPTER, ArrayRecord(local.update)
-    audit.release(site.cfg.run.name, server_round, payload_digest(upload), payload_bytes(upload), secure,
-                  local.privacy, local.ledger_line_sha256)
+    audit.release(site.cfg.run.name, server_round, payload_digest(upload), payload_bytes(upload), secure=secure,
+                  privacy=local.privacy, ledger_line_sha256=local.ledger_line_sha256)
     return Message(RecordDict({key: upload, wire.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
-def _masked_upload(msg: Message, context: Context, site, local) -> ArrayRecord:  # noqa: ANN001
+def _masked_upload(msg: Message, context: Context, site, local) -> ArrayRecord:
     """Only the masked ring vector leaves the site; its weight travels inside it, not as a metric."""
     from fedpeft.secagg.client import masked_upload
-    from fedpeft.secagg.vector import flatten
+    from fedpeft.secagg.vector import flatten, upload_weight
 
     cfg = site.cfg
-    weight = local.train.num_examples / cfg.secagg.max_weight if cfg.federation.weighting == "num-examples" else 1.0
-    return masked_upload(msg.content[wire.CONFIG], context, flatten(local.update), weight, cfg.secagg.clip_range,
-                         cfg.secagg.bits)
+    weight = upload_weight(local.train.num_examples, weighting=cfg.federation.weighting,
+                           max_weight=cfg.secagg.max_weight)
+    return masked_upload(config_record(msg.content), context, flatten(local.update), weight,
+                         clip_range=cfg.secagg.clip_range, bits=cfg.secagg.bits)
 
 
 def evaluate(msg: Message, context: Context) -> Message:
@@ -89,7 +93,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     result = site.evaluate(_received_adapter(msg))
     metrics = {wire.NUM_EXAMPLES: result.num_examples, wire.EVAL_LOSS: result.loss,
                wire.EVAL_ACCURACY: result.accuracy, wire.PARTITION_ID: site.partition_id}
-    site.audit().evaluation(site.cfg.run.name, int(msg.content[wire.CONFIG][wire.SERVER_ROUND]), metrics)
+    site.audit().evaluation(site.cfg.run.name, as_int(config_record(msg.content)[wire.SERVER_ROUND]), metrics)
     return Message(RecordDict({wire.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 

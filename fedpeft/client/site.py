@@ -7,20 +7,17 @@ A Ray actor of the simulation engine serves many virtual sites in turn, so the p
 from __future__ import annotations
 
 import functools
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fedpeft import wire
 from fedpeft.audit.trail import SiteAudit
-from fedpeft.client.batches import EncodedData, encode_classification, encode_prompt_response
-from fedpeft.client.trainer import EvalResult, TrainResult, evaluate, train_local
 from fedpeft.config import ModelConfig, PeftConfig, RunConfig
 from fedpeft.data.records import ClassificationData
 from fedpeft.data.sites import SiteData, is_multitask, label_names, num_labels, site_split
 from fedpeft.io.atomic import write_bytes_atomic
-from fedpeft.models.adalora import keep_ranks
+from fedpeft.methods import FederatedMethod, build_method, method_for
 from fedpeft.models.adapter_state import (
     AdapterState,
     get_head_state,
@@ -28,13 +25,14 @@ from fedpeft.models.adapter_state import (
     set_adapter_state,
 )
 from fedpeft.models.loader import load_base_model
-from fedpeft.models.peft_model import wrap_with_peft
 from fedpeft.models.task_heads import attach_task_heads
 from fedpeft.privacy.accounting import planned_steps
 from fedpeft.privacy.client_dp import add_gaussian, clip_update, noise_share_std
 from fedpeft.privacy.dp_sgd import DpSettings, train_private
 from fedpeft.privacy.site_budget import SiteBudget, site_ledger_path, site_policy
-from fedpeft.strategies.hetero_rank import RANK_WEIGHT, pad, site_peft_config, site_rank, truncate
+from fedpeft.strategies import registered_rules
+from fedpeft.training.batches import EncodedData, encode_classification, encode_prompt_response
+from fedpeft.training.trainer import EvalResult, TrainResult, evaluate, train_local
 
 
 @dataclass(frozen=True)
@@ -55,18 +53,18 @@ class SharedModel:
     initial_head: AdapterState  # the seeded head as built, for a local-head site that has not trained yet
 
 
-@functools.lru_cache(maxsize=4)  # one per distinct LoRA rank a process serves
+@functools.lru_cache(maxsize=4)  # one per distinct site configuration (e.g. LoRA rank) a process serves
 def shared_model(model_cfg: ModelConfig, peft_cfg: PeftConfig, labels: int, seed: int) -> SharedModel:
     base, tokenizer = load_base_model(model_cfg, labels)
-    model = wrap_with_peft(base, peft_cfg, model_cfg.task, seed)
+    model = method_for(peft_cfg, model_cfg.task).wrap(base, seed)
     return SharedModel(model, tokenizer, get_head_state(model))
 
 
 @functools.lru_cache(maxsize=256)
 def encoded_site_data(cfg: RunConfig, partition_id: int, num_partitions: int) -> tuple[EncodedData, EncodedData]:
     split = site_split(cfg, partition_id, num_partitions)
-    tokenizer = shared_model(cfg.model, site_peft_config(cfg.peft, site_rank(cfg, partition_id)),
-                             num_labels(cfg), cfg.run.seed).tokenizer
+    tokenizer = shared_model(cfg.model, build_method(cfg).for_site(partition_id).peft, num_labels(cfg),
+                             cfg.run.seed).tokenizer
     return _encode(split.train, tokenizer, cfg.model.max_length), _encode(split.eval, tokenizer, cfg.model.max_length)
 
 
@@ -79,7 +77,7 @@ def _encode(data: SiteData, tokenizer: Any, max_length: int) -> EncodedData:
 class Site:
     """Train or evaluate one site's data starting from a given global adapter."""
 
-    def __init__(self, cfg: RunConfig, partition_id: int, data_partition: tuple[int, int],
+    def __init__(self, cfg: RunConfig, partition_id: int, data_partition: tuple[int, int], *,
                  policy_file: str | None = None, ledger_path: str | None = None,
                  audit_files: tuple[str, str] | None = None) -> None:
         """``data_partition`` = (index, count) of the rows this site reads from ``cfg.data`` ((0, 1): all of them)."""
@@ -87,21 +85,16 @@ class Site:
         self.partition_id = partition_id
         self.policy_file, self.ledger_path = policy_file, ledger_path
         self.audit_files = audit_files  # (log, key); None: beside the ledger
-        self.rank = site_rank(cfg, partition_id)
-        self.hetero = bool(cfg.peft.site_ranks)
-        self.shared = shared_model(cfg.model, site_peft_config(cfg.peft, self.rank), num_labels(cfg), cfg.run.seed)
+        self.method: FederatedMethod = build_method(cfg).for_site(partition_id)
+        self.shared = shared_model(cfg.model, self.method.peft, num_labels(cfg), cfg.run.seed)
         self.model = self.shared.model
         self.local_head = cfg.peft.head == "local"
         attach_task_heads(self.model, label_names(cfg) if is_multitask(cfg.data) else None)
         self.train_data, self.eval_data = encoded_site_data(cfg, *data_partition)
 
-    def local_view(self, global_state: AdapterState) -> AdapterState:
-        """The global adapter at this site's LoRA rank (truncated with heterogeneous ranks)."""
-        return truncate(global_state, self.rank) if self.hetero else dict(global_state)
-
     def load_global(self, global_state: AdapterState) -> None:
         """The global adapter, and with local heads this site's own head (the seeded one until it trains)."""
-        state = self.local_view(global_state)
+        state = self.method.local_view(global_state)
         if self.local_head:
             state = {**state, **self.own_head()}
         set_adapter_state(self.model, state, source=f"global adapter received by site {self.partition_id}"
@@ -146,10 +139,11 @@ class Site:
             return None
         return SiteBudget(self.cfg, site, policy, self.ledger_file())
 
-    def train_round(self, global_state: AdapterState, server_round: int, rank_keep: bytes | None = None) -> LocalRound:
+    def train_round(self, global_state: AdapterState, server_round: int,
+                    instructions: dict[str, Any] | None = None) -> LocalRound:
         """Raises a PrivacyError subclass, before any training, when policy or budget forbid this round.
 
-        ``rank_keep``: AdaLoRA's mask for this round (from the server); masked singular values stay zero."""
+        ``instructions``: the round's config from the server, for the method (e.g. AdaLoRA's rank mask)."""
         budget = self.budget()
         if budget is not None:
             budget.check_policy()
@@ -157,27 +151,32 @@ class Site:
         seed = self.cfg.run.seed * 1_000_003 + server_round * 1009 + self.partition_id
         privacy: dict[str, float] = {}
         ledger_line = None
-        with keep_ranks(self.model, rank_keep) if rank_keep is not None else nullcontext():
+        with self.method.training(self.model, instructions or {}):
             if self.cfg.privacy.dp:
+                assert budget is not None  # budget() returns one whenever DP is on
                 result, privacy = self._train_private(budget, server_round, seed)
                 ledger_line = budget.ledger.last_line_sha256()
             else:
-                mu = self.cfg.strategy.proximal_mu if self.cfg.federation.aggregation == "fedprox" else 0.0
-                result = train_local(self.model, self.train_data, self.cfg.train, self.cfg.model.task, seed, mu)
+                result = train_local(self.model, self.train_data, self.cfg.train, self.cfg.model.task, seed=seed,
+                                     proximal_mu=self.proximal_mu())
         if self.local_head:
             self.save_local_head()
-        trained, start = get_wire_state(self.model, self.local_head), self.local_view(global_state)
-        update = {name: trained[name] - start[name] for name in trained}
-        if self.hetero:
-            update = pad(update, global_state, self.rank)
+        trained, start = get_wire_state(self.model, self.local_head), self.method.local_view(global_state)
+        update = self.method.upload({name: trained[name] - start[name] for name in trained}, global_state)
         return LocalRound(self._client_level_dp(update), result, privacy, ledger_line)
+
+    def proximal_mu(self) -> float:
+        """The local proximal term's weight, where the run's aggregation rule asks sites for one (FedProx)."""
+        rule = registered_rules()[self.cfg.federation.aggregation]
+        return self.cfg.strategy.proximal_mu if rule.client_proximal_term else 0.0
 
     def _train_private(self, budget: SiteBudget, server_round: int, seed: int) -> tuple[TrainResult, dict]:
         t = self.cfg.train
         plan = budget.plan(server_round, *planned_steps(len(self.train_data), t.batch_size, t.local_epochs,
                                                         t.max_steps))
         settings = DpSettings(plan.noise_multiplier, plan.max_grad_norm, self.cfg.privacy.grad_sample_mode)
-        done = train_private(self.model, self.train_data, self.cfg.train, self.cfg.model.task, seed, settings)
+        done = train_private(self.model, self.train_data, self.cfg.train, self.cfg.model.task, seed=seed,
+                             dp=settings)
         spent = budget.commit(server_round, plan, done.steps)
         return done.train, {wire.EPSILON: spent, "noise-multiplier": plan.noise_multiplier,
                             wire.SAMPLE_RATE: plan.sample_rate, "dp-steps": done.steps}
@@ -188,9 +187,10 @@ class Site:
         if p.client_dp == "off":
             return update
         update = dict(update)
-        rank_weight = update.pop(RANK_WEIGHT, None)  # public bookkeeping, not part of the update's norm
+        # Public bookkeeping (e.g. the rank-weight vector of per-site ranks) is not part of the update's norm.
+        bookkeeping = {key: update.pop(key) for key in self.method.bookkeeping if key in update}
         clipped, _ = clip_update(update, p.client_clip)
         if p.client_dp == "distributed":
             clipped = add_gaussian(clipped, noise_share_std(p.client_noise_multiplier, p.client_clip,
                                                             self.cfg.federation.min_sites))
-        return clipped if rank_weight is None else {**clipped, RANK_WEIGHT: rank_weight}
+        return {**clipped, **bookkeeping}

@@ -9,192 +9,43 @@ A run config reaches fedpeft in two shapes that map onto each other:
 
 from __future__ import annotations
 
-import dataclasses
 import tomllib
 import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from fedpeft.config.checks import check_values
+from fedpeft.config.types import (
+    CLIENT_DP_MODES,
+    COMPUTE_DTYPES,
+    GRAD_SAMPLE_MODES,
+    HEAD_MODES,
+    QUANTIZATIONS,
+    TASKS,
+    WEIGHTINGS,
+    DataConfig,
+    FederationConfig,
+    ModelConfig,
+    PeftConfig,
+    PrivacyConfig,
+    RunConfig,
+    RunSection,
+    SecAggConfig,
+    StrategyConfig,
+    TrainConfig,
+    resolve_quantization,
+)
 from fedpeft.errors import ConfigError
 
-TASKS = ("classification", "causal-lm")
-QUANTIZATIONS = ("auto", "none", "nf4", "fp4", "int8")
-COMPUTE_DTYPES = ("fp32", "bf16")
-PEFT_METHODS = ("lora", "adalora", "ia3", "prompt-tuning", "p-tuning", "prefix-tuning", "p-tuning-v2", "bottleneck",
-                "bitfit", "freeze", "full")
-ADAPTER_PLACEMENTS = ("both", "attention", "ffn")
-HEAD_MODES = ("aggregate", "local")
-LORA_MODES = ("fedit", "ffa")
-PARTITIONERS = ("iid", "dirichlet", "column")
-WEIGHTINGS = ("num-examples", "uniform")
-ACCOUNTANTS = ("prv", "rdp")
-GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ghost")
-CLIENT_DP_MODES = ("off", "central", "distributed")
 FLOWER_ROUNDS_ALIAS = "num-server-rounds"
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    name: str = "minilm"  # a built-in name ("minilm", "tiny-llama") or a local Hugging Face model directory
-    task: str = "classification"
-    max_length: int = 64
-    num_labels: int = 0  # classification classes; 0: infer from the data (possible wherever the data is readable)
-    quantization: str = "auto"  # frozen base: auto (nf4 for causal-lm, none for classification), none, nf4, fp4, int8
-    double_quant: bool = True  # 4-bit only: quantize the quantization constants too (QLoRA)
-    compute_dtype: str = "bf16"  # dtype of the quantized matmuls and the unquantized base parts: bf16 | fp32
-    gradient_checkpointing: bool = False
-
-
-@dataclass(frozen=True)
-class PeftConfig:
-    method: str = "lora"
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    target_modules: tuple[str, ...] = ()  # empty: the architecture's default targets
-    lora_mode: str = "fedit"  # fedit: train and average A and B; ffa: A frozen at a shared seeded init (FFA-LoRA)
-    site_ranks: str = ""  # heterogeneous ranks, one per site ("4,8,8"), each <= r; "": every site uses r
-    use_dora: bool = False  # LoRA: weight-decomposed LoRA (DoRA): a trained magnitude vector per target too
-    use_rslora: bool = False  # LoRA: rank-stabilized scaling alpha / sqrt(r) instead of alpha / r
-    virtual_tokens: int = 16  # prompt / p-tuning / prefix methods: learned tokens (per layer for prefix methods)
-    encoder_hidden_size: int = 0  # p-tuning / prefix-tuning reparameterization MLP width; 0: the model's hidden size
-    adapter_placement: str = "both"  # bottleneck: after the attention output, the feed-forward output, or both
-    trainable_blocks: int = 2  # freeze: the top blocks that train (with the task head); the others stay frozen
-    head: str = "aggregate"  # classification head: "aggregate" (travels like the adapter) or "local" (personalized)
-    adalora_init_r: int = 12  # adalora: every module starts at this rank; the server prunes to r per module on average
-    adalora_warmup_rounds: int = 1  # adalora: rounds at the initial rank budget before pruning starts
-    adalora_final_rounds: int = 1  # adalora: rounds at the final budget (r per module) after pruning ends
-    adalora_orth_reg: float = 0.5  # adalora: weight of the orthogonality penalty on A and B (not applied under DP)
-
-    def rank_list(self) -> list[int]:
-        return [int(x) for x in self.site_ranks.split(",") if x.strip()] if self.site_ranks.strip() else []
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    local_epochs: int = 1
-    max_steps: int = 0  # 0: no cap, run the full local epochs
-    batch_size: int = 16
-    learning_rate: float = 1e-3
-    head_learning_rate: float = 2e-2  # task head (classification); 0: same as learning_rate
-    layer_decay: float = 1.0  # layered rates: tensors in block i (of L) train at learning_rate * decay^(L-1-i)
-    weight_decay: float = 0.0
-    eval_batch_size: int = 64
-    autocast: bool = False  # forward passes in bf16 autocast (fp32 master weights): less memory and time on GPUs
-
-
-@dataclass(frozen=True)
-class FederationConfig:
-    rounds: int = 5
-    num_sites: int = 5
-    fraction_train: float = 1.0
-    min_sites: int = 1
-    aggregation: str = "fedavg"
-    weighting: str = "num-examples"
-    round_timeout: float = 600.0
-    secure_aggregation: bool = False  # the server learns only the sum of the sites' updates (SecAgg+)
-
-
-@dataclass(frozen=True)
-class StrategyConfig:
-    server_learning_rate: float = 0.0  # 0: the rule's default (fedavgm 1.0, fedadam/fedadagrad 0.1, fedyogi 0.01)
-    server_momentum: float = 0.9  # fedavgm
-    beta_1: float = 0.9  # fedadam, fedyogi
-    beta_2: float = 0.99  # fedadam, fedyogi
-    tau: float = 0.0  # adaptivity; 0: the rule's default (1e-9, fedyogi 1e-3)
-    proximal_mu: float = 0.01  # fedprox: weight of the proximal term each site adds to its loss
-
-    def rule_options(self) -> dict[str, float]:
-        options = {"server_momentum": self.server_momentum, "beta_1": self.beta_1, "beta_2": self.beta_2,
-                   "tau": self.tau}
-        if self.server_learning_rate:
-            options["server_learning_rate"] = self.server_learning_rate
-        return options
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    source: str = "synthetic"  # "synthetic", "synthetic-multitask" or a path to a .csv/.jsonl file
-    synthetic_examples: int = 1500
-    text_column: str = "text"
-    label_column: str = "label"
-    prompt_column: str = "prompt"
-    response_column: str = "response"
-    partitioner: str = "dirichlet"
-    dirichlet_alpha: float = 1.0
-    partition_column: str = ""
-    eval_fraction: float = 0.2
-    label_names: tuple[str, ...] = ()  # the federation's classes in id order; needed when sites read their own files
-    task_column: str = ""  # multi-task classification: the column naming each row's task (one head per task)
-
-
-@dataclass(frozen=True)
-class PrivacyConfig:
-    dp: bool = False  # example-level DP-SGD (Opacus) at every site
-    noise_multiplier: float = 0.0  # 0: derived from target_epsilon for the planned rounds and local steps
-    target_epsilon: float = 8.0  # per-site budget over the run (a site's policy file may lower it)
-    delta: float = 1e-5
-    max_grad_norm: float = 1.0  # per-example clipping norm C
-    accountant: str = "prv"  # prv (tight) | rdp
-    grad_sample_mode: str = "auto"  # Opacus: auto (= hooks, fastest measured on CPU and GPU), hooks, functorch, ghost
-    client_dp: str = "off"  # client-level DP on the update: off | central (server adds noise) | distributed
-    client_clip: float = 1.0  # S: each site's whole update is clipped to this L2 norm
-    client_noise_multiplier: float = 1.0  # z: noise std on the sum is z * S
-    policy_file: str = ""  # the site's own policy (TOML); it wins over this run config
-    ledger_dir: str = ""  # where site ledgers live; "": <run dir>/sites
-
-
-@dataclass(frozen=True)
-class SecAggConfig:
-    degree: int = 0  # neighbours each site shares its secrets with; 0: complete graph for small n, O(log n) above
-    threshold: int = 0  # shares needed to reconstruct a secret; 0: the SecAgg+ default for the degree
-    clip_range: float = 8.0  # each update value is clipped to [-clip_range, clip_range] before fixed-point encoding
-    max_weight: float = 10000.0  # the largest site weight (example count); weights travel normalised by it
-    bits: int = 32  # ring Z_2^bits of the masked values
-
-
-@dataclass(frozen=True)
-class RunSection:
-    name: str = "quickstart"
-    out_dir: str = "runs"
-    seed: int = 0
-    audit_key: str = ""  # the coordinator's Ed25519 audit key (PEM); "": one is made in <run dir>/audit/
-    init_from: str = ""  # continual fine-tuning: start from an earlier run's adapter dir (runs/x/adapters/round-N)
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    peft: PeftConfig = field(default_factory=PeftConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    federation: FederationConfig = field(default_factory=FederationConfig)
-    strategy: StrategyConfig = field(default_factory=StrategyConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
-    secagg: SecAggConfig = field(default_factory=SecAggConfig)
-    run: RunSection = field(default_factory=RunSection)
-
-    def to_flat(self) -> dict[str, bool | int | float | str]:
-        """Flower's flat run-config shape; tuples become comma-separated strings (Flower has no list values)."""
-        flat: dict[str, bool | int | float | str] = {}
-        for section in fields(self):
-            for item in fields(getattr(self, section.name)):
-                value = getattr(getattr(self, section.name), item.name)
-                flat[f"{section.name}.{item.name}"] = ",".join(value) if isinstance(value, tuple) else value
-        return flat
-
-    def to_nested(self) -> dict[str, dict[str, Any]]:
-        return {k: {ik: list(iv) if isinstance(iv, tuple) else iv for ik, iv in v.items()}
-                for k, v in dataclasses.asdict(self).items()}
-
-
 SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(RunConfig)[f.name] for f in fields(RunConfig)}
 
 
-def load_toml(path: str | Path, overrides: Mapping[str, Any] | None = None) -> RunConfig:
-    """Read a TOML run config; ``overrides`` are flat ``section.key`` values applied on top."""
+def parse_toml(path: str | Path, overrides: Mapping[str, Any] | None = None) -> RunConfig:
+    """Read a TOML run config; ``overrides`` are flat ``section.key`` values applied on top (types and value rules
+    only: ``fedpeft.composition.load_toml`` is the full check a run starts from)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file '{path}' does not exist; pass an existing TOML file to --config")
@@ -203,12 +54,12 @@ def load_toml(path: str | Path, overrides: Mapping[str, Any] | None = None) -> R
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"config file '{path}' is not valid TOML: {err}") from err
     merged = _merge(nested, unflatten(overrides or {}))
-    return from_mapping(merged, origin=str(path))
+    return parse_mapping(merged, origin=str(path))
 
 
-def from_flat(flat: Mapping[str, Any], origin: str = "run config") -> RunConfig:
-    """Build from Flower's flat run config (``context.run_config``)."""
-    return from_mapping(unflatten(flat), origin=origin)
+def parse_flat(flat: Mapping[str, Any], origin: str = "run config") -> RunConfig:
+    """Build from Flower's flat run config (``context.run_config``); types and value rules only."""
+    return parse_mapping(unflatten(flat), origin=origin)
 
 
 def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
@@ -224,8 +75,9 @@ def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
     return nested
 
 
-def from_mapping(nested: Mapping[str, Any], origin: str = "config") -> RunConfig:
-    """Validate a nested mapping into a RunConfig: the one place where config input is checked."""
+def parse_mapping(nested: Mapping[str, Any], origin: str = "config") -> RunConfig:
+    """A nested mapping as a RunConfig, its types and value rules checked (``fedpeft.composition.from_mapping``
+    adds the checks that need the registries of methods, rules, accountants and partitioners)."""
     sections: dict[str, Any] = {}
     for name, table in nested.items():
         if name not in SECTIONS:
@@ -234,8 +86,6 @@ def from_mapping(nested: Mapping[str, Any], origin: str = "config") -> RunConfig
             raise ConfigError(f"{origin}: [{name}] must be a table of keys, got {table!r}")
         sections[name] = _build_section(name, SECTIONS[name], table, origin)
     config = RunConfig(**sections)
-    from fedpeft.config.checks import check_values  # the value rules live beside, in one module
-
     check_values(config, origin)
     return config
 
@@ -280,3 +130,9 @@ def _merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     for section, table in extra.items():
         merged.setdefault(section, {}).update(table)
     return merged
+
+
+__all__ = ["CLIENT_DP_MODES", "COMPUTE_DTYPES", "FLOWER_ROUNDS_ALIAS", "GRAD_SAMPLE_MODES", "HEAD_MODES",
+           "QUANTIZATIONS", "SECTIONS", "TASKS", "WEIGHTINGS", "DataConfig", "FederationConfig", "ModelConfig",
+           "PeftConfig", "PrivacyConfig", "RunConfig", "RunSection", "SecAggConfig", "StrategyConfig", "TrainConfig",
+           "parse_flat", "parse_mapping", "parse_toml", "resolve_quantization", "unflatten"]

@@ -28,6 +28,7 @@ def load_classification(
     text_column: str = "text",
     label_column: str = "label",
     group_column: str | None = None,
+    *,
     label_names: tuple[str, ...] = (),
     task_column: str | None = None,
 ) -> ClassificationData:

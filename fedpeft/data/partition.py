@@ -1,17 +1,108 @@
 """Split row indices across federated sites (IID, Dirichlet label skew, or a natural site column).
 
 Every partitioner returns disjoint, individually sorted index lists whose union is all rows.
+
+Each partitioner is one small registered class (``register_partitioner``), as aggregation rules are: the registry
+is the one list of ``data.partitioner`` choices, and what a partitioner needs from the data (labels, a site-id column)
+is said by its class, so loading and dispatch never name a partitioner. The ``partition_*`` functions below are the
+math, usable on their own.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
+from fedpeft.data.records import ClassificationData, PromptResponseData
 from fedpeft.errors import DataError
 
+if TYPE_CHECKING:
+    from fedpeft.config import DataConfig
+
 MAX_DIRICHLET_TRIES = 100
+DIRICHLET_MIN_PARTITION_SIZE = 2  # a site needs a row to train on and one to hold out
+
+_PARTITIONERS: dict[str, type[Partitioner]] = {}
+
+
+class Partitioner(ABC):
+    """One way of splitting a dataset's rows across ``num_partitions`` sites."""
+
+    name: ClassVar[str]
+    needs_group_column: ClassVar[bool] = False  # True: the data must be loaded with data.partition_column's values
+
+    @abstractmethod
+    def partition(
+        self, dataset: ClassificationData | PromptResponseData, num_partitions: int, seed: int, data: DataConfig
+    ) -> list[list[int]]:
+        """Disjoint, sorted row lists, one per site, covering every row of ``dataset``."""
+
+
+def register_partitioner(cls: type[Partitioner]) -> type[Partitioner]:
+    if cls.name in _PARTITIONERS:
+        raise ValueError(f"partitioner '{cls.name}' is registered twice")
+    _PARTITIONERS[cls.name] = cls
+    return cls
+
+
+def registered_partitioners() -> dict[str, type[Partitioner]]:
+    return dict(_PARTITIONERS)
+
+
+def partitioner_class(name: str) -> type[Partitioner]:
+    """The registered class of ``name``, for what it needs from the data before any instance exists."""
+    try:
+        return _PARTITIONERS[name]
+    except (KeyError, TypeError):
+        raise DataError(f"data.partitioner = {name!r} is unknown; use one of {list(_PARTITIONERS)}") from None
+
+
+def build_partitioner(name: str) -> Partitioner:
+    return partitioner_class(name)()
+
+
+@register_partitioner
+class IID(Partitioner):
+    """Near-equal random shares: the no-skew baseline."""
+
+    name = "iid"
+
+    def partition(
+        self, dataset: ClassificationData | PromptResponseData, num_partitions: int, seed: int, data: DataConfig
+    ) -> list[list[int]]:
+        return partition_iid(len(dataset), num_partitions, seed)
+
+
+@register_partitioner
+class Dirichlet(Partitioner):
+    """Label skew by Dirichlet(data.dirichlet_alpha), to simulate sites that see different classes."""
+
+    name = "dirichlet"
+
+    def partition(
+        self, dataset: ClassificationData | PromptResponseData, num_partitions: int, seed: int, data: DataConfig
+    ) -> list[list[int]]:
+        if not isinstance(dataset, ClassificationData):
+            raise DataError("data.partitioner = 'dirichlet' skews labels and needs a classification task; use 'iid' "
+                            "or 'column' for causal-lm data")
+        return partition_dirichlet(dataset.labels, num_partitions, data.dirichlet_alpha, seed,
+                                   min_partition_size=DIRICHLET_MIN_PARTITION_SIZE)
+
+
+@register_partitioner
+class Column(Partitioner):
+    """The data's own site ids (data.partition_column, e.g. a hospital id): real, not simulated, heterogeneity."""
+
+    name = "column"
+    needs_group_column = True
+
+    def partition(
+        self, dataset: ClassificationData | PromptResponseData, num_partitions: int, seed: int, data: DataConfig
+    ) -> list[list[int]]:
+        return partition_by_column(dataset.groups or (), num_partitions)
 
 
 def partition_iid(num_items: int, num_partitions: int, seed: int) -> list[list[int]]:
@@ -33,6 +124,7 @@ def partition_dirichlet(
     num_partitions: int,
     alpha: float,
     seed: int,
+    *,
     min_partition_size: int = 1,
 ) -> list[list[int]]:
     """Label-skewed split: each class is spread over partitions by Dirichlet(alpha) proportions.

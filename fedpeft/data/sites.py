@@ -8,7 +8,7 @@ from pathlib import Path
 
 from fedpeft.config import DataConfig, RunConfig
 from fedpeft.data.loaders import load_classification, load_prompt_response
-from fedpeft.data.partition import partition_by_column, partition_dirichlet, partition_iid, train_eval_split
+from fedpeft.data.partition import build_partitioner, partitioner_class, registered_partitioners, train_eval_split
 from fedpeft.data.records import ClassificationData, PromptResponseData
 from fedpeft.data.synthetic import make_multitask_tickets, make_prompt_response, make_support_tickets
 from fedpeft.errors import DataError
@@ -29,31 +29,26 @@ def load_dataset(data: DataConfig, task: str, seed: int) -> SiteData:
 
 @functools.lru_cache(maxsize=4)
 def _load_dataset_cached(data: DataConfig, task: str, seed: int) -> SiteData:
-    group_column = data.partition_column or None if data.partitioner == "column" else None
+    needs_groups = partitioner_class(data.partitioner).needs_group_column
+    group_column = data.partition_column or None if needs_groups else None
     if data.source in SYNTHETIC_SOURCES:
         if group_column:
-            raise DataError("data.partitioner = 'column' needs a data file with a site-id column; the synthetic "
-                            "data has none. Use data.partitioner = 'dirichlet' or 'iid'")
+            others = [name for name, cls in registered_partitioners().items() if not cls.needs_group_column]
+            raise DataError(f"data.partitioner = {data.partitioner!r} needs a data file with a site-id column; the "
+                            f"synthetic data has none. Use data.partitioner = one of {others}")
         if task == "classification":
             make = make_multitask_tickets if data.source == "synthetic-multitask" else make_support_tickets
             return make(data.synthetic_examples, seed)
         return make_prompt_response(data.synthetic_examples, seed)
     path = Path(data.source).expanduser()
     if task == "classification":
-        return load_classification(path, data.text_column, data.label_column, group_column, data.label_names,
-                                   data.task_column or None)
+        return load_classification(path, data.text_column, data.label_column, group_column,
+                                   label_names=data.label_names, task_column=data.task_column or None)
     return load_prompt_response(path, data.prompt_column, data.response_column, group_column)
 
 
 def partition_rows(dataset: SiteData, data: DataConfig, num_partitions: int, seed: int) -> list[list[int]]:
-    if data.partitioner == "iid":
-        return partition_iid(len(dataset), num_partitions, seed)
-    if data.partitioner == "column":
-        return partition_by_column(dataset.groups or (), num_partitions)
-    if not isinstance(dataset, ClassificationData):
-        raise DataError("data.partitioner = 'dirichlet' skews labels and needs a classification task; use 'iid' or "
-                        "'column' for causal-lm data")
-    return partition_dirichlet(dataset.labels, num_partitions, data.dirichlet_alpha, seed, min_partition_size=2)
+    return build_partitioner(data.partitioner).partition(dataset, num_partitions, seed, data)
 
 
 def site_split(cfg: RunConfig, partition_id: int, num_partitions: int) -> SiteSplit:
@@ -73,7 +68,7 @@ def is_multitask(data: DataConfig) -> bool:
 
 def label_names(cfg: RunConfig) -> tuple[str, ...]:
     """The federation's class names in id order: configured, else read from the data."""
-    return cfg.data.label_names or load_dataset(cfg.data, cfg.model.task, cfg.run.seed).label_names
+    return cfg.data.label_names or _classification_data(cfg).label_names
 
 
 def num_labels(cfg: RunConfig) -> int:
@@ -84,5 +79,11 @@ def num_labels(cfg: RunConfig) -> int:
         return cfg.model.num_labels
     if cfg.data.label_names:
         return len(cfg.data.label_names)
+    return len(_classification_data(cfg).label_names)
+
+
+def _classification_data(cfg: RunConfig) -> ClassificationData:
     dataset = load_dataset(cfg.data, cfg.model.task, cfg.run.seed)
-    return len(dataset.label_names)
+    # Class names are asked for only where model.task = 'classification' (config checks: multi-task heads need it)
+    assert isinstance(dataset, ClassificationData), f"model.task = {cfg.model.task!r} data has no classes"
+    return dataset

@@ -177,6 +177,7 @@ def _run_supernode(site: SiteSettings, echo: Callable[[str], None]) -> tuple[int
                     pipe=True)
     recent: list[str] = []
     try:
+        assert process.stdout is not None  # started with pipe=True
         with log_file.open("a", encoding="utf-8") as log:
             for line in process.stdout:
                 log.write(line)

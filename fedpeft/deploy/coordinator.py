@@ -41,7 +41,7 @@ class CoordinatorSettings:
     pki_dir: Path
     config: RunConfig
     state_dir: Path
-    host: str = "0.0.0.0"  # noqa: S104 - sites connect from other machines
+    host: str = "0.0.0.0"  # sites connect from other machines
     port: int = 9092
     sites: tuple[str, ...] = ()  # empty: every site bundle under <pki>/sites
     startup_timeout: float = 60.0

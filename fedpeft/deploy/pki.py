@@ -43,7 +43,7 @@ def _write_private(path: Path, data: bytes) -> None:
         handle.write(data)
 
 
-def _name(common_name: str):  # noqa: ANN202
+def _name(common_name: str):
     from cryptography import x509
     from cryptography.x509.oid import NameOID
 
@@ -51,10 +51,10 @@ def _name(common_name: str):  # noqa: ANN202
                       x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
-def _subject_alt_names(hosts: list[str]):  # noqa: ANN202
+def _subject_alt_names(hosts: list[str]):
     from cryptography import x509
 
-    names = []
+    names: list[x509.GeneralName] = []
     for host in hosts:
         try:
             names.append(x509.IPAddress(ipaddress.ip_address(host)))
@@ -77,7 +77,7 @@ def init_pki(directory: str | Path, hosts: list[str]) -> Path:
         raise PkiError("give the host names/IPs the coordinator serves, e.g. --host coordinator.example.org "
                        "--host 10.0.0.5")
     directory.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca = (x509.CertificateBuilder().subject_name(_name("fedpeft CA")).issuer_name(_name("fedpeft CA"))
           .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
@@ -168,7 +168,7 @@ def _existing_bundle(directory: str | Path, name: str) -> Path:
 
 
 def _stamp() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
 
 
 def rotate_site(directory: str | Path, name: str) -> SiteBundle:

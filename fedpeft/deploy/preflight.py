@@ -19,6 +19,7 @@ from fedpeft.errors import CoordinatorUnreachable, DeployError
 
 if TYPE_CHECKING:
     from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
 
 PKI_FIX = "re-issue it with `fedpeft pki init`"
 BUNDLE_FIX = "ask the coordinator's operators for a new bundle (`fedpeft pki add-site`)"
@@ -59,7 +60,7 @@ def load_certificate(path: str | Path, what: str, fix: str = PKI_FIX) -> x509.Ce
         raise DeployError(f"{what} '{path}' is not a PEM certificate ({_first_line(data)}); {fix}") from err
 
 
-def check_validity(cert: x509.Certificate, path: str | Path, what: str, now: dt.datetime | None = None,
+def check_validity(cert: x509.Certificate, path: str | Path, what: str, now: dt.datetime | None = None, *,
                    fix: str = PKI_FIX) -> None:
     """Raise unless ``now`` (default: the current time) lies within the certificate's validity period."""
     now = now or dt.datetime.now(dt.UTC)
@@ -84,17 +85,27 @@ def _check_issued_by(cert: x509.Certificate, ca: x509.Certificate, cert_path: st
     ca_key = ca.public_key()
     try:
         if isinstance(ca_key, ec.EllipticCurvePublicKey):
-            ca_key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(cert.signature_hash_algorithm))
+            ca_key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(_signature_hash(cert)))
         elif isinstance(ca_key, rsa.RSAPublicKey):
             pad = cert.signature_algorithm_parameters
             pad = pad if isinstance(pad, padding.AsymmetricPadding) else padding.PKCS1v15()
-            ca_key.verify(cert.signature, cert.tbs_certificate_bytes, pad, cert.signature_hash_algorithm)
+            ca_key.verify(cert.signature, cert.tbs_certificate_bytes, pad, _signature_hash(cert))
         else:
             raise DeployError(f"CA certificate '{ca_path}' has a {type(ca_key).__name__} key, which fedpeft cannot "
                               f"check (EC and RSA only); {PKI_FIX}")
     except InvalidSignature as err:
         raise DeployError(f"coordinator certificate '{cert_path}' is not signed by this CA ('{ca_path}'; same name "
                           f"'{ca.subject.rfc4514_string()}' but another key); {PKI_FIX}") from err
+
+
+def _signature_hash(cert: x509.Certificate) -> hashes.HashAlgorithm:
+    """The hash the certificate's signature was made with; none (Ed25519, Ed448): no EC or RSA key signed it."""
+    from cryptography.exceptions import InvalidSignature
+
+    algorithm = cert.signature_hash_algorithm
+    if algorithm is None:
+        raise InvalidSignature
+    return algorithm
 
 
 def _fingerprint(public_der: bytes) -> str:

@@ -43,7 +43,7 @@ def with_own_scripts(path: str) -> str:
     return os.pathsep.join([scripts, *parts])
 
 
-def start(command: Sequence[str], log_file: Path, env: Mapping[str, str], cwd: Path | None = None,
+def start(command: Sequence[str], log_file: Path, env: Mapping[str, str], *, cwd: Path | None = None,
           pipe: bool = False) -> subprocess.Popen:
     """Start ``command`` in its own process group (so that stop() also ends the processes it spawns)."""
     log_file.parent.mkdir(parents=True, exist_ok=True)

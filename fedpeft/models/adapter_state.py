@@ -14,6 +14,7 @@ from fedpeft.errors import AdapterMismatchError
 from fedpeft.models.blocks import is_head
 
 AdapterState = dict[str, Any]  # name -> torch.Tensor (fp32, contiguous, on CPU)
+PARTIAL_ATTRIBUTE = "fedpeft_partial"  # set on a base by a partial method: its config, saved with checkpoints
 
 
 def is_prompt_learning(model: Any) -> bool:
@@ -22,11 +23,15 @@ def is_prompt_learning(model: Any) -> bool:
     return bool(getattr(config, "is_prompt_learning", False))
 
 
+def is_partial(model: Any) -> bool:
+    """A base whose own tensors train (BitFit, layer freezing, full fine-tuning): the partial methods mark it with
+    their config, as peft marks a model with its own."""
+    return getattr(model, PARTIAL_ATTRIBUTE, None) is not None
+
+
 def travels_by_parameter(model: Any) -> bool:
     """Methods whose trainable parameters are what travels, by their own names: prompt methods and the partial
-    methods (BitFit, layer freezing, full fine-tuning), which have no peft state dict at all."""
-    from fedpeft.models.partial import is_partial
-
+    methods, which have no peft state dict at all."""
     return is_prompt_learning(model) or is_partial(model)
 
 

@@ -9,13 +9,24 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from fedpeft.errors import ModelError
 
 BUILTIN_MODELS = ("minilm", "tiny-llama")
-TINY_LLAMA_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-                    "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 512}
+
+
+class LlamaShape(TypedDict):
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    max_position_embeddings: int
+
+
+TINY_LLAMA_SHAPE: LlamaShape = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                                "num_attention_heads": 4, "num_key_value_heads": 4, "max_position_embeddings": 512}
 
 
 def minilm_path() -> Path:
@@ -30,7 +41,8 @@ def minilm_path() -> Path:
 def tiny_llama_config(vocab_size: int, pad_token_id: int, num_labels: int) -> Any:
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=vocab_size, pad_token_id=pad_token_id, num_labels=num_labels,
+    # num_labels: a PretrainedConfig option that LlamaConfig accepts, though its typed signature omits it
+    return LlamaConfig(vocab_size=vocab_size, pad_token_id=pad_token_id, num_labels=num_labels,  # type: ignore[call-arg]
                        tie_word_embeddings=False, **TINY_LLAMA_SHAPE)
 
 

@@ -9,17 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedpeft.config import ModelConfig
+from fedpeft.config import ModelConfig, resolve_quantization
 from fedpeft.errors import ModelError
 
 # Heads stay unquantized: they are trained (modules_to_save) or produce the logits.
 UNQUANTIZED_MODULES = ["lm_head", "score", "classifier"]
-
-
-def resolve_quantization(cfg: ModelConfig) -> str:
-    if cfg.quantization == "auto":
-        return "nf4" if cfg.task == "causal-lm" else "none"
-    return cfg.quantization
 
 
 def bnb_config(cfg: ModelConfig) -> Any | None:

@@ -2,19 +2,22 @@
 
 A release is ``(noise_multiplier, sample_rate, steps)``, exactly one entry of an Opacus accountant's ``history``:
 ``steps`` Poisson-subsampled Gaussian steps at sampling rate ``sample_rate`` and noise ``noise_multiplier``.
+
+Each accountant is one small registered class (``register_accountant``), as aggregation rules are: the registry is
+the one list of names, so ``privacy.accountant``'s choices, its error messages and the dispatch cannot drift apart.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 from fedpeft.errors import PrivacyError
 
 Release = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps)
-ACCOUNTANTS = ("prv", "rdp")
 MAX_NOISE_MULTIPLIER = 1e4
 EPSILON_TOLERANCE = 0.01  # as opacus.accountants.utils.get_noise_multiplier
 
@@ -27,11 +30,77 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+_ACCOUNTANTS: dict[str, type[Accountant]] = {}
+
+
+class Accountant(ABC):
+    """One way of composing DP-SGD releases into an epsilon: a wrapper around the Opacus accountant it builds.
+
+    A fresh Opacus accountant per question keeps this module stateless: the ledger, not the accountant, holds the
+    history, so the same releases always give the same epsilon.
+    """
+
+    name: ClassVar[str]
+    trade_off: ClassVar[str]  # shown when a name is unknown, so the user can choose, e.g. "tighter"
+
+    @abstractmethod
+    def opacus_accountant(self) -> Any:
+        """A new, empty Opacus accountant (imported lazily: Opacus pulls in torch, which config checks never need)."""
+
+    def epsilon(self, releases: Sequence[Release], delta: float) -> float:
+        """Epsilon at ``delta`` of already validated, merged releases, each with noise > 0."""
+        opacus_accountant = self.opacus_accountant()
+        opacus_accountant.history = list(releases)
+        return float(opacus_accountant.get_epsilon(delta=delta))
+
+
+def register_accountant(cls: type[Accountant]) -> type[Accountant]:
+    if cls.name in _ACCOUNTANTS:
+        raise ValueError(f"accountant '{cls.name}' is registered twice")
+    _ACCOUNTANTS[cls.name] = cls
+    return cls
+
+
+def registered_accountants() -> dict[str, type[Accountant]]:
+    return dict(_ACCOUNTANTS)
+
+
+def build_accountant(name: str) -> Accountant:
+    check_accountant(name)
+    return _ACCOUNTANTS[name]()
+
+
+@register_accountant
+class PRV(Accountant):
+    """Privacy random variables (Gopi et al. 2021): the tightest epsilon, so the least noise for a budget."""
+
+    name = "prv"
+    trade_off = "tighter"
+
+    def opacus_accountant(self) -> Any:
+        from opacus.accountants import PRVAccountant
+
+        return PRVAccountant()
+
+
+@register_accountant
+class RDP(Accountant):
+    """Renyi DP (Mironov 2017): a looser epsilon, but cheap to compute for many distinct release settings."""
+
+    name = "rdp"
+    trade_off = "faster"
+
+    def opacus_accountant(self) -> Any:
+        from opacus.accountants import RDPAccountant
+
+        return RDPAccountant()
+
+
 def check_accountant(accountant: str) -> None:
-    if accountant not in ACCOUNTANTS:
+    if not isinstance(accountant, str) or accountant not in _ACCOUNTANTS:
+        trade_offs = ", ".join(f"{name!r} is {cls.trade_off}" for name, cls in _ACCOUNTANTS.items())
         raise PrivacyError(
-            f"accountant {accountant!r} is unknown; use one of {', '.join(ACCOUNTANTS)} "
-            "('prv' is tighter, 'rdp' is faster)"
+            f"accountant {accountant!r} is unknown; use one of {', '.join(_ACCOUNTANTS)} ({trade_offs})"
         )
 
 
@@ -77,24 +146,16 @@ def _merged(history: Sequence[Release]) -> list[Release]:
     return [(sigma, q, steps) for (sigma, q), steps in steps_by_setting.items()]
 
 
-def _accountant(name: str) -> Any:
-    from opacus.accountants import PRVAccountant, RDPAccountant
-
-    return PRVAccountant() if name == "prv" else RDPAccountant()
-
-
 def epsilon(history: Sequence[Release], delta: float, accountant: str = "prv") -> float:
     """Epsilon at ``delta`` of all releases in ``history`` composed; 0.0 when nothing was released."""
-    check_accountant(accountant)
+    composer = build_accountant(accountant)
     check_delta(delta)
     releases = _merged(history)
     if not releases:
         return 0.0
     if any(sigma == 0.0 for sigma, _, _ in releases):
         return math.inf
-    opacus_accountant = _accountant(accountant)
-    opacus_accountant.history = releases
-    return float(opacus_accountant.get_epsilon(delta=delta))
+    return composer.epsilon(releases, delta)
 
 
 def _check_target(target_epsilon: Any) -> None:
@@ -107,6 +168,7 @@ def noise_multiplier_for(
     delta: float,
     sample_rate: float,
     steps: int,
+    *,
     accountant: str = "prv",
     history: Sequence[Release] = (),
 ) -> float:

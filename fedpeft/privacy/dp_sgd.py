@@ -12,11 +12,11 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
-from fedpeft.client.batches import IGNORE_INDEX, EncodedData, trim_batch
-from fedpeft.client.trainer import TrainResult, batch_loss, mean_loss, on_model_device, param_groups
 from fedpeft.config import TrainConfig
 from fedpeft.models.precision import bf16_autocast
 from fedpeft.privacy.accounting import planned_steps
+from fedpeft.training.batches import IGNORE_INDEX, EncodedData, trim_batch
+from fedpeft.training.trainer import TrainResult, batch_loss, mean_loss, on_model_device, param_groups
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class DpTrainResult:
     sample_rate: float
 
 
-def train_private(model: Any, data: EncodedData, cfg: TrainConfig, task: str, seed: int,
+def train_private(model: Any, data: EncodedData, cfg: TrainConfig, task: str, *, seed: int,
                   dp: DpSettings) -> DpTrainResult:
     """Train with DP-SGD for exactly the planned steps; the model is left without Opacus hooks afterwards."""
     import torch
@@ -52,7 +52,7 @@ def train_private(model: Any, data: EncodedData, cfg: TrainConfig, task: str, se
     torch.manual_seed(seed)
     rate, budget = planned_steps(len(data), cfg.batch_size, cfg.local_epochs, cfg.max_steps)
     optimizer = torch.optim.AdamW(param_groups(model, cfg), weight_decay=cfg.weight_decay)
-    private = make_private(model, optimizer, data, cfg.batch_size, dp)
+    private = make_private(model, optimizer, data, cfg.batch_size, dp=dp)
     try:
         with bf16_autocast(private.module, cfg.autocast) as forward_precision:
             losses = _run_steps(private, task, budget, forward_precision)
@@ -70,7 +70,7 @@ class Private:
     criterion: Any = None  # ghost clipping only: the per-sample loss wrapper whose backward clips
 
 
-def make_private(model: Any, optimizer: Any, data: EncodedData, batch_size: int, dp: DpSettings,
+def make_private(model: Any, optimizer: Any, data: EncodedData, batch_size: int, *, dp: DpSettings,
                  poisson_sampling: bool = True) -> Private:
     """Opacus' module, optimizer and DP data loader (and, for ghost clipping, criterion) over the site's data."""
     import torch

@@ -5,6 +5,13 @@ previous line's exact bytes (without its newline; 64 zeros on the first line). A
 atomically with the earlier lines byte-identical, so a crash leaves the old ledger or the new one, never a torn one;
 anything else found on disk (a partial line, an edit, a removed or reordered line) is tampering or damage, and the
 ledger refuses to load rather than silently start over from zero.
+
+Every line also carries ``"schema_version"`` (lines written before it existed have none and are version 1). It lives
+on each line, not in a header line, because the ledger outlives fedpeft upgrades: lines written by different
+versions sit in one file, and each line says how it is to be read. It is part of the line's bytes, so the hash chain
+covers it as it covers every other field and an old ledger's chain is untouched; an append still only hashes the
+last line. A line from a newer fedpeft makes the whole ledger refuse to load (LedgerCorrupted, saying "upgrade
+fedpeft"): a ledger partly understood would undercount the privacy spent.
 """
 
 from __future__ import annotations
@@ -14,17 +21,19 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from fedpeft.errors import LedgerCorrupted, PrivacyBudgetExceeded, PrivacyError
 from fedpeft.io.atomic import write_bytes_atomic
+from fedpeft.io.schema import SCHEMA_VERSION_KEY, UNVERSIONED, check_schema_version, is_schema_version
 from fedpeft.privacy import accounting
 from fedpeft.privacy.accounting import Release
 
 KINDS = ("example",)
 GENESIS = "0" * 64
+SCHEMA_VERSION = 1  # of each line; bump when a line's fields change meaning, so older fedpefts refuse the ledger
 _NEVER_RESET = (
     "The ledger is never reset automatically: restore it from a backup or investigate; do not delete it "
     "(deleting it would forget the privacy this site has already spent)"
@@ -77,7 +86,8 @@ def _entry_problem(values: dict[str, Any]) -> str | None:
         (values["max_grad_norm"] > 0.0, "max_grad_norm", "> 0"),
         (values["epsilon"] >= 0.0, "epsilon", ">= 0"),
         (0.0 < values["delta"] < 1.0, "delta", "in (0, 1)"),
-        (values["accountant"] in accounting.ACCOUNTANTS, "accountant", f"one of {accounting.ACCOUNTANTS}"),
+        (values["accountant"] in accounting.registered_accountants(), "accountant",
+         f"one of {tuple(accounting.registered_accountants())}"),
         (values["kind"] in KINDS, "kind", f"one of {KINDS}"),
     )
     for ok, name, expected in checks:
@@ -92,7 +102,8 @@ def _normalized(entry: LedgerEntry) -> LedgerEntry:
     problem = _entry_problem(values)
     if problem:
         raise PrivacyError(f"ledger entry for round {entry.round!r} is invalid: {problem}; fix the entry")
-    return dataclasses.replace(entry, **{name: float(values[name]) for name in _FLOAT_FIELDS})
+    floats: dict[str, Any] = {name: float(values[name]) for name in _FLOAT_FIELDS}
+    return dataclasses.replace(entry, **floats)
 
 
 def _sha256(line: bytes) -> str:
@@ -100,7 +111,8 @@ def _sha256(line: bytes) -> str:
 
 
 def _encode(entry: LedgerEntry, prev: str) -> bytes:
-    record = {name: getattr(entry, name) for name in _FIELDS}
+    record: dict[str, Any] = {SCHEMA_VERSION_KEY: SCHEMA_VERSION}
+    record.update({name: getattr(entry, name) for name in _FIELDS})
     record["prev"] = prev
     # allow_nan: a noise-free release has epsilon = inf, which must be recorded honestly (as JSON 'Infinity').
     return json.dumps(record, allow_nan=True).encode("utf-8")
@@ -162,7 +174,7 @@ class PrivacyLedger:
         self._check_appendable(entry)
         self._check_consistent(entry.delta, entry.accountant)
         if not entry.timestamp:
-            entry = dataclasses.replace(entry, timestamp=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+            entry = dataclasses.replace(entry, timestamp=datetime.now(UTC).isoformat(timespec="seconds"))
         self._check_unchanged_on_disk()
         line = _encode(entry, _sha256(self._lines[-1]) if self._lines else GENESIS)
         write_bytes_atomic(self.path, b"".join(old + b"\n" for old in self._lines) + line + b"\n")
@@ -255,6 +267,12 @@ def _parse_line(path: Path, number: int, line: bytes) -> tuple[LedgerEntry, str]
         raise _corrupted(path, number, f"not valid JSON ({exc})") from None
     if not isinstance(record, dict):
         raise _corrupted(path, number, f"expected a JSON object, found {type(record).__name__}")
+    # The version first: a newer line's fields may differ, and must read as "upgrade", not as damage.
+    version = record.pop(SCHEMA_VERSION_KEY, UNVERSIONED)
+    if not is_schema_version(version):
+        raise _corrupted(path, number, f"bad value: '{SCHEMA_VERSION_KEY}' must be an integer >= 1, got {version!r}")
+    check_schema_version(version, SCHEMA_VERSION, source=f"privacy ledger {path} (line {number})",
+                         error=LedgerCorrupted)
     expected = set(_FIELDS) | {"prev"}
     record.setdefault("run", "")  # lines written before runs were recorded belong to run ""
     if set(record) != expected:

@@ -131,10 +131,9 @@ def load_policy(path: str | Path) -> SitePolicy:
 
 def _violation(policy: SitePolicy, rule: str, asks: str, allows: str) -> PolicyViolation:
     source = policy.source or "(not read from a file)"
-    return PolicyViolation(
-        f"site policy {source} rule '{rule}': the run asks {asks}, the site allows {allows}; "
-        "the site trains nothing this round"
-    )
+    public = (f"site policy rule '{rule}': the run asks {asks}, the site allows {allows}; "
+              "the site trains nothing this round")
+    return PolicyViolation(public.replace("site policy", f"site policy {source}", 1), rule=rule, public=public)
 
 
 def _first_violation(policy: SitePolicy, request: PrivacyRequest) -> PolicyViolation | None:

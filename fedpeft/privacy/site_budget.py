@@ -89,7 +89,7 @@ class SiteBudget:
         """The noise that spends exactly the budget if this and every remaining round of the run is joined."""
         remaining = max(self.cfg.federation.rounds - server_round + 1, 1)
         return noise_multiplier_for(self.budget, self.cfg.privacy.delta, sample_rate, steps * remaining,
-                                    self.cfg.privacy.accountant, history=self.ledger.history())
+                                    accountant=self.cfg.privacy.accountant, history=self.ledger.history())
 
     def commit(self, server_round: int, plan: RoundPlan, steps_taken: int) -> float:
         """Record the release that happened; returns the site's cumulative epsilon after it."""

@@ -19,6 +19,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 
 from fedpeft import wire
 from fedpeft.errors import SecAggError
+from fedpeft.messaging import as_bytes, as_int, as_list, config_record
 from fedpeft.secagg.encoding import encode, ring_add, ring_encoding
 from fedpeft.secagg.keys import agree, generate_keypair, open_sealed, seal
 from fedpeft.secagg.masks import expand_mask, pairwise_mask
@@ -33,13 +34,13 @@ SHARE_BYTES = 66
 def _state(context: Context) -> ConfigRecord:
     if wire.SA_STATE not in context.state:
         raise SecAggError("secure aggregation: this site holds no keys for the round (it missed stage 1)")
-    return context.state[wire.SA_STATE]
+    return config_record(context.state, wire.SA_STATE)
 
 
 def _check_round(state: ConfigRecord, config: ConfigRecord) -> int:
-    server_round = int(config[wire.SERVER_ROUND])
-    if int(state[wire.SERVER_ROUND]) != server_round:
-        raise SecAggError(f"secure aggregation: keys are for round {state[wire.SERVER_ROUND]}, the message for "
+    server_round, keys_round = as_int(config[wire.SERVER_ROUND]), as_int(state[wire.SERVER_ROUND])
+    if keys_round != server_round:
+        raise SecAggError(f"secure aggregation: keys are for round {keys_round}, the message for "
                           f"round {server_round}")
     return server_round
 
@@ -54,78 +55,83 @@ def labels(server_round: int) -> tuple[bytes, bytes]:
 
 
 def handle_keys(msg: Message, context: Context) -> Message:
-    config = msg.content[wire.CONFIG]
+    config = config_record(msg.content)
     channel, masking = generate_keypair(), generate_keypair()
     context.state[wire.SA_STATE] = ConfigRecord({
-        wire.SERVER_ROUND: int(config[wire.SERVER_ROUND]), wire.SA_INDEX: int(config[wire.SA_INDEX]),
-        wire.SA_NUM: int(config[wire.SA_NUM]), wire.SA_THRESHOLD: int(config[wire.SA_THRESHOLD]),
+        wire.SERVER_ROUND: as_int(config[wire.SERVER_ROUND]), wire.SA_INDEX: as_int(config[wire.SA_INDEX]),
+        wire.SA_NUM: as_int(config[wire.SA_NUM]), wire.SA_THRESHOLD: as_int(config[wire.SA_THRESHOLD]),
         "channel-sk": channel.private, "mask-sk": masking.private, "self-seed": os.urandom(SEED_BYTES)})
     reply = ConfigRecord({wire.SA_CHANNEL_PK: channel.public, wire.SA_MASK_PK: masking.public})
     return Message(RecordDict({wire.CONFIG: reply}), reply_to=msg)
 
 
 def handle_shares(msg: Message, context: Context) -> Message:
-    config, state = msg.content[wire.CONFIG], _state(context)
-    server_round, me = _check_round(state, config), int(state[wire.SA_INDEX])
-    neighbours = [int(j) for j in config[wire.SA_NEIGHBOURS]]
+    config, state = config_record(msg.content), _state(context)
+    server_round, me = _check_round(state, config), as_int(state[wire.SA_INDEX])
+    neighbours = [int(j) for j in as_list(config[wire.SA_NEIGHBOURS])]
     state[wire.SA_NEIGHBOURS] = neighbours
-    state[wire.SA_NEIGHBOUR_MASK_PKS] = list(config[wire.SA_NEIGHBOUR_MASK_PKS])
-    state[wire.SA_NEIGHBOUR_CHANNEL_PKS] = list(config[wire.SA_NEIGHBOUR_CHANNEL_PKS])
-    threshold = int(state[wire.SA_THRESHOLD])
+    state[wire.SA_NEIGHBOUR_MASK_PKS] = list(as_list(config[wire.SA_NEIGHBOUR_MASK_PKS]))
+    state[wire.SA_NEIGHBOUR_CHANNEL_PKS] = list(as_list(config[wire.SA_NEIGHBOUR_CHANNEL_PKS]))
+    threshold = as_int(state[wire.SA_THRESHOLD])
     holders = [*neighbours, me]  # shares are held by the neighbours and the site itself (degree + 1 holders)
-    key_shares = split(bytes(state["mask-sk"]), threshold, holders)
-    seed_shares = split(bytes(state["self-seed"]), threshold, holders)
+    key_shares = split(as_bytes(state["mask-sk"]), threshold, holders)
+    seed_shares = split(as_bytes(state["self-seed"]), threshold, holders)
     state["own-seed-share"] = seed_shares[me]  # the own masking-key share is never revealed: it is alive
     sealed = []
-    for j, channel_pk in zip(neighbours, config[wire.SA_NEIGHBOUR_CHANNEL_PKS], strict=True):
-        key = agree(bytes(state["channel-sk"]), bytes(channel_pk), CHANNEL_INFO + struct.pack(">I", server_round))
+    for j, channel_pk in zip(neighbours, as_list(config[wire.SA_NEIGHBOUR_CHANNEL_PKS]), strict=True):
+        key = agree(as_bytes(state["channel-sk"]), bytes(channel_pk), CHANNEL_INFO + struct.pack(">I", server_round))
         plaintext = struct.pack(">II", me, j) + key_shares[j] + seed_shares[j]
         sealed.append(seal(key, plaintext, aad(server_round, me, j)))
     reply = ConfigRecord({wire.SA_TO: neighbours, wire.SA_CIPHERTEXTS: sealed})
     return Message(RecordDict({wire.CONFIG: reply}), reply_to=msg)
 
 
-def masked_upload(config: ConfigRecord, context: Context, values: np.ndarray, weight: float, clip_range: float,
+def masked_upload(config: ConfigRecord, context: Context, values: np.ndarray, weight: float, *, clip_range: float,
                   bits: int) -> ArrayRecord:
     """Stage 3: the ring-encoded, masked (weight * clip(values), weight); ``weight`` is already in [0, 1]."""
     state = _state(context)
-    server_round, me = _check_round(state, config), int(state[wire.SA_INDEX])
-    survivors = {int(j) for j in config[wire.SA_SURVIVORS]}
+    server_round, me = _check_round(state, config), as_int(state[wire.SA_INDEX])
+    survivors = {int(j) for j in as_list(config[wire.SA_SURVIVORS])}
     if not 0.0 <= weight <= 1.0:
         raise SecAggError(f"secure aggregation: normalised weight {weight} is outside [0, 1]; raise "
                           "secagg.max_weight above the largest site weight")
     clipped = np.clip(np.asarray(values, dtype=np.float64), -clip_range, clip_range)
     vector = np.concatenate([weight * clipped, [weight]])
-    encoding = ring_encoding(clip_range, int(state[wire.SA_NUM]), bits)
+    encoding = ring_encoding(clip_range, as_int(state[wire.SA_NUM]), bits)
     self_label, pair_label = labels(server_round)
-    masked = ring_add(encode(vector, encoding), expand_mask(bytes(state["self-seed"]), len(vector), bits,
+    masked = ring_add(encode(vector, encoding), expand_mask(as_bytes(state["self-seed"]), len(vector), bits,
                                                             self_label))
-    mask_sk = bytes(state["mask-sk"])
-    for j, mask_pk in zip(state[wire.SA_NEIGHBOURS], state[wire.SA_NEIGHBOUR_MASK_PKS], strict=True):
+    mask_sk = as_bytes(state["mask-sk"])
+    for j, mask_pk in zip(as_list(state[wire.SA_NEIGHBOURS]), as_list(state[wire.SA_NEIGHBOUR_MASK_PKS]),
+                          strict=True):
         if int(j) in survivors:
             seed = agree(mask_sk, bytes(mask_pk), MASK_INFO)
-            masked = ring_add(masked, pairwise_mask(seed, me, int(j), len(vector), bits, pair_label))
+            masked = ring_add(masked, pairwise_mask(seed, me, int(j), len(vector), bits=bits, label=pair_label))
     state[wire.SA_SURVIVORS] = sorted(survivors)
     return ArrayRecord({wire.SA_MASKED: Array(masked)})
 
 
 def handle_unmask(msg: Message, context: Context) -> Message:
-    config, state = msg.content[wire.CONFIG], _state(context)
-    server_round, me = _check_round(state, config), int(state[wire.SA_INDEX])
-    survivors = {int(j) for j in config[wire.SA_SURVIVORS]}
-    dropped = {int(j) for j in config[wire.SA_DROPPED]}
+    config, state = config_record(msg.content), _state(context)
+    server_round, me = _check_round(state, config), as_int(state[wire.SA_INDEX])
+    survivors = {int(j) for j in as_list(config[wire.SA_SURVIVORS])}
+    dropped = {int(j) for j in as_list(config[wire.SA_DROPPED])}
     if survivors & dropped:
         raise SecAggError("secure aggregation: the server named a site both surviving and dropped; refusing to "
                           "reveal shares (that would expose its update)")
-    if len(survivors) < int(state[wire.SA_THRESHOLD]):
+    threshold = as_int(state[wire.SA_THRESHOLD])
+    if len(survivors) < threshold:
         raise SecAggError(f"secure aggregation: only {len(survivors)} survivors, below the threshold "
-                          f"{state[wire.SA_THRESHOLD]}; refusing to unmask")
-    channel_sk = bytes(state["channel-sk"])
-    channel_pks = dict(zip((int(j) for j in state[wire.SA_NEIGHBOURS]), state[wire.SA_NEIGHBOUR_CHANNEL_PKS],
-                           strict=True))
-    reveal: dict[str, list] = {"self": [], "self-from": [], "key": [], "key-from": []}
-    for j, sealed in zip(config[wire.SA_FROM], config[wire.SA_CIPHERTEXTS], strict=True):
-        j = int(j)
+                          f"{threshold}; refusing to unmask")
+    channel_sk = as_bytes(state["channel-sk"])
+    channel_pks = dict(zip((int(j) for j in as_list(state[wire.SA_NEIGHBOURS])),
+                           as_list(state[wire.SA_NEIGHBOUR_CHANNEL_PKS]), strict=True))
+    reveal_self: list[bytes] = []
+    reveal_self_from: list[int] = []
+    reveal_key: list[bytes] = []
+    reveal_key_from: list[int] = []
+    for sender_id, sealed in zip(as_list(config[wire.SA_FROM]), as_list(config[wire.SA_CIPHERTEXTS]), strict=True):
+        j = int(sender_id)
         if j not in channel_pks:
             raise SecAggError(f"secure aggregation: a share from site {j}, which is not a neighbour")
         key = agree(channel_sk, bytes(channel_pks[j]), CHANNEL_INFO + struct.pack(">I", server_round))
@@ -135,14 +141,17 @@ def handle_unmask(msg: Message, context: Context) -> Message:
             raise SecAggError(f"secure aggregation: a share claims to be from {sender} to {receiver}")
         key_share, seed_share = plaintext[8: 8 + SHARE_BYTES], plaintext[8 + SHARE_BYTES:]
         if j in survivors:
-            reveal["self"].append(seed_share), reveal["self-from"].append(j)
+            reveal_self.append(seed_share)
+            reveal_self_from.append(j)
         elif j in dropped:
-            reveal["key"].append(key_share), reveal["key-from"].append(j)
+            reveal_key.append(key_share)
+            reveal_key_from.append(j)
     if me not in survivors:
         raise SecAggError("secure aggregation: the server counts this site as dropped but asks it to unmask")
-    reveal["self"].append(bytes(state["own-seed-share"])), reveal["self-from"].append(me)
+    reveal_self.append(as_bytes(state["own-seed-share"]))
+    reveal_self_from.append(me)
     del context.state[wire.SA_STATE]  # the round's secrets are not kept past unmasking
-    reply = ConfigRecord({wire.SA_SELF_MASK_FROM: reveal["self-from"], wire.SA_SELF_MASK_SHARES: reveal["self"],
-                          wire.SA_KEY_FROM: reveal["key-from"], wire.SA_KEY_SHARES: reveal["key"]})
+    reply = ConfigRecord({wire.SA_SELF_MASK_FROM: reveal_self_from, wire.SA_SELF_MASK_SHARES: reveal_self,
+                          wire.SA_KEY_FROM: reveal_key_from, wire.SA_KEY_SHARES: reveal_key})
     return Message(RecordDict({wire.CONFIG: reply}), reply_to=msg)
 

@@ -65,7 +65,7 @@ def expand_mask(seed: bytes, length: int, bits: int = 32, label: bytes = b"") ->
 
 
 def pairwise_mask(
-    shared_seed: bytes, self_id: int, peer_id: int, length: int, bits: int = 32, label: bytes = b""
+    shared_seed: bytes, self_id: int, peer_id: int, length: int, *, bits: int = 32, label: bytes = b""
 ) -> np.ndarray:
     """The mask ``self_id`` adds for its pair with ``peer_id``: ``+m`` if ``self_id < peer_id`` else ``-m``.
 

@@ -8,23 +8,24 @@ the sum, only its pairwise masks must be removed). Below the threshold at any st
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 
 from fedpeft import wire
 from fedpeft.audit.payload import payload_bytes
 from fedpeft.config import SecAggConfig
 from fedpeft.errors import SecAggAbort, SecAggError
+from fedpeft.messaging import Refusal, Replies, array_record, as_bytes, as_list, config_record, exchange
 from fedpeft.secagg.client import MASK_INFO, SEED_BYTES, labels
 from fedpeft.secagg.encoding import decode_sum, ring_add, ring_encoding, ring_sub
 from fedpeft.secagg.graph import default_degree, default_threshold, neighbours, validate
 from fedpeft.secagg.keys import agree
 from fedpeft.secagg.masks import expand_mask, pairwise_mask
 from fedpeft.secagg.shamir import combine
-from fedpeft.server.messaging import Replies, exchange
 
 MASK_KEY_BYTES = 32
 
@@ -37,12 +38,13 @@ class SecureSum:
     train_replies: list[Message]  # stage-3 replies: their metrics, and masked vectors that reveal nothing alone
     failures: dict[int, str] = field(default_factory=dict)  # node -> stage and reason
     upload_bytes: list[int] = field(default_factory=list)
+    refusals: dict[int, Refusal] = field(default_factory=dict)  # node -> its refusal of the masked-input stage
 
 
 class SecAggRound:
     """One secure-aggregation round among ``nodes``; ``run`` returns the decoded sum or raises SecAggAbort."""
 
-    def __init__(self, grid: Grid, nodes: list[int], server_round: int, settings: SecAggConfig,
+    def __init__(self, grid: Grid, nodes: list[int], server_round: int, settings: SecAggConfig, *,
                  timeout: float) -> None:
         self.grid, self.settings, self.timeout = grid, settings, timeout
         self.round = server_round
@@ -53,14 +55,15 @@ class SecAggRound:
         self.threshold = settings.threshold or default_threshold(self.degree)
         validate(n, self.degree, self.threshold)
         self.failures: dict[int, str] = {}
+        self.refusals: dict[int, Refusal] = {}
 
     def _send(self, contents: dict[int, ConfigRecord], message_type: str, stage: str) -> Replies:
         replies = exchange(self.grid, {node: RecordDict({wire.CONFIG: c}) for node, c in contents.items()},
-                           message_type, str(self.round), self.timeout)
+                           message_type, str(self.round), timeout=self.timeout)
         self.failures.update({node: f"{stage}: {reason}" for node, reason in replies.failed.items()})
         return replies
 
-    def _require(self, survivors: set[int] | list[int], stage: str) -> None:
+    def _require(self, survivors: Collection[int], stage: str) -> None:
         if len(survivors) < self.threshold:
             why = "; ".join(f"site node {node}: {reason}" for node, reason in list(self.failures.items())[:3])
             raise SecAggAbort(f"round {self.round}: only {len(survivors)} sites completed {stage}, below the "
@@ -71,8 +74,8 @@ class SecAggRound:
         base = {wire.SERVER_ROUND: self.round, wire.SA_NUM: len(self.index), wire.SA_THRESHOLD: self.threshold}
         replies = self._send({node: ConfigRecord({**base, wire.SA_INDEX: i}) for node, i in self.index.items()},
                              wire.SECAGG_KEYS, "advertise keys")
-        keys = {self.index[r.metadata.src_node_id]: (bytes(r.content[wire.CONFIG][wire.SA_CHANNEL_PK]),
-                                                      bytes(r.content[wire.CONFIG][wire.SA_MASK_PK]))
+        keys = {self.index[r.metadata.src_node_id]: (as_bytes(config_record(r.content)[wire.SA_CHANNEL_PK]),
+                                                      as_bytes(config_record(r.content)[wire.SA_MASK_PK]))
                 for r in replies.ok}
         self._require(keys, "advertise keys")
         return keys
@@ -89,8 +92,8 @@ class SecAggRound:
         inbox: dict[int, dict[int, bytes]] = {}
         for reply in replies.ok:
             sender = self.index[reply.metadata.src_node_id]
-            config = reply.content[wire.CONFIG]
-            for receiver, sealed in zip(config[wire.SA_TO], config[wire.SA_CIPHERTEXTS], strict=True):
+            config = config_record(reply.content)
+            for receiver, sealed in zip(as_list(config[wire.SA_TO]), as_list(config[wire.SA_CIPHERTEXTS]), strict=True):
                 if int(receiver) not in graph[sender]:
                     raise SecAggError(f"site {sender} sent a share to {receiver}, which is not its neighbour")
                 inbox.setdefault(int(receiver), {})[sender] = bytes(sealed)
@@ -100,14 +103,18 @@ class SecAggRound:
 
     def collect_masked(self, train_content: RecordDict, survivors: set[int], length: int) -> dict[int, Message]:
         """Stage 3: the TRAIN message; returns the well-formed masked uploads by index."""
-        config = ConfigRecord({**dict(train_content[wire.CONFIG]), wire.SA_SURVIVORS: sorted(survivors)})
+        config = ConfigRecord({**config_record(train_content), wire.SA_SURVIVORS: sorted(survivors)})
         content = RecordDict({wire.ADAPTER: train_content[wire.ADAPTER], wire.CONFIG: config})
         replies = exchange(self.grid, {self.node_of[i]: content for i in survivors}, MessageType.TRAIN,
-                           str(self.round), self.timeout)
+                           str(self.round), timeout=self.timeout)
         self.failures.update({node: f"masked input: {reason}" for node, reason in replies.failed.items()})
         uploads: dict[int, Message] = {}
         for reply in replies.ok:
             node = reply.metadata.src_node_id
+            refusal = Refusal.in_reply(reply)
+            if refusal is not None:  # the site said no (policy, budget): not a fault, and not in the sum
+                self.refusals[node] = refusal
+                continue
             problem = _malformed(reply, length + 1, self.settings.bits)
             if problem:
                 self.failures[node] = f"masked input: {problem}"
@@ -127,10 +134,12 @@ class SecAggRound:
         seed_shares: dict[int, dict[int, bytes]] = {}
         key_shares: dict[int, dict[int, bytes]] = {}
         for reply in replies.ok:
-            holder, config = self.index[reply.metadata.src_node_id], reply.content[wire.CONFIG]
-            for owner, share in zip(config[wire.SA_SELF_MASK_FROM], config[wire.SA_SELF_MASK_SHARES], strict=True):
+            holder, config = self.index[reply.metadata.src_node_id], config_record(reply.content)
+            for owner, share in zip(as_list(config[wire.SA_SELF_MASK_FROM]), as_list(config[wire.SA_SELF_MASK_SHARES]),
+                                    strict=True):
                 seed_shares.setdefault(int(owner), {})[holder] = bytes(share)
-            for owner, share in zip(config[wire.SA_KEY_FROM], config[wire.SA_KEY_SHARES], strict=True):
+            for owner, share in zip(as_list(config[wire.SA_KEY_FROM]), as_list(config[wire.SA_KEY_SHARES]),
+                                    strict=True):
                 key_shares.setdefault(int(owner), {})[holder] = bytes(share)
         return seed_shares, key_shares
 
@@ -147,11 +156,12 @@ class SecAggRound:
         for i in order[1:]:  # one upload deserialized at a time: n x 4 MB per 1M values never coexist
             total = ring_add(total, masked_vector(uploads[i]))
         total = self._remove_self_masks(total, alive, seed_shares, length + 1)
-        total = self._remove_dropped_pairwise(total, graph, keys, alive, dropped, key_shares, length + 1)
+        total = self._remove_dropped_pairwise(total, graph, keys, alive, dropped=dropped, shares=key_shares,
+                                              length=length + 1)
         decoded = decode_sum(total, ring_encoding(self.settings.clip_range, len(self.index), self.settings.bits))
         return SecureSum(decoded[:-1], float(decoded[-1]), sorted(self.node_of[i] for i in alive),
                          [uploads[i] for i in sorted(alive)], self.failures,
-                         [payload_bytes(uploads[i].content[wire.SA_MASKED]) for i in sorted(alive)])
+                         [payload_bytes(uploads[i].content[wire.SA_MASKED]) for i in sorted(alive)], self.refusals)
 
     def _reconstruct(self, shares: dict[int, bytes], owner: int, what: str, length: int) -> bytes:
         if len(shares) < self.threshold:
@@ -166,7 +176,7 @@ class SecAggRound:
             total = ring_sub(total, expand_mask(seed, length, self.settings.bits, self_label))
         return total
 
-    def _remove_dropped_pairwise(self, total: np.ndarray, graph: dict, keys: dict, alive: set[int],
+    def _remove_dropped_pairwise(self, total: np.ndarray, graph: dict, keys: dict, alive: set[int], *,
                                  dropped: set[int], shares: dict, length: int) -> np.ndarray:
         _, pair_label = labels(self.round)
         for d in sorted(dropped):
@@ -174,22 +184,20 @@ class SecAggRound:
             for j in graph[d]:
                 if j in alive:  # j added pairwise_mask(seed, j, d) for its dropped neighbour d
                     seed = agree(mask_sk, keys[j][1], MASK_INFO)
-                    total = ring_sub(total, pairwise_mask(seed, j, d, length, self.settings.bits, pair_label))
+                    total = ring_sub(total, pairwise_mask(seed, j, d, length, bits=self.settings.bits,
+                                                              label=pair_label))
         return total
 
 
 def masked_vector(reply: Message) -> np.ndarray:
     """The one thing the server reads from a site's stage-3 upload: its masked ring vector."""
-    return reply.content[wire.SA_MASKED][wire.SA_MASKED].numpy()
+    return array_record(reply.content, wire.SA_MASKED)[wire.SA_MASKED].numpy()
 
 
 def _malformed(reply: Message, length: int, bits: int) -> str | None:
-    """Why a stage-3 reply is not a usable masked upload (refusals included), or None."""
-    metrics = reply.content.get(wire.METRICS)
-    if metrics is not None and int(metrics.get(wire.REFUSED, 0)):
-        return "refused: " + str(reply.content[wire.CONFIG][wire.REFUSAL_REASON])
+    """Why a stage-3 reply (not a refusal) is not a usable masked upload, or None."""
     record = reply.content.get(wire.SA_MASKED)
-    if record is None or wire.SA_MASKED not in record:
+    if not isinstance(record, ArrayRecord) or wire.SA_MASKED not in record:
         return "no masked vector in the reply"
     array = record[wire.SA_MASKED]
     dtype = f"uint{bits}"

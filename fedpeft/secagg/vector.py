@@ -28,3 +28,14 @@ def unflatten(vector: np.ndarray, template: Mapping[str, Any]) -> dict[str, Any]
     if offset != len(vector):
         raise ValueError(f"vector has {len(vector)} values, the adapter has {offset}")
     return out
+
+
+def upload_weight(num_examples: float, *, weighting: str, max_weight: float) -> float:
+    """A site's weight as it travels inside its masked vector: normalised into [0, 1] by the run's public
+    ``secagg.max_weight`` (the ring encodes values in a known range), 1 under uniform weighting."""
+    return num_examples / max_weight if weighting == "num-examples" else 1.0
+
+
+def weight_scale(*, weighting: str, max_weight: float) -> float:
+    """What undoes ``upload_weight``'s normalisation on the decoded sums (a mean is unchanged by it)."""
+    return max_weight if weighting == "num-examples" else 1.0

@@ -9,18 +9,18 @@ from flwr.serverapp import Grid, ServerApp
 
 
 def main(grid: Grid, context: Context) -> None:
-    from fedpeft.config import from_flat
+    from fedpeft.composition import run_config
+    from fedpeft.runs.run_dir import prepare_run_dir
     from fedpeft.server.federation import Federation
     from fedpeft.server.initial import initial_adapter
     from fedpeft.server.progress import ConsoleProgress
-    from fedpeft.server.run_dir import prepare_run_dir
 
-    cfg = from_flat(context.run_config)
+    cfg = run_config(context.run_config)
     run_dir = prepare_run_dir(cfg)
     initial = initial_adapter(cfg)
     progress = ConsoleProgress(cfg.federation.rounds)
     progress.start(str(run_dir), cfg.federation.num_sites, sum(t.numel() for t in initial.wire.values()))
-    Federation(grid, cfg, run_dir, initial, progress).run()
+    Federation(grid, cfg, run_dir, initial, progress=progress).run()
 
 
 def build_server_app(run_config: Mapping[str, bool | int | float | str] | None = None) -> ServerApp:

@@ -8,8 +8,8 @@ from typing import Any
 from fedpeft import wire
 from fedpeft.audit.payload import payload_bytes, payload_digest
 from fedpeft.errors import FedpeftError
+from fedpeft.messaging import Refusal, Replies, array_record, as_float, as_int
 from fedpeft.models.adapter_state import check_adapter_state
-from fedpeft.server.messaging import Replies
 from fedpeft.strategies import WeightedSum
 
 
@@ -19,7 +19,7 @@ class RoundCollection:
     losses: list[tuple[float, float]] = field(default_factory=list)  # (train loss, examples) per usable update
     sizes: list[int] = field(default_factory=list)  # upload bytes per usable update
     failures: dict[str, str] = field(default_factory=dict)  # node id -> reason
-    refusals: dict[str, str] = field(default_factory=dict)  # site -> the site's own reason (policy or budget)
+    refusals: dict[str, Refusal] = field(default_factory=dict)  # site -> its refusal (policy or budget)
     site_epsilon: dict[str, float] = field(default_factory=dict)  # site -> cumulative example-level epsilon
     payload_sha256: dict[str, str] = field(default_factory=dict)  # site -> digest of what it sent (audit)
     payload_bytes: dict[str, int] = field(default_factory=dict)  # site -> bytes of what it sent
@@ -27,27 +27,31 @@ class RoundCollection:
     first_record: Any = None  # one upload's ArrayRecord, for the upload manifest
 
 
-def collect_updates(replies: Replies, global_state: dict[str, Any], weighting: str) -> RoundCollection:
+def collect_updates(replies: Replies, global_state: dict[str, Any], weighting: str, *,
+                    keep_updates: bool = False) -> RoundCollection:
+    """``keep_updates``: also keep each (update, weight) pair, for a rule that cannot work on a sum (plain
+    aggregation only: a secure sum never has them)."""
     import torch  # noqa: F401  (needed by ArrayRecord.to_torch_state_dict)
 
-    out = RoundCollection(failures={str(node): reason for node, reason in replies.failed.items()})
+    out = RoundCollection(total=WeightedSum(keep_updates=keep_updates),
+                          failures={str(node): reason for node, reason in replies.failed.items()})
     for reply in replies.ok:
         node = reply.metadata.src_node_id
         try:
             metrics = reply.content[wire.METRICS]
-            if int(metrics.get(wire.REFUSED, 0)):
-                site = str(int(metrics[wire.PARTITION_ID]))
-                out.refusals[site] = str(reply.content[wire.CONFIG][wire.REFUSAL_REASON])
+            refusal = Refusal.in_reply(reply)
+            if refusal is not None:
+                out.refusals[str(as_int(metrics[wire.PARTITION_ID]))] = refusal
                 continue
-            record = reply.content[wire.ADAPTER]
+            record = array_record(reply.content)
             update = record.to_torch_state_dict()
             check_adapter_state(global_state, update, source=f"update from node {node}")
-            examples = float(metrics[wire.NUM_EXAMPLES])
+            examples = as_float(metrics[wire.NUM_EXAMPLES])
         except (FedpeftError, KeyError, TypeError, ValueError) as err:
             out.failures[str(node)] = f"rejected: {err}"
             continue
         out.total.add(update, examples if weighting == "num-examples" else 1.0)
-        out.losses.append((float(metrics[wire.TRAIN_LOSS]), examples))
+        out.losses.append((as_float(metrics[wire.TRAIN_LOSS]), examples))
         out.sizes.append(payload_bytes(record))
         _note_payload(out, metrics, record)
         out.first_record = out.first_record or record
@@ -72,10 +76,7 @@ def collect_secure(secure: Any, global_state: dict[str, Any], weight_scale: floa
         out.sizes.append(size)
         _note_payload(out, metrics, reply.content[wire.SA_MASKED])
         out.first_record = out.first_record or reply.content[wire.SA_MASKED]
-    for node, reason in list(out.failures.items()):
-        if reason.startswith("masked input: refused: "):
-            out.refusals[node] = reason.removeprefix("masked input: refused: ")
-            del out.failures[node]
+    out.refusals = {str(node): refusal for node, refusal in secure.refusals.items()}
     return out
 
 

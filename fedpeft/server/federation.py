@@ -17,34 +17,45 @@ from fedpeft.audit.trail import CoordinatorAudit
 from fedpeft.config import RunConfig
 from fedpeft.errors import FederationError, SecAggAbort
 from fedpeft.io.atomic import append_jsonl, write_json_atomic
-from fedpeft.models.adalora import RankSchedule, pack, prune
+from fedpeft.messaging import EVALUATE, TRAIN, as_float, as_int, broadcast
+from fedpeft.methods import build_method
 from fedpeft.models.adapter_state import AdapterState
-from fedpeft.secagg.server import SecAggRound
-from fedpeft.server.checkpoint import (
+from fedpeft.runs.checkpoint import (
     ADAPTER_WEIGHTS,
     latest_adapter,
     save_global_adapter,
 )
-from fedpeft.server.client_dp import ServerClientDp
-from fedpeft.server.collect import RoundCollection, collect_secure, collect_updates
-from fedpeft.server.initial import InitialAdapter
-from fedpeft.server.messaging import EVALUATE, TRAIN, broadcast
-from fedpeft.server.progress import ConsoleProgress
-from fedpeft.server.round_audit import mean_update_norm, round_audit_record
-from fedpeft.server.run_dir import (
+from fedpeft.runs.run_dir import (
     MANIFEST_FILE,
     METRICS_FILE,
     SUMMARY_FILE,
     last_logged_round,
 )
-from fedpeft.server.state import (
+from fedpeft.runs.state import (
     ServerState,
     check_resumable,
     load_server_state,
     save_server_state,
 )
+from fedpeft.secagg.server import SecAggRound
+from fedpeft.secagg.vector import weight_scale
+from fedpeft.server.client_dp import ServerClientDp
+from fedpeft.server.collect import RoundCollection, collect_secure, collect_updates
+from fedpeft.server.initial import InitialAdapter
+from fedpeft.server.pipeline import AggregationPipeline
+from fedpeft.server.progress import ConsoleProgress
+from fedpeft.server.round_audit import round_audit_record
 from fedpeft.strategies import build_rule
-from fedpeft.strategies.hetero_rank import RANK_WEIGHT, rank_aware_mean, wire_template
+
+
+@dataclass(frozen=True)
+class Applied:
+    """A round's effect on the global adapter (``state`` None: unchanged)."""
+
+    state: AdapterState | None
+    update_norm: float | None = None
+    client_epsilon: float | None = None
+    adapter_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -57,23 +68,24 @@ class Evaluation:
 class Federation:
     """One federated run: the global adapter, the aggregation rule, and what is written after each round."""
 
-    def __init__(self, grid: Grid, cfg: RunConfig, run_dir: Path, initial: InitialAdapter,
+    def __init__(self, grid: Grid, cfg: RunConfig, run_dir: Path, initial: InitialAdapter, *,
                  progress: ConsoleProgress) -> None:
         self.grid, self.cfg, self.run_dir = grid, cfg, run_dir
         self.global_state: AdapterState = dict(initial.wire)
-        self.template = wire_template(initial.wire, hetero=bool(cfg.peft.site_ranks))  # one upload's shapes
+        self.method = build_method(cfg)
+        self.template = self.method.upload_template(initial.wire)  # one upload's names and shapes
         self.initial = initial
         self.peft_config = initial.peft_config
         self.progress = progress
         self.rule = build_rule(cfg.federation.aggregation, **cfg.strategy.rule_options())
         self.client_dp = ServerClientDp(cfg)
+        self.aggregate = AggregationPipeline(method=self.method, rule=self.rule, client_dp=self.client_dp)
         self.site_epsilon: dict[str, float] = {}
         self.accuracy_by_round: list[float] = []
         self.site_of_node: dict[int, str] = {}  # learnt from the sites' evaluation replies
         self.audit = CoordinatorAudit(cfg, run_dir)
         self.last_site_accuracy: dict[str, float] = {}
         self.timeout = cfg.federation.round_timeout
-        self.ranks = RankSchedule.from_config(cfg) if cfg.peft.method == "adalora" else None
         self.warned_whole_batch: set[str] = set()
 
     def run(self) -> dict[str, Any]:
@@ -119,8 +131,6 @@ class Federation:
         """The signed account first (it is the history of what happened), then the checkpoint, then the metrics
         line: a crash between the last two is repaired by resume(), so no round is lost or doubled."""
         record = {**record, **_eval_fields(evaluation)}
-        for site, reason in audit["refusals"].items():
-            self.audit.refusal(server_round, site, reason)
         self.audit.round(audit)
         self.accuracy_by_round.append(evaluation.global_accuracy)
         self.last_site_accuracy = evaluation.site_accuracy
@@ -158,47 +168,52 @@ class Federation:
         sampled = self.sample(nodes, server_round)
         with self.progress.stage(f"round {server_round}: {len(sampled)} sites training"):
             got = self.train_round(sampled, server_round)
-        aggregated = got.total.count >= self.cfg.federation.min_sites
-        client_epsilon, update_norm, adapter_sha256 = None, None, None
-        if aggregated:
-            update_sum = dict(got.total.update_sum)
-            rank_weight = update_sum.pop(RANK_WEIGHT, None)
-            update_sum, client_epsilon = self.client_dp.apply(update_sum, len(sampled) / len(nodes))
-            weight_sum = got.total.weight_sum
-            if rank_weight is not None:  # heterogeneous ranks: each rank slice has its own weight
-                update_sum, weight_sum = rank_aware_mean({**update_sum, RANK_WEIGHT: rank_weight}, weight_sum), 1.0
-            update_norm = mean_update_norm(update_sum, weight_sum)
-            self.global_state = self.rule.aggregate(self.global_state, update_sum, weight_sum)
-            if self.ranks is not None:
-                self.global_state = prune(self.global_state, self.ranks.keep(self.global_state, server_round))
-            saved = save_global_adapter(self.run_dir, server_round, self.initial.saved_format(self.global_state),
-                                        self.peft_config)
-            adapter_sha256 = file_digest(saved / ADAPTER_WEIGHTS)
-        else:
-            self.progress.message(f"round {server_round}: only {got.total.count} usable updates (< "
-                                  f"federation.min_sites = {self.cfg.federation.min_sites}); the global adapter "
-                                  "is unchanged")
+        for site, refusal in got.refusals.items():  # signed before the round's record that counts them
+            self.audit.refusal(server_round, site, rule=refusal.rule, reason=refusal.reason)
+        applied = self.apply_round(got, server_round, sampled_fraction=len(sampled) / len(nodes))
         self.site_epsilon.update(got.site_epsilon)
         self.warn_whole_batch(got.whole_batch_sites)
         with self.progress.stage(f"round {server_round}: evaluating on {len(nodes)} sites"):
             evaluation = self.evaluate(nodes, server_round)
         audit = round_audit_record(
-            server_round, [self.site_name(n) for n in sampled], got, aggregated, self.cfg, update_norm,
-            client_epsilon, adapter_sha256, evaluation.global_accuracy, self.site_name)
+            server_round=server_round, sampled=[self.site_name(n) for n in sampled], got=got,
+            aggregated=applied.state is not None, cfg=self.cfg, update_norm=applied.update_norm,
+            client_epsilon=applied.client_epsilon, adapter_sha256=applied.adapter_sha256,
+            global_accuracy=evaluation.global_accuracy, site_name=self.site_name)
+        refusals = {site: refusal.reason for site, refusal in got.refusals.items()}
         return evaluation, {
             "round": server_round, "seconds": time.monotonic() - started, "sites_sampled": len(sampled),
-            "sites_returned": got.total.count, "failures": got.failures, "refusals": got.refusals,
-            "site_epsilon": got.site_epsilon, "client_dp_epsilon": client_epsilon,
+            "sites_returned": got.total.count, "failures": got.failures, "refusals": refusals,
+            "site_epsilon": got.site_epsilon, "client_dp_epsilon": applied.client_epsilon,
             "train_loss": _weighted_mean(got.losses),
-            "bytes_per_client": sum(got.sizes) / len(got.sizes) if got.sizes else 0, "aggregated": aggregated}, audit
+            "bytes_per_client": sum(got.sizes) / len(got.sizes) if got.sizes else 0,
+            "aggregated": applied.state is not None}, audit
+
+    def apply_round(self, got: RoundCollection, server_round: int, *, sampled_fraction: float) -> Applied:
+        """Aggregate what arrived (when enough did) and checkpoint the new global adapter."""
+        if got.total.count < self.cfg.federation.min_sites:
+            self.progress.message(f"round {server_round}: only {got.total.count} usable updates (< "
+                                  f"federation.min_sites = {self.cfg.federation.min_sites}); the global adapter "
+                                  "is unchanged")
+            return Applied(None)
+        result = self.aggregate(self.global_state, got.total, server_round=server_round,
+                                sampled_fraction=sampled_fraction)
+        if result.state is None:
+            self.progress.message(f"[yellow]round {server_round}: {result.rejected}[/yellow]")
+            return Applied(None, result.update_norm, result.client_epsilon)
+        self.global_state = result.state
+        saved = save_global_adapter(self.run_dir, server_round, self.initial.saved_format(self.global_state),
+                                    self.peft_config)
+        return Applied(result.state, result.update_norm, result.client_epsilon, file_digest(saved / ADAPTER_WEIGHTS))
 
     def train_round(self, sampled: list[int], server_round: int) -> RoundCollection:
         if self.cfg.federation.secure_aggregation:
             got = self.secure_train_round(sampled, server_round)
         else:
-            replies = broadcast(self.grid, sampled, TRAIN, self.global_state, self.train_config(server_round),
-                                self.timeout)
-            got = collect_updates(replies, self.template, self.cfg.federation.weighting)
+            replies = broadcast(self.grid, sampled, TRAIN, self.global_state, config=self.train_config(server_round),
+                                timeout=self.timeout)
+            got = collect_updates(replies, self.template, self.cfg.federation.weighting,
+                                  keep_updates=self.aggregate.keeps_updates)
         if got.first_record is not None:
             self.record_manifest(got.first_record)
         return got
@@ -210,11 +225,12 @@ class Federation:
         content = RecordDict({wire.ADAPTER: ArrayRecord(self.global_state), wire.CONFIG: config})
         length = sum(t.numel() for t in self.template.values())
         try:
-            secure = SecAggRound(self.grid, sampled, server_round, self.cfg.secagg, self.timeout).run(content, length)
+            secure = SecAggRound(self.grid, sampled, server_round, self.cfg.secagg,
+                                 timeout=self.timeout).run(content, length)
         except SecAggAbort as abort:
             self.progress.message(f"[yellow]{abort}[/yellow]")
             return RoundCollection(failures={"secagg": str(abort)})
-        scale = self.cfg.secagg.max_weight if self.cfg.federation.weighting == "num-examples" else 1.0
+        scale = weight_scale(weighting=self.cfg.federation.weighting, max_weight=self.cfg.secagg.max_weight)
         return collect_secure(secure, self.template, scale)
 
     def warn_whole_batch(self, sites: list[str]) -> None:
@@ -228,11 +244,9 @@ class Federation:
                 "amplification by sampling), so its budget runs out fast; lower train.batch_size[/yellow]")
 
     def train_config(self, server_round: int) -> dict[str, Any]:
-        """The round's instructions; with AdaLoRA, which singular values train (fixed here for every site)."""
-        config: dict[str, Any] = {wire.SERVER_ROUND: server_round}
-        if self.ranks is not None:
-            config[wire.RANK_KEEP] = pack(self.ranks.keep(self.global_state, server_round - 1))
-        return config
+        """The round's instructions, with the method's own (e.g. which singular values train, fixed here for every
+        site)."""
+        return {wire.SERVER_ROUND: server_round, **self.method.round_instructions(self.global_state, server_round - 1)}
 
     def record_manifest(self, record: Any) -> None:
         """Write once what a site upload consists of (names, shapes, dtypes, bytes): the evidence of what left."""
@@ -244,19 +258,22 @@ class Federation:
         write_json_atomic(path, {"tensors": tensors, "total_bytes": payload_bytes(record)})
 
     def evaluate(self, nodes: list[int], server_round: int) -> Evaluation:
-        replies = broadcast(self.grid, nodes, EVALUATE, self.global_state, {wire.SERVER_ROUND: server_round},
-                            self.timeout)
+        replies = broadcast(self.grid, nodes, EVALUATE, self.global_state, config={wire.SERVER_ROUND: server_round},
+                            timeout=self.timeout)
         site_accuracy, accuracies, losses = {}, [], []
         for reply in replies.ok:
             metrics = reply.content[wire.METRICS]
-            examples = float(metrics[wire.NUM_EXAMPLES])
-            self.site_of_node[reply.metadata.src_node_id] = str(int(metrics[wire.PARTITION_ID]))
-            site_accuracy[str(int(metrics[wire.PARTITION_ID]))] = float(metrics[wire.EVAL_ACCURACY])
-            accuracies.append((float(metrics[wire.EVAL_ACCURACY]), examples))
-            losses.append((float(metrics[wire.EVAL_LOSS]), examples))
+            examples = as_float(metrics[wire.NUM_EXAMPLES])
+            self.site_of_node[reply.metadata.src_node_id] = str(as_int(metrics[wire.PARTITION_ID]))
+            site_accuracy[str(as_int(metrics[wire.PARTITION_ID]))] = as_float(metrics[wire.EVAL_ACCURACY])
+            accuracies.append((as_float(metrics[wire.EVAL_ACCURACY]), examples))
+            losses.append((as_float(metrics[wire.EVAL_LOSS]), examples))
         if not accuracies:
             raise FederationError(f"round {server_round}: no site could evaluate ({replies.failed})")
-        return Evaluation(_weighted_mean(accuracies), _weighted_mean(losses), site_accuracy)
+        accuracy, loss = _weighted_mean(accuracies), _weighted_mean(losses)
+        if accuracy is None or loss is None:
+            raise FederationError(f"round {server_round}: the sites that evaluated hold no evaluation examples")
+        return Evaluation(accuracy, loss, site_accuracy)
 
     def summary(self, seconds: float) -> dict[str, Any]:
         final = latest_adapter(self.run_dir)

@@ -10,6 +10,7 @@ from fedpeft.audit.payload import model_fingerprint
 from fedpeft.config import RunConfig
 from fedpeft.data.sites import num_labels
 from fedpeft.errors import ConfigError
+from fedpeft.methods import wrap_with_peft
 from fedpeft.models.adapter_state import (
     AdapterState,
     check_adapter_state,
@@ -20,8 +21,8 @@ from fedpeft.models.adapter_state import (
 )
 from fedpeft.models.blocks import is_head
 from fedpeft.models.loader import load_base_model
-from fedpeft.models.peft_model import method_config, wrap_with_peft
-from fedpeft.server.checkpoint import ADAPTER_WEIGHTS
+from fedpeft.models.peft_model import method_config
+from fedpeft.runs.checkpoint import ADAPTER_WEIGHTS
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,7 @@ from fedpeft.privacy.client_dp import central_noise_std
 from fedpeft.server.collect import RoundCollection
 
 
-def mean_update_norm(update_sum: dict[str, Any], weight_sum: float) -> float:
-    squares = sum(float((tensor.double() ** 2).sum()) for tensor in update_sum.values())
-    return squares ** 0.5 / weight_sum if weight_sum else 0.0
-
-
-def round_audit_record(server_round: int, sampled: list[str], got: RoundCollection, aggregated: bool,
+def round_audit_record(*, server_round: int, sampled: list[str], got: RoundCollection, aggregated: bool,
                        cfg: RunConfig, update_norm: float | None, client_epsilon: float | None,
                        adapter_sha256: str | None, global_accuracy: float,
                        site_name: Callable[[int], str]) -> dict[str, Any]:
@@ -27,7 +22,8 @@ def round_audit_record(server_round: int, sampled: list[str], got: RoundCollecti
     return {
         "round": server_round, "sites_sampled": sorted(sampled), "sites_returned": sorted(got.payload_sha256),
         "dropouts": {_site(site_name, node): reason for node, reason in got.failures.items()},
-        "refusals": dict(got.refusals), "secure_aggregation": cfg.federation.secure_aggregation,
+        "refusals": {site: refusal.reason for site, refusal in got.refusals.items()},
+        "secure_aggregation": cfg.federation.secure_aggregation,
         "decoded": aggregated, "aggregated_updates": got.total.count,
         "client_dp": {"mode": p.client_dp, "noise_std_on_sum": noise_std, "epsilon": client_epsilon},
         "aggregate_update_norm": update_norm, "site_epsilon": dict(got.site_epsilon),

@@ -19,7 +19,7 @@ from fedpeft.config import RunConfig
 from fedpeft.data.records import ClassificationData
 from fedpeft.data.sites import SiteSplit, site_split
 from fedpeft.errors import ConfigError
-from fedpeft.server.run_dir import SUMMARY_FILE, free_run_name
+from fedpeft.runs.run_dir import SUMMARY_FILE, free_run_name
 
 
 @dataclass(frozen=True)
@@ -37,15 +37,17 @@ def check_sites(cfg: RunConfig) -> list[SiteSplit]:
 
 def majority_baseline(splits: list[SiteSplit]) -> float | None:
     """Accuracy on the pooled held-out data of always predicting the pooled training data's most frequent label."""
-    if not all(isinstance(s.train, ClassificationData) for s in splits):
+    train = [s.train for s in splits if isinstance(s.train, ClassificationData)]
+    held_out_sets = [s.eval for s in splits if isinstance(s.eval, ClassificationData)]
+    if len(train) < len(splits) or len(held_out_sets) < len(splits):
         return None
-    train_counts = Counter(label for s in splits for label in s.train.labels)
+    train_counts = Counter(label for data in train for label in data.labels)
     majority = train_counts.most_common(1)[0][0]
-    held_out = [label for s in splits for label in s.eval.labels]
+    held_out = [label for data in held_out_sets for label in data.labels]
     return sum(label == majority for label in held_out) / len(held_out)
 
 
-def simulate(cfg: RunConfig, verbose: bool = False, cpus_per_site: float = 1.0,
+def simulate(cfg: RunConfig, *, verbose: bool = False, cpus_per_site: float = 1.0,
              resume: bool = False, gpus_per_site: float = 0.0, ray_address: str | None = None) -> SimulationResult:
     """Run a federation; ``resume`` continues ``run.name`` after its last completed round instead of starting anew.
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
+from fedpeft.runs.run_dir import METRICS_FILE
 from fedpeft.server.progress import ConsoleProgress
-from fedpeft.server.run_dir import METRICS_FILE
 from fedpeft.simulations.engine import SimulationResult
 
 

@@ -1,7 +1,17 @@
-"""Aggregation rules over a weighted sum of client updates, and their registry."""
+"""Aggregation rules over a weighted sum of client updates (or, for robust rules, the individual updates), and
+their registry."""
 
 from fedpeft.strategies import fedavg as _fedavg  # noqa: F401  (registers the built-in rules)
+from fedpeft.strategies import robust as _robust  # noqa: F401
 from fedpeft.strategies import server_opt as _server_opt  # noqa: F401
-from fedpeft.strategies.base import AggregationRule, WeightedSum, build_rule, register_rule, registered_rules
+from fedpeft.strategies.base import (
+    AggregationRule,
+    IndividualUpdatesRule,
+    WeightedSum,
+    build_rule,
+    register_rule,
+    registered_rules,
+)
 
-__all__ = ["AggregationRule", "WeightedSum", "build_rule", "register_rule", "registered_rules"]
+__all__ = ["AggregationRule", "IndividualUpdatesRule", "WeightedSum", "build_rule", "register_rule",
+           "registered_rules"]

@@ -30,3 +30,4 @@ class FedProx(FedAvg):
     """FedAvg on the server; each site adds (mu / 2) * ||w - w_global||^2 to its local loss (Li et al., 2020)."""
 
     name = "fedprox"
+    client_proximal_term = True

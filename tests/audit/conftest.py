@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedpeft.config import from_mapping
+from fedpeft.composition import from_mapping
 
 
 @pytest.fixture(scope="session")

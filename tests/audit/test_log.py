@@ -98,3 +98,86 @@ def test_keys_round_trip_and_bad_keys_are_named(tmp_path):
     (tmp_path / "a.jsonl").write_text("garbage\n")
     with pytest.raises(AuditError, match="its last line is not a record"):
         AuditLog(tmp_path / "a.jsonl", key, "w").append("x", {})
+
+
+def _resigned(lines: list[bytes], key, change) -> list[bytes]:
+    """The records passed through ``change``, re-chained and re-signed by ``key``, as their writer would have."""
+    import base64
+
+    from fedpeft.audit.log import canonical
+
+    out, prev = [], GENESIS
+    for line in lines:
+        record = change(json.loads(line))
+        record.pop("sig")
+        record["prev"] = prev
+        record["sig"] = base64.b64encode(key.sign(canonical(record))).decode()
+        out.append(canonical(record))
+        prev = line_hash(out[-1])
+    return out
+
+
+def _without_version(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k != "schema_version"}
+
+
+def test_every_record_carries_the_schema_version(tmp_path):
+    from fedpeft.audit.log import SCHEMA_VERSION
+
+    log = _log(tmp_path)
+    log.append("run-end", {})
+    assert SCHEMA_VERSION == 1
+    assert [r["schema_version"] for r in read_records(tmp_path / "a.jsonl")] == [SCHEMA_VERSION] * 2
+    assert verify_log(tmp_path / "a.jsonl", log.public_key).intact
+
+
+def test_a_log_written_before_schema_versions_verifies_and_can_be_continued(tmp_path):
+    path = tmp_path / "site.jsonl"
+    log = AuditLog(path, generate_key(), "site:0")  # a site's log: it stays open across runs (and upgrades)
+    log.append("release", {"round": 0})
+    log.append("release", {"round": 1})
+    old = _resigned(path.read_bytes().splitlines(), log.key, _without_version)
+    path.write_bytes(b"".join(line + b"\n" for line in old))
+    assert all("schema_version" not in r for r in read_records(path))
+    assert verify_log(path, log.public_key).intact
+    log.append("release", {"round": 2})  # an upgraded writer continues the old log: old lines kept, chain unbroken
+    assert path.read_bytes().startswith(b"".join(line + b"\n" for line in old))
+    assert read_records(path)[-1]["schema_version"] == 1
+    verification = verify_log(path, log.public_key)
+    assert verification.intact, verification.summary()
+
+
+def test_a_record_from_a_newer_fedpeft_is_refused_not_judged(tmp_path, capsys):
+    from fedpeft.cli import main as cli_main
+
+    log = _log(tmp_path)
+    log.append("round", {"round": 0})
+    path = tmp_path / "a.jsonl"
+    newer = _resigned(path.read_bytes().splitlines(), log.key,
+                      lambda r: {**r, "schema_version": 2, "new": 1} if r["seq"] == 1 else r)
+    path.write_bytes(b"".join(line + b"\n" for line in newer))
+    before = path.read_bytes()
+    expected = rf"audit log {path} \(line 2\) was written by a newer fedpeft \(schema_version 2\).*upgrade fedpeft"
+    with pytest.raises(AuditError, match=expected) as info:
+        verify_log(path, log.public_key)
+    assert "reads schema_version 1 and older" in str(info.value)
+    with pytest.raises(AuditError, match=expected):
+        read_records(path)
+    with pytest.raises(AuditError, match=expected):
+        log.append("run-end", {})  # continuing the chain needs the last record understood
+    assert path.read_bytes() == before
+    assert cli_main(["audit", "verify", str(path), "--pubkey", log.public_key]) == 2
+    assert "upgrade fedpeft" in capsys.readouterr().err
+
+
+def test_a_malformed_schema_version_is_an_edit(tmp_path):
+    log = _log(tmp_path)
+    log.append("round", {"round": 0})
+    log.append("run-end", {})
+    path = tmp_path / "a.jsonl"
+    lines = path.read_bytes().splitlines()
+    record = json.loads(lines[1])
+    record["schema_version"] = "1"
+    path.write_bytes(b"".join(line + b"\n" for line in [lines[0], json.dumps(record).encode(), lines[2]]))
+    damage = verify_log(path, log.public_key).damage[0]
+    assert (damage.kind, damage.line) == ("edited", 2) and "schema_version '1'" in damage.detail

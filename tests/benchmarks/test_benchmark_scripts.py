@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -55,3 +56,12 @@ def test_the_rate_sweep_reuses_the_cells_a_doc_already_has(tmp_path):
     assert known[("IA3", "0.001")] == "0.571" and known[("IA3", "0.01")] == "0.900"
     assert known[("BitFit (biases + head)", "0.0001")] == "0.300"
     assert ("BitFit (biases + head)", "0.01") not in known, "an empty cell is simulated again"
+
+
+def test_the_methods_table_has_a_row_for_every_registered_method():
+    from fedpeft.methods import registered_methods
+
+    spec = importlib.util.spec_from_file_location("methods_table", ROOT / "benchmarks" / "methods_table.py")
+    methods_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(methods_table)
+    assert {peft["method"] for peft in methods_table.variants().values()} == set(registered_methods())

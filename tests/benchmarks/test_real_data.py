@@ -85,6 +85,37 @@ def test_results_log_names_the_file_and_line_of_a_bad_line(tmp_path):
         real_data.earlier_rows(args)
 
 
+def test_results_log_lines_carry_the_schema_version(tmp_path):
+    log = tmp_path / "results.jsonl"
+    args = real_data.parse_args(["--settings", "fedit", "--results", str(log)])
+    row = real_data.Row("fedit", "FedAvg", 0.5, 0.4, 12.0, 1024.0, None, "note", [0.1, 0.5])
+    real_data_results.append_row(log, real_data_results.setup_of(args), real_data.asdict(row))
+    assert json.loads(log.read_text())["schema_version"] == real_data_results.SCHEMA_VERSION == 1
+    assert real_data.earlier_rows(args) == {"fedit": row}
+
+
+def test_results_log_lines_without_a_schema_version_still_load(tmp_path):
+    log = tmp_path / "results.jsonl"
+    args = real_data.parse_args(["--settings", "fedit", "--results", str(log)])
+    row = real_data.Row("fedit", "FedAvg", 0.5, 0.4, 12.0, 1024.0, None, "note", [0.1, 0.5])
+    old = {"setup": real_data_results.setup_of(args), "row": real_data.asdict(row), "measured": "t"}
+    log.write_text(json.dumps(old) + "\n")
+    assert real_data.earlier_rows(args) == {"fedit": row}
+
+
+def test_results_log_line_from_a_newer_version_is_refused_with_the_fix(tmp_path):
+    from fedpeft.errors import DataError
+
+    log = tmp_path / "results.jsonl"
+    log.write_text('{"setup": {}, "row": {"name": "fedit"}, "measured": "t"}\n{"schema_version": 2, "rows": []}\n')
+    args = real_data.parse_args(["--results", str(log)])
+    with pytest.raises(DataError) as info:
+        real_data.earlier_rows(args)
+    message = str(info.value)
+    assert f"results log {log} (line 2) was written by a newer fedpeft (schema_version 2)" in message
+    assert "reads schema_version 1 and older" in message and "upgrade fedpeft" in message
+
+
 def _write_fake_banking77(root: Path) -> None:
     names = ["card_arrival", "lost_or_stolen_card", "top_up_failed", "exchange_rate"]
     words = {"card_arrival": "card arrive post", "lost_or_stolen_card": "lost stolen wallet",

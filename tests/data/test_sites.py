@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedpeft.config import from_mapping
+from fedpeft.composition import from_mapping
 from fedpeft.data.sites import num_labels, site_split
 from fedpeft.errors import DataError
 

@@ -44,7 +44,7 @@ def test_tickets_are_varied() -> None:
 def test_no_single_word_determines_the_label() -> None:
     data = make_support_tickets(1200, seed=0)
     by_word: dict[str, Counter[int]] = defaultdict(Counter)
-    for text, label in zip(data.texts, data.labels):
+    for text, label in zip(data.texts, data.labels, strict=True):
         for word in _words(text):
             by_word[word][label] += 1
     frequent = {w: c for w, c in by_word.items() if sum(c.values()) >= 0.02 * len(data)}
@@ -58,7 +58,7 @@ def test_each_factor_has_a_signal() -> None:
     data = make_support_tickets(1200, seed=0)
     topic_of = [SUPPORT_LABELS[y].split("-")[0] for y in data.labels]
     by_word: dict[str, Counter[str]] = defaultdict(Counter)
-    for text, topic in zip(data.texts, topic_of):
+    for text, topic in zip(data.texts, topic_of, strict=True):
         for word in _words(text):
             by_word[word][topic] += 1
     topic_pure = [w for w, c in by_word.items() if sum(c.values()) >= 24 and len(c) == 1]
@@ -75,10 +75,10 @@ def _naive_bayes_accuracy(train_x, train_y, test_x, test_y) -> float:
     vocab = {w for t in train_x for w in _words(t)}
     counts = [Counter() for _ in SUPPORT_LABELS]
     priors = Counter(train_y)
-    for text, y in zip(train_x, train_y):
+    for text, y in zip(train_x, train_y, strict=True):
         counts[y].update(_words(text))
     correct = 0
-    for text, y in zip(test_x, test_y):
+    for text, y in zip(test_x, test_y, strict=True):
         words = _words(text) & vocab
         scores = [
             math.log(priors[c]) + sum(math.log((counts[c][w] + 1) / (priors[c] + 2)) for w in words)

@@ -79,7 +79,7 @@ class Deployment:
         path = self.run_dir / "metrics.jsonl"
         return [json.loads(line)["round"] for line in path.read_text().splitlines()] if path.exists() else []
 
-    def wait_for(self, condition, timeout: float, what: str, coordinator_runs: bool = True) -> None:  # noqa: ANN001
+    def wait_for(self, condition, timeout: float, what: str, coordinator_runs: bool = True) -> None:
         deadline = time.monotonic() + timeout
         while not condition():
             ended = coordinator_runs and self.processes["coordinator"].poll() is not None

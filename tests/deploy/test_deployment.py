@@ -37,7 +37,7 @@ def test_dp_secure_federation_survives_a_coordinator_restart_and_a_lost_site(tmp
     round 2); site c is killed during round 2's training stage (secure aggregation's dropout path)."""
     from peft import PeftModel
 
-    from fedpeft.config import load_toml
+    from fedpeft.composition import load_toml
     from fedpeft.models.loader import load_base_model
 
     deployment = build(tmp_path)

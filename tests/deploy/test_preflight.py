@@ -158,6 +158,21 @@ def test_an_rsa_ca_is_verified_and_a_foreign_issuer_named(pki, tmp_path):
         check_server_certificate(server, pki / "server.key", pki / "ca.pem")
 
 
+def test_a_certificate_signed_without_a_hash_is_not_signed_by_an_ec_ca(pki, tmp_path):
+    """An Ed25519 signature names no hash: no EC or RSA CA made it (before: a TypeError from cryptography)."""
+    now = dt.datetime.now(UTC)
+    ca = x509.load_pem_x509_certificate((pki / "ca.pem").read_bytes())
+    forged = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "c")]))
+              .issuer_name(ca.subject).public_key(_pem_key(pki / "server.key").public_key())
+              .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(days=1))
+              .not_valid_after(now + dt.timedelta(days=9))
+              .add_extension(x509.SubjectAlternativeName([x509.DNSName("coordinator.local")]), critical=False)
+              .sign(ed25519.Ed25519PrivateKey.generate(), None))
+    (tmp_path / "forged.pem").write_bytes(forged.public_bytes(serialization.Encoding.PEM))
+    with pytest.raises(DeployError, match=r"'.*forged\.pem' is not signed by this CA"):
+        check_server_certificate(tmp_path / "forged.pem", pki / "server.key", pki / "ca.pem")
+
+
 # ---- the site's node key ----------------------------------------------------------------------------------------
 
 

@@ -27,3 +27,15 @@ def _app() -> FastAPI:
 def test_only_the_fleet_api_is_open_to_other_machines(client, path, status):
     with TestClient(_app(), client=(client, 40000)) as http:
         assert http.post(path).status_code == status
+
+
+def test_flowers_children_find_this_interpreters_scripts_without_an_activated_venv(tmp_path, monkeypatch):
+    import sys
+    from pathlib import Path
+
+    from fedpeft.deploy.processes import runtime_env
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # a systemd unit's PATH: the venv was never activated
+    env = runtime_env(tmp_path / "flwr")
+    first = env["PATH"].split(":")[0]
+    assert first == str(Path(sys.executable).parent) and env["PATH"].endswith("/usr/bin:/bin")

@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedpeft.client.batches import encode_classification
-from fedpeft.client.trainer import train_local
 from fedpeft.config import ModelConfig, PeftConfig, TrainConfig
 from fedpeft.errors import AdapterMismatchError
+from fedpeft.methods import wrap_with_peft
 from fedpeft.models.adalora import (
     RankSchedule,
     keep_mask,
@@ -22,8 +21,9 @@ from fedpeft.models.adalora import (
 )
 from fedpeft.models.adapter_state import get_wire_state
 from fedpeft.models.loader import load_base_model
-from fedpeft.models.peft_model import wrap_with_peft
 from fedpeft.privacy.dp_sgd import DpSettings, train_private
+from fedpeft.training.batches import encode_classification
+from fedpeft.training.trainer import train_local
 
 
 def test_the_budget_holds_then_falls_cubically_to_r_per_module_then_holds():
@@ -93,9 +93,9 @@ def test_a_site_holds_masked_singular_values_at_zero_through_training(private):
     cfg = TrainConfig(batch_size=8, learning_rate=0.05, max_steps=3)
     with keep_ranks(model, pack(keep)):
         if private:  # noise lands on every coordinate; the mask must win over it
-            train_private(model, data, cfg, "classification", 0, DpSettings(1.0, 1.0))
+            train_private(model, data, cfg, "classification", seed=0, dp=DpSettings(1.0, 1.0))
         else:
-            train_local(model, data, cfg, "classification", 0)
+            train_local(model, data, cfg, "classification", seed=0)
     for name, param in params.items():
         assert torch.all(param[~keep[name]] == 0), name
     assert any(not torch.equal(params[n][keep[n]], before[n][keep[n]]) for n in params), "kept values train"

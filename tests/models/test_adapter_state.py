@@ -5,9 +5,9 @@ import torch
 
 from fedpeft.config import ModelConfig, PeftConfig
 from fedpeft.errors import AdapterMismatchError, ModelError
+from fedpeft.methods import wrap_with_peft
 from fedpeft.models.adapter_state import check_adapter_state, get_adapter_state, set_adapter_state
 from fedpeft.models.loader import load_base_model
-from fedpeft.models.peft_model import wrap_with_peft
 
 
 def _tiny(task: str = "classification", r: int = 4):

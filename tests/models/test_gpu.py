@@ -7,13 +7,13 @@ import math
 import pytest
 import torch
 
-from fedpeft.client.batches import encode_prompt_response
-from fedpeft.client.trainer import evaluate, train_local
 from fedpeft.config import ModelConfig, PeftConfig, TrainConfig
+from fedpeft.methods import wrap_with_peft
 from fedpeft.models.adapter_state import get_adapter_state
 from fedpeft.models.loader import load_base_model
-from fedpeft.models.peft_model import wrap_with_peft
 from fedpeft.privacy.dp_sgd import DpSettings, train_private
+from fedpeft.training.batches import encode_prompt_response
+from fedpeft.training.trainer import evaluate, train_local
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -38,7 +38,8 @@ def test_the_nf4_site_model_lives_on_the_gpu_and_trains_after_evaluating():
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     before = get_adapter_state(model)
     assert math.isfinite(evaluate(model, data, 4, "causal-lm").loss)  # CPU batches reach the cuda model
-    result = train_local(model, data, TrainConfig(learning_rate=1e-2, batch_size=4, local_epochs=2), "causal-lm", 0)
+    result = train_local(model, data, TrainConfig(learning_rate=1e-2, batch_size=4, local_epochs=2), "causal-lm",
+                         seed=0)
     assert math.isfinite(result.mean_loss) and result.steps == 4
     assert _changed(before, get_adapter_state(model))
     assert all(torch.equal(p.detach(), frozen[n]) for n, p in model.named_parameters() if n in frozen)
@@ -49,7 +50,7 @@ def test_dp_sgd_trains_the_nf4_adapter_on_the_gpu(mode):
     model, data = _site()
     before = get_adapter_state(model)
     result = train_private(model, data, TrainConfig(learning_rate=1e-2, batch_size=4, local_epochs=2),
-                           "causal-lm", 0, DpSettings(1.0, 1.0, mode))
+                           "causal-lm", seed=0, dp=DpSettings(1.0, 1.0, mode))
     assert result.steps == 4 and math.isfinite(result.train.mean_loss)
     after = get_adapter_state(model)
     assert _changed(before, after) and all(torch.isfinite(t).all() for t in after.values())

@@ -7,13 +7,14 @@ import math
 import pytest
 import torch
 
-from fedpeft.client.batches import encode_prompt_response, iterate_batches
-from fedpeft.client.trainer import batch_loss, train_local
-from fedpeft.config import ModelConfig, PeftConfig, TrainConfig, from_mapping
+from fedpeft.composition import from_mapping
+from fedpeft.config import ModelConfig, PeftConfig, TrainConfig
+from fedpeft.methods import wrap_with_peft
 from fedpeft.models.loader import load_base_model
-from fedpeft.models.peft_model import wrap_with_peft
 from fedpeft.models.precision import bf16_autocast
 from fedpeft.privacy.dp_sgd import DpSettings, train_private
+from fedpeft.training.batches import encode_prompt_response, iterate_batches
+from fedpeft.training.trainer import batch_loss, train_local
 
 
 def _site(quantization: str = "none"):
@@ -58,13 +59,13 @@ def test_training_and_dp_training_run_under_autocast(quantization):
     cfg = TrainConfig(learning_rate=1e-2, batch_size=4, local_epochs=3, autocast=True)
     before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
     first = train_local(model, data, TrainConfig(learning_rate=1e-2, batch_size=8, max_steps=1, autocast=True),
-                        "causal-lm", 0)
-    later = train_local(model, data, cfg, "causal-lm", 1)
+                        "causal-lm", seed=0)
+    later = train_local(model, data, cfg, "causal-lm", seed=1)
     assert later.mean_loss < first.mean_loss
     after = [p for p in model.parameters() if p.requires_grad]
     assert all(p.dtype == torch.float32 for p in after)
     assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
-    private = train_private(model, data, cfg, "causal-lm", 2, DpSettings(1.0, 1.0, "hooks"))
+    private = train_private(model, data, cfg, "causal-lm", seed=2, dp=DpSettings(1.0, 1.0, "hooks"))
     assert private.steps > 0 and math.isfinite(private.train.mean_loss)
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedpeft.client.batches import encode_prompt_response, iterate_batches
-from fedpeft.client.trainer import batch_loss, evaluate, on_model_device, train_local
 from fedpeft.config import ModelConfig, PeftConfig, TrainConfig
+from fedpeft.methods import wrap_with_peft
 from fedpeft.models.adapter_state import get_adapter_state, set_adapter_state
 from fedpeft.models.loader import load_base_model
-from fedpeft.models.peft_model import wrap_with_peft
 from fedpeft.models.quantization import resolve_quantization
+from fedpeft.training.batches import encode_prompt_response, iterate_batches
+from fedpeft.training.trainer import batch_loss, evaluate, on_model_device, train_local
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -89,7 +89,7 @@ def test_the_quantized_base_stays_frozen_byte_for_byte_through_training():
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     assert any(p.dtype == torch.uint8 for p in frozen.values())
     data, _ = _batch(tokenizer)
-    train_local(model, data, TrainConfig(learning_rate=1e-2, local_epochs=3, batch_size=2), "causal-lm", 0)
+    train_local(model, data, TrainConfig(learning_rate=1e-2, local_epochs=3, batch_size=2), "causal-lm", seed=0)
     for name, param in model.named_parameters():
         if name in frozen:
             assert torch.equal(param.detach(), frozen[name]), name
@@ -104,7 +104,7 @@ def test_adapter_trained_on_nf4_loads_on_the_full_precision_base_and_back():
 
 
 def test_unknown_quantization_is_a_config_error():
-    from fedpeft.config import from_mapping
+    from fedpeft.composition import from_mapping
     from fedpeft.errors import ConfigError
 
     with pytest.raises(ConfigError, match="model.quantization"):

@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedpeft.client.batches import encode_classification, trim_batch
-from fedpeft.client.trainer import batch_loss
 from fedpeft.config import ModelConfig, PeftConfig
 from fedpeft.data.synthetic import MULTITASK_LABELS, make_multitask_tickets
 from fedpeft.errors import DataError
+from fedpeft.methods import wrap_with_peft
 from fedpeft.models.loader import load_base_model
-from fedpeft.models.peft_model import wrap_with_peft
 from fedpeft.models.task_heads import attach_task_heads, label_tasks, restrict_to_task, task_of_labels
 from fedpeft.privacy.dp_sgd import DpSettings, make_private
+from fedpeft.training.batches import encode_classification, trim_batch
+from fedpeft.training.trainer import batch_loss
 
 
 def test_tasks_come_from_label_name_prefixes_and_a_bare_label_is_a_clear_error():
@@ -46,7 +46,7 @@ def test_the_model_scores_each_example_within_its_task_also_under_opacus():
     multi = batch_loss(model, batch, "classification")[0]
     assert float(multi) < float(single), "fewer competing labels: a lower loss"
     trainable = [p for p in model.parameters() if p.requires_grad]
-    private = make_private(model, torch.optim.SGD(trainable, lr=0.0), encoded, len(encoded), DpSettings(0.0, 1.0),
+    private = make_private(model, torch.optim.SGD(trainable, lr=0.0), encoded, len(encoded), dp=DpSettings(0.0, 1.0),
                            poisson_sampling=False)
     assert label_tasks(private.module) is not None
     private.module.eval()

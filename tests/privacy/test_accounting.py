@@ -88,7 +88,7 @@ def test_zero_noise_is_infinite_and_nothing_released_is_zero():
 def test_noise_multiplier_round_trips_rdp():
     from opacus.accountants.utils import get_noise_multiplier
 
-    sigma = noise_multiplier_for(8.0, DELTA, Q, 625, "rdp")
+    sigma = noise_multiplier_for(8.0, DELTA, Q, 625, accountant="rdp")
     eps = epsilon([(sigma, Q, 625)], DELTA, "rdp")
     assert 8.0 - 0.05 <= eps <= 8.0
     opacus_sigma = get_noise_multiplier(
@@ -98,15 +98,15 @@ def test_noise_multiplier_round_trips_rdp():
 
 
 def test_noise_multiplier_round_trips_prv():
-    sigma = noise_multiplier_for(3.0, DELTA, Q, 63, "prv")
+    sigma = noise_multiplier_for(3.0, DELTA, Q, 63, accountant="prv")
     eps = epsilon([(sigma, Q, 63)], DELTA, "prv")
     assert 3.0 - 0.05 <= eps <= 3.0
 
 
 def test_noise_multiplier_composes_with_history():
     history = [(1.0, Q, 300)]
-    alone = noise_multiplier_for(4.0, DELTA, Q, 300, "rdp")
-    after = noise_multiplier_for(4.0, DELTA, Q, 300, "rdp", history=history)
+    alone = noise_multiplier_for(4.0, DELTA, Q, 300, accountant="rdp")
+    after = noise_multiplier_for(4.0, DELTA, Q, 300, accountant="rdp", history=history)
     assert after > alone
     eps = epsilon(history + [(after, Q, 300)], DELTA, "rdp")
     assert 4.0 - 0.05 <= eps <= 4.0
@@ -115,11 +115,11 @@ def test_noise_multiplier_composes_with_history():
 def test_noise_multiplier_refuses_spent_or_unreachable_budgets():
     spent = epsilon([(1.0, Q, 625)], DELTA, "rdp")
     with pytest.raises(PrivacyError, match=r"already spends epsilon=2\.7"):
-        noise_multiplier_for(2.0, DELTA, Q, 63, "rdp", history=[(1.0, Q, 625)])
+        noise_multiplier_for(2.0, DELTA, Q, 63, accountant="rdp", history=[(1.0, Q, 625)])
     assert spent > 2.0
     # Opacus' RDP order grid bounds epsilon below at ~0.1 for any noise: a smaller target is unreachable.
     with pytest.raises(PrivacyError, match=r"unreachable.*noise_multiplier=10000"):
-        noise_multiplier_for(0.05, DELTA, Q, 625, "rdp")
+        noise_multiplier_for(0.05, DELTA, Q, 625, accountant="rdp")
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedpeft.config import from_mapping
+from fedpeft.composition import from_mapping
 from fedpeft.errors import ConfigError
 from fedpeft.privacy.client_dp import add_gaussian, clip_update, noise_share_std, update_norm
 from fedpeft.server.client_dp import ServerClientDp

@@ -6,11 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedpeft.client.batches import encode_classification, encode_prompt_response, trim_batch
-from fedpeft.client.trainer import batch_loss
 from fedpeft.config import ModelConfig, PeftConfig, TrainConfig
+from fedpeft.methods import wrap_with_peft
 from fedpeft.models.loader import load_base_model
-from fedpeft.models.peft_model import wrap_with_peft
 from fedpeft.privacy.accounting import planned_steps
 from fedpeft.privacy.dp_sgd import (
     DpSettings,
@@ -20,6 +18,8 @@ from fedpeft.privacy.dp_sgd import (
     resolve_grad_sample_mode,
     train_private,
 )
+from fedpeft.training.batches import encode_classification, encode_prompt_response, trim_batch
+from fedpeft.training.trainer import batch_loss
 
 TASKS = ["classification", "causal-lm"]
 
@@ -55,7 +55,7 @@ def test_no_noise_and_no_clipping_equals_plain_sgd(task):
     model.zero_grad()
 
     optimizer = torch.optim.SGD(list(_trainable(model).values()), lr=1.0)
-    private = make_private(model, optimizer, data, len(data), DpSettings(0.0, 1e6), poisson_sampling=False)
+    private = make_private(model, optimizer, data, len(data), dp=DpSettings(0.0, 1e6), poisson_sampling=False)
     private.module.train()
     batch_loss(private.module, batch, task)[0].backward()
     private.optimizer.step()
@@ -68,7 +68,7 @@ def _summed_clipped_gradient(task: str, data, clip: float) -> tuple[torch.Tensor
     """(sum of the clipped per-example gradients, each example's unclipped gradient norm)."""
     model, _ = _setup(task)
     optimizer = torch.optim.SGD(list(_trainable(model).values()), lr=1.0)
-    private = make_private(model, optimizer, data, len(data), DpSettings(0.0, clip, "hooks"), poisson_sampling=False)
+    private = make_private(model, optimizer, data, len(data), dp=DpSettings(0.0, clip, "hooks"), poisson_sampling=False)
     private.module.train()
     batch_loss(private.module, trim_batch(data.input_ids, data.attention_mask, data.labels), task)[0].backward()
     per_example = torch.stack([p.grad_sample.flatten(1).norm(dim=1) for p in private.optimizer.params]).norm(dim=0)
@@ -96,7 +96,7 @@ def test_replacing_one_example_moves_the_clipped_sum_by_at_most_2c(task):
 def test_an_empty_poisson_batch_still_takes_a_noisy_step(mode):
     model, data = _setup("classification")
     optimizer = torch.optim.SGD(list(_trainable(model).values()), lr=1.0)
-    private = make_private(model, optimizer, data, 4, DpSettings(1.0, 1.0, mode))
+    private = make_private(model, optimizer, data, 4, dp=DpSettings(1.0, 1.0, mode))
     before = {n: p.detach().clone() for n, p in _trainable(model).items()}
     private.optimizer.zero_grad(set_to_none=True)
     _empty_gradients(private)
@@ -109,7 +109,7 @@ def _one_clipped_step(task: str, mode: str, clip: float) -> dict[str, torch.Tens
     model, data = _setup(task)
     before = {n: p.detach().clone() for n, p in _trainable(model).items()}
     optimizer = torch.optim.SGD(list(_trainable(model).values()), lr=1.0)
-    private = make_private(model, optimizer, data, len(data), DpSettings(0.0, clip, mode), poisson_sampling=False)
+    private = make_private(model, optimizer, data, len(data), dp=DpSettings(0.0, clip, mode), poisson_sampling=False)
     private.module.train()
     private_loss(private, trim_batch(data.input_ids, data.attention_mask, data.labels), task).backward()
     private.optimizer.step()
@@ -132,7 +132,7 @@ def test_auto_mode_is_hooks_on_cpu():
 def test_train_private_takes_the_planned_steps_and_leaves_no_hooks():
     model, data = _setup("causal-lm")
     cfg = TrainConfig(batch_size=4, local_epochs=2, learning_rate=1e-2)
-    result = train_private(model, data, cfg, "causal-lm", 0, DpSettings(1.0, 1.0))
+    result = train_private(model, data, cfg, "causal-lm", seed=0, dp=DpSettings(1.0, 1.0))
     assert result.steps == planned_steps(len(data), 4, 2)[1] == 2 * 3
     assert result.sample_rate == pytest.approx(4 / 12)
     assert not any(hasattr(p, "grad_sample") for p in model.parameters())

@@ -6,17 +6,17 @@ import pytest
 import torch
 from opacus.optimizers import DPOptimizer
 
-from fedpeft.client.batches import trim_batch
-from fedpeft.client.trainer import batch_loss
 from fedpeft.privacy.dp_sgd import DpSettings, _empty_gradients, make_private
 from fedpeft.privacy.fused_optimizer import FusedDPOptimizer, fuse
+from fedpeft.training.batches import trim_batch
+from fedpeft.training.trainer import batch_loss
 from tests.privacy.test_dp_sgd import TASKS, _setup, _trainable
 
 
 def _gradients(task: str, fused: bool, noise: float = 0.0, clip: float = 0.05) -> dict[str, torch.Tensor]:
     model, data = _setup(task)
     optimizer = torch.optim.SGD(list(_trainable(model).values()), lr=0.0)
-    private = make_private(model, optimizer, data, len(data), DpSettings(noise, clip, "hooks"),
+    private = make_private(model, optimizer, data, len(data), dp=DpSettings(noise, clip, "hooks"),
                            poisson_sampling=False)
     assert type(private.optimizer) is FusedDPOptimizer
     if not fused:
@@ -43,7 +43,7 @@ def _noise_only(fused: bool) -> torch.Tensor:
     """The gradient of an empty Poisson batch: Opacus' noise N(0, (σC)²) / expected batch size, nothing else."""
     model, data = _setup("classification")
     optimizer = torch.optim.SGD(list(_trainable(model).values()), lr=0.0)
-    private = make_private(model, optimizer, data, 4, DpSettings(2.0, 0.5, "hooks"), poisson_sampling=False)
+    private = make_private(model, optimizer, data, 4, dp=DpSettings(2.0, 0.5, "hooks"), poisson_sampling=False)
     if not fused:
         private.optimizer.__class__ = DPOptimizer
     private.optimizer.zero_grad(set_to_none=True)
@@ -65,7 +65,7 @@ def test_the_fused_noise_has_opacus_law_and_an_empty_batch_still_steps():
 def test_fuse_leaves_other_opacus_optimizers_alone():
     model, data = _setup("classification")
     optimizer = torch.optim.SGD(list(_trainable(model).values()), lr=0.0)
-    private = make_private(model, optimizer, data, 4, DpSettings(1.0, 1.0, "ghost"), poisson_sampling=False)
+    private = make_private(model, optimizer, data, 4, dp=DpSettings(1.0, 1.0, "ghost"), poisson_sampling=False)
     assert type(private.optimizer) is not FusedDPOptimizer
     assert fuse(private.optimizer) is private.optimizer and type(private.optimizer) is not FusedDPOptimizer
     private.module._close()

@@ -210,3 +210,58 @@ def test_invalid_entry_is_refused_with_its_value(tmp_path):
     with pytest.raises(PrivacyError, match="'kind'='user' must be one of"):
         ledger.commit(LedgerEntry(1, 10, Q, 1.0, 1.0, 1.0, DELTA, "rdp", kind="user"))
     assert not (tmp_path / "ledger.jsonl").exists()
+
+
+def _rechained(records: list[dict]) -> list[bytes]:
+    """Lines for ``records`` with a valid hash chain, as a writer of that format would have written them."""
+    lines, prev = [], "0" * 64
+    for record in records:
+        line = json.dumps({**record, "prev": prev}).encode()
+        lines.append(line)
+        prev = hashlib.sha256(line).hexdigest()
+    return lines
+
+
+def test_every_line_records_the_schema_version(three_rounds):
+    from fedpeft.privacy.ledger import SCHEMA_VERSION
+
+    assert SCHEMA_VERSION == 1
+    assert [json.loads(line)["schema_version"] for line in _lines(three_rounds)] == [SCHEMA_VERSION] * 3
+    assert PrivacyLedger(three_rounds).rounds() == {1, 2, 3}
+
+
+def test_a_ledger_written_before_schema_versions_loads_and_stays_chained(three_rounds):
+    old = [{k: v for k, v in json.loads(line).items() if k not in ("schema_version", "prev")}
+           for line in _lines(three_rounds)]
+    _write_lines(three_rounds, _rechained(old))
+    ledger = PrivacyLedger(three_rounds)
+    assert ledger.rounds() == {1, 2, 3} and ledger.epsilon_spent() > 0
+    old_bytes = three_rounds.read_bytes()
+    _commit_round(ledger, 4)  # a new version appends to an old ledger: old lines untouched, the chain continues
+    assert three_rounds.read_bytes().startswith(old_bytes)
+    lines = _lines(three_rounds)
+    assert json.loads(lines[3])["schema_version"] == 1 and "schema_version" not in json.loads(lines[2])
+    assert json.loads(lines[3])["prev"] == hashlib.sha256(lines[2]).hexdigest()
+    assert PrivacyLedger(three_rounds).entries == ledger.entries
+
+
+def test_a_line_from_a_newer_fedpeft_is_refused_with_the_fix(three_rounds):
+    records = [{k: v for k, v in json.loads(line).items() if k != "prev"} for line in _lines(three_rounds)]
+    records[2] = {**records[2], "schema_version": 2, "new_field": "x"}  # a newer writer's line, validly chained
+    _write_lines(three_rounds, _rechained(records))
+    before = three_rounds.read_bytes()
+    with pytest.raises(LedgerCorrupted) as info:
+        PrivacyLedger(three_rounds)
+    message = str(info.value)
+    assert f"privacy ledger {three_rounds} (line 3) was written by a newer fedpeft (schema_version 2)" in message
+    assert "reads schema_version 1 and older" in message and "upgrade fedpeft" in message
+    assert three_rounds.read_bytes() == before
+
+
+@pytest.mark.parametrize("version", ["1", None, 0, True])
+def test_a_malformed_schema_version_is_damage(three_rounds, version):
+    records = [{k: v for k, v in json.loads(line).items() if k != "prev"} for line in _lines(three_rounds)]
+    records[1]["schema_version"] = version
+    _write_lines(three_rounds, _rechained(records))
+    with pytest.raises(LedgerCorrupted, match=r"corrupted at line 2: bad value: 'schema_version' must be an integer"):
+        PrivacyLedger(three_rounds)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedpeft.client.batches import encode_classification, encode_prompt_response, trim_batch
-from fedpeft.client.trainer import batch_loss
 from fedpeft.config import ModelConfig, PeftConfig
+from fedpeft.methods import wrap_with_peft
 from fedpeft.models.loader import load_base_model
-from fedpeft.models.peft_model import wrap_with_peft
 from fedpeft.privacy.dp_sgd import DpSettings, make_private
+from fedpeft.training.batches import encode_classification, encode_prompt_response, trim_batch
+from fedpeft.training.trainer import batch_loss
 
 CASES = [("ia3", "tiny-llama", "causal-lm"), ("ia3", "minilm", "classification"),
          ("adalora", "tiny-llama", "causal-lm"), ("adalora", "minilm", "classification")]
@@ -54,7 +54,7 @@ def test_per_example_gradients_equal_autograd_example_by_example(method, name, t
     expected = _per_example_autograd(model, data, task)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     private = make_private(model, torch.optim.SGD(list(trainable.values()), lr=0.0), data, len(data),
-                           DpSettings(0.0, 1e6), poisson_sampling=False)
+                           dp=DpSettings(0.0, 1e6), poisson_sampling=False)
     batch_loss(private.module, trim_batch(data.input_ids, data.attention_mask, data.labels), task)[0].backward()
     checked = 0
     for param_name, param in trainable.items():
@@ -71,7 +71,7 @@ def test_hooks_are_removed_with_opacus_hooks():
     model, data = _setup("ia3", "tiny-llama", "causal-lm")
     before = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
     trainable = [p for p in model.parameters() if p.requires_grad]
-    private = make_private(model, torch.optim.SGD(trainable, lr=0.0), data, len(data), DpSettings(0.0, 1.0),
+    private = make_private(model, torch.optim.SGD(trainable, lr=0.0), data, len(data), dp=DpSettings(0.0, 1.0),
                            poisson_sampling=False)
     private.module._close()
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == before

@@ -40,7 +40,7 @@ def site_input(pid: int, server_round: int, length: int) -> tuple[np.ndarray, fl
     return rng.normal(0, 1.5, length), float(rng.uniform(0.05, 1.0))
 
 
-def dropout_mod(msg: Message, context: Context, call_next):  # noqa: ANN001
+def dropout_mod(msg: Message, context: Context, call_next):
     server_round = int(msg.content[wire.CONFIG][wire.SERVER_ROUND])
     vanish = SCENARIOS[server_round][3].get(msg.metadata.message_type, set())
     if int(context.node_config["partition-id"]) in vanish:
@@ -57,7 +57,7 @@ def _client_app() -> ClientApp:
         pid = int(context.node_config["partition-id"])
         server_round = int(config[wire.SERVER_ROUND])
         values, weight = site_input(pid, server_round, SCENARIOS[server_round][1])
-        masked = masked_upload(config, context, values, weight, CLIP, 32)
+        masked = masked_upload(config, context, values, weight, clip_range=CLIP, bits=32)
         metrics = MetricRecord({wire.PARTITION_ID: pid, wire.TRAIN_LOSS: 0.0})
         return Message(RecordDict({wire.SA_MASKED: masked, wire.METRICS: metrics}), reply_to=msg)
 
@@ -81,7 +81,8 @@ def _server_app(results: dict) -> ServerApp:
             content = RecordDict({wire.ADAPTER: ArrayRecord([np.zeros(1, dtype=np.float32)]),
                                   wire.CONFIG: ConfigRecord({wire.SERVER_ROUND: server_round})})
             try:
-                results[server_round] = SecAggRound(grid, nodes[:n], server_round, settings, 60).run(content, length)
+                secagg = SecAggRound(grid, nodes[:n], server_round, settings, timeout=60)
+                results[server_round] = secagg.run(content, length)
             except SecAggAbort as abort:
                 results[server_round] = abort
 

@@ -9,11 +9,11 @@ import json
 import pytest
 import torch
 
-from fedpeft.config import from_mapping
+from fedpeft.composition import from_mapping
+from fedpeft.methods import wrap_with_peft
 from fedpeft.models.adapter_state import get_wire_state
 from fedpeft.models.loader import load_base_model
-from fedpeft.models.peft_model import wrap_with_peft
-from fedpeft.server.run_dir import MANIFEST_FILE, METRICS_FILE
+from fedpeft.runs.run_dir import MANIFEST_FILE, METRICS_FILE
 
 pytestmark = pytest.mark.slow
 
@@ -62,8 +62,8 @@ def _expected_wire(cfg) -> dict:
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_method_federates_only_its_trainable_tensors(tmp_path, case):
-    from fedpeft.models.partial import is_partial
-    from fedpeft.models.saved import load_saved_adapter
+    from fedpeft.methods import load_saved_adapter
+    from fedpeft.models.adapter_state import is_partial
     from fedpeft.simulations.engine import simulate
 
     peft, task = CASES[case]

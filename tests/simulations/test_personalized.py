@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from fedpeft.config import from_mapping
+from fedpeft.composition import from_mapping
 from fedpeft.models.blocks import is_head
-from fedpeft.server.run_dir import MANIFEST_FILE, METRICS_FILE
+from fedpeft.runs.run_dir import MANIFEST_FILE, METRICS_FILE
 
 pytestmark = pytest.mark.slow
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedpeft.config import from_mapping
-from fedpeft.server.checkpoint import ADAPTER_WEIGHTS, round_dir
-from fedpeft.server.run_dir import METRICS_FILE
-from fedpeft.server.state import load_server_state
+from fedpeft.composition import from_mapping
+from fedpeft.runs.checkpoint import ADAPTER_WEIGHTS, round_dir
+from fedpeft.runs.run_dir import METRICS_FILE
+from fedpeft.runs.state import load_server_state
 from fedpeft.simulations.engine import simulate
 
 pytestmark = pytest.mark.slow

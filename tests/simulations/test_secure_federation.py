@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import fedpeft.secagg.server as secagg_server
 import fedpeft.server.federation as federation
-from fedpeft.config import from_mapping
+from fedpeft.composition import from_mapping
 from fedpeft.simulations.engine import simulate
 from fedpeft.strategies.fedavg import FedAvg
 
@@ -82,9 +82,9 @@ def test_ffa_with_dp_sgd_noise_shares_and_secure_aggregation_together(tmp_path):
     rounds = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(r["aggregated"] and r["sites_returned"] == 4 for r in rounds[1:])
     assert len(rounds[2]["site_epsilon"]) == 4 and rounds[2]["client_dp_epsilon"] > 0
+    from fedpeft.methods import wrap_with_peft
     from fedpeft.models.adapter_state import get_wire_state
     from fedpeft.models.loader import load_base_model
-    from fedpeft.models.peft_model import wrap_with_peft
 
     wire = get_wire_state(wrap_with_peft(load_base_model(cfg.model, 6)[0], cfg.peft, "classification"))
     values = sum(t.numel() for t in wire.values())

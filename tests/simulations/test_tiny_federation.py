@@ -8,12 +8,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from fedpeft.config import from_mapping
+from fedpeft.composition import from_mapping
+from fedpeft.methods import wrap_with_peft
 from fedpeft.models.adapter_state import get_adapter_state
 from fedpeft.models.loader import load_base_model
-from fedpeft.models.peft_model import wrap_with_peft
+from fedpeft.runs.run_dir import MANIFEST_FILE, METRICS_FILE
 from fedpeft.server.initial import initial_adapter
-from fedpeft.server.run_dir import MANIFEST_FILE, METRICS_FILE
 from fedpeft.simulations.engine import simulate
 
 pytestmark = pytest.mark.slow

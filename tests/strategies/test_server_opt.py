@@ -65,12 +65,12 @@ def test_rule_defaults_follow_flower():
 
 
 def test_fedprox_averages_like_fedavg_and_its_proximal_term_pulls_towards_the_global_adapter():
-    from fedpeft.client.batches import encode_classification
-    from fedpeft.client.trainer import train_local
     from fedpeft.config import ModelConfig, PeftConfig, TrainConfig
+    from fedpeft.methods import wrap_with_peft
     from fedpeft.models.adapter_state import get_adapter_state
     from fedpeft.models.loader import load_base_model
-    from fedpeft.models.peft_model import wrap_with_peft
+    from fedpeft.training.batches import encode_classification
+    from fedpeft.training.trainer import train_local
 
     assert _run("fedprox") == _run("fedavg") == pytest.approx([X0 + D1, X0 + D1 + D2])
     drift = []
@@ -81,7 +81,7 @@ def test_fedprox_averages_like_fedavg_and_its_proximal_term_pulls_towards_the_gl
         data = encode_classification(tuple(f"note {i}" for i in range(16)), tuple(i % 2 for i in range(16)),
                                      tokenizer, 12)
         train_local(model, data, TrainConfig(learning_rate=1e-2, local_epochs=3, batch_size=4), "classification",
-                    0, proximal_mu=mu)
+                    seed=0, proximal_mu=mu)
         end = get_adapter_state(model)
         drift.append(sum(float((end[k] - start[k]).norm()) for k in start))
     assert drift[1] < 0.8 * drift[0]

@@ -6,16 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedpeft.client.batches import encode_classification, trim_batch
-from fedpeft.client.trainer import batch_loss
-from fedpeft.config import ModelConfig, PeftConfig, from_mapping
+from fedpeft.composition import from_mapping
+from fedpeft.config import ModelConfig, PeftConfig
 from fedpeft.errors import ConfigError, ModelError
+from fedpeft.methods import load_saved_adapter, wrap_with_peft
+from fedpeft.methods.bottleneck import BottleneckLinear, bottleneck_targets
 from fedpeft.models.adapter_state import get_adapter_state, get_wire_state, set_adapter_state
-from fedpeft.models.bottleneck import BottleneckLinear, bottleneck_targets
 from fedpeft.models.loader import load_base_model
-from fedpeft.models.peft_model import wrap_with_peft
-from fedpeft.models.saved import load_saved_adapter
 from fedpeft.privacy.dp_sgd import DpSettings, make_private
+from fedpeft.training.batches import encode_classification, trim_batch
+from fedpeft.training.trainer import batch_loss
 
 TINY = ModelConfig(name="tiny-llama", task="classification", quantization="none")
 
@@ -61,7 +61,7 @@ def test_unknown_architecture_and_bad_placement_are_clear_errors():
 
 
 def test_merging_is_refused_and_a_saved_adapter_loads_back_as_a_bottleneck(tmp_path):
-    from fedpeft.server.checkpoint import save_global_adapter
+    from fedpeft.runs.checkpoint import save_global_adapter
 
     model, _ = _model()
     state = {name: tensor + 0.1 for name, tensor in get_wire_state(model).items()}
@@ -90,7 +90,7 @@ def test_dp_without_noise_or_clipping_equals_plain_gradients():
     plain = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    private = make_private(model, torch.optim.SGD(trainable, lr=0.0), data, len(data), DpSettings(0.0, 1e6),
+    private = make_private(model, torch.optim.SGD(trainable, lr=0.0), data, len(data), dp=DpSettings(0.0, 1e6),
                            poisson_sampling=False)
     batch_loss(private.module, batch, "classification")[0].backward()
     private.optimizer.step()

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
 
 from fedpeft.config import FederationConfig, RunConfig
 from fedpeft.errors import ConfigError, FederationError
-from fedpeft.server.run_dir import last_logged_round
-from fedpeft.server.state import STATE_FILE, ServerState, check_resumable, load_server_state, save_server_state
+from fedpeft.runs.run_dir import last_logged_round
+from fedpeft.runs.state import (
+    SCHEMA_VERSION,
+    STATE_FILE,
+    ServerState,
+    check_resumable,
+    load_server_state,
+    save_server_state,
+)
 from fedpeft.strategies import build_rule
 
 
@@ -39,6 +47,55 @@ def test_fresh_run_dir_has_no_state_and_damage_is_an_error(tmp_path):
     assert load_server_state(tmp_path) is None
     (tmp_path / STATE_FILE).write_bytes(b"not a safetensors file")
     with pytest.raises(FederationError, match="cannot be read"):
+        load_server_state(tmp_path)
+
+
+def _rewrite_header(path, change) -> None:
+    """Rewrite the state file with its safetensors metadata passed through ``change`` (tensors unchanged)."""
+    from safetensors import safe_open
+    from safetensors.torch import save
+
+    with safe_open(str(path), framework="pt") as handle:
+        header = dict(handle.metadata())
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    path.write_bytes(save(tensors, metadata=change(header)))
+
+
+def test_state_records_its_schema_version(tmp_path):
+    from safetensors import safe_open
+
+    path = save_server_state(tmp_path, _state(RunConfig()))
+    with safe_open(str(path), framework="pt") as handle:
+        header = handle.metadata()
+    assert header["schema_version"] == str(SCHEMA_VERSION) == "1"
+    assert "schema_version" not in json.loads(header["fedpeft"])  # beside the JSON, readable without parsing it
+
+
+def test_state_written_before_schema_versions_still_loads(tmp_path):
+    path = save_server_state(tmp_path, _state(RunConfig()))
+    _rewrite_header(path, lambda header: {k: v for k, v in header.items() if k != "schema_version"})
+    loaded = load_server_state(tmp_path)
+    assert loaded.completed_round == 3 and loaded.site_epsilon == {"0": 1.5}
+    assert torch.equal(loaded.rule_state["m/a.lora_B"], torch.ones(2, 3))
+
+
+def test_state_from_a_newer_fedpeft_is_refused_with_the_fix(tmp_path):
+    path = save_server_state(tmp_path, _state(RunConfig()))
+    # A newer writer may change the JSON too: the version is checked before anything else is read.
+    _rewrite_header(path, lambda header: {"schema_version": str(SCHEMA_VERSION + 1), "fedpeft": "{new layout"})
+    before = path.read_bytes()
+    with pytest.raises(FederationError) as info:
+        load_server_state(tmp_path)
+    message = str(info.value)
+    assert str(path) in message and f"schema_version {SCHEMA_VERSION + 1}" in message
+    assert f"reads schema_version {SCHEMA_VERSION} and older" in message and "upgrade fedpeft" in message
+    assert path.read_bytes() == before
+
+
+def test_state_with_a_malformed_schema_version_is_refused(tmp_path):
+    path = save_server_state(tmp_path, _state(RunConfig()))
+    _rewrite_header(path, lambda header: {**header, "schema_version": "two"})
+    with pytest.raises(FederationError, match="'two' is not a schema version"):
         load_server_state(tmp_path)
 
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from fedpeft.config import ModelConfig, PeftConfig
+from fedpeft.methods import wrap_with_peft
 from fedpeft.models.adapter_state import get_wire_state, set_adapter_state
 from fedpeft.models.loader import load_base_model
-from fedpeft.models.peft_model import wrap_with_peft
 from fedpeft.strategies import WeightedSum, build_rule
 
 WEIGHTS = [1.0, 2.0, 5.0]
@@ -38,7 +38,7 @@ def _federate(mode: str) -> tuple[dict, dict]:
     new_global = build_rule("fedavg").aggregate(start, total.update_sum, total.weight_sum)
     server = _model(mode)
     set_adapter_state(server, new_global)
-    mean = {n: sum(w * d[n] for w, d in zip(WEIGHTS, site_deltas)) / sum(WEIGHTS) for n in site_deltas[0]}
+    mean = {n: sum(w * d[n] for w, d in zip(WEIGHTS, site_deltas, strict=True)) / sum(WEIGHTS) for n in site_deltas[0]}
     return _delta_weights(server), mean
 
 

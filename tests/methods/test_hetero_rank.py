@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedpeft.config import PeftConfig, from_mapping
+from fedpeft.composition import from_mapping
+from fedpeft.config import PeftConfig
 from fedpeft.errors import ConfigError
+from fedpeft.methods.hetero_rank import RANK_WEIGHT, pad, rank_aware_mean, site_peft_config, truncate
 from fedpeft.strategies import WeightedSum, build_rule
-from fedpeft.strategies.hetero_rank import RANK_WEIGHT, pad, rank_aware_mean, site_peft_config, truncate
 
 A, B, HEAD = "x.lora_A.weight", "x.lora_B.weight", "score.weight"
 

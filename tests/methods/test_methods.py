@@ -7,15 +7,16 @@ import torch
 
 from fedpeft.config import ModelConfig, PeftConfig
 from fedpeft.errors import ModelError
+from fedpeft.methods import wrap_with_peft
 from fedpeft.models.adapter_state import (
     get_wire_state,
     set_adapter_state,
     untravelled_trainable,
 )
 from fedpeft.models.loader import load_base_model
-from fedpeft.models.peft_model import wrap_with_peft
 
-METHODS = [PeftConfig(method="ia3"), PeftConfig(method="adalora", r=2, adalora_init_r=4), PeftConfig(use_dora=True, r=4), PeftConfig(use_rslora=True, r=4),
+METHODS = [PeftConfig(method="ia3"), PeftConfig(method="adalora", r=2, adalora_init_r=4),
+           PeftConfig(use_dora=True, r=4), PeftConfig(use_rslora=True, r=4),
            PeftConfig(method="prompt-tuning", virtual_tokens=4), PeftConfig(method="p-tuning", virtual_tokens=4),
            PeftConfig(method="prefix-tuning", virtual_tokens=4), PeftConfig(method="p-tuning-v2", virtual_tokens=4),
            PeftConfig(method="bottleneck", r=4), PeftConfig(method="freeze", trainable_blocks=1),
@@ -63,7 +64,7 @@ def test_a_trainable_tensor_outside_the_adapter_is_detected():
 
 
 def test_prompt_methods_are_saved_in_peft_format():
-    from fedpeft.config import from_mapping
+    from fedpeft.composition import from_mapping
     from fedpeft.server.initial import initial_adapter
 
     cfg = from_mapping({"model": {"name": "tiny-llama", "task": "causal-lm", "quantization": "none"},
@@ -89,7 +90,7 @@ class _CacheOnlyLlama(torch.nn.Module):
 
 @pytest.mark.parametrize("method", ["prefix-tuning", "p-tuning-v2"])
 def test_a_prefix_method_is_refused_on_a_model_that_takes_no_past_key_values(method):
-    from fedpeft.models.peft_model import check_takes_prefixes
+    from fedpeft.methods.prompt import check_takes_prefixes
 
     base, _ = load_base_model(ModelConfig(name="tiny-llama", quantization="none", compute_dtype="fp32"), 3)
     check_takes_prefixes(base, method)  # this release's Llama takes them

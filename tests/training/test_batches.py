@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import torch
 
-from fedpeft.client.batches import IGNORE_INDEX, encode_prompt_response, iterate_batches
 from fedpeft.models.builtin import minilm_path
+from fedpeft.training.batches import IGNORE_INDEX, encode_prompt_response, iterate_batches
 
 
 def _tokenizer():

@@ -14,13 +14,20 @@ adapter needs the same registration (``fedpeft.json`` beside the adapter says so
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
+from fedpeft.config import RunConfig
+from fedpeft.config.checks import Rule
 from fedpeft.errors import ModelError
+from fedpeft.methods.base import FederatedMethod, register_method
+from fedpeft.methods.lora import task_type
+from fedpeft.models.saved import mark_config
+
+ADAPTER_PLACEMENTS = ("both", "attention", "ffn")
 
 # The projections closing each block's attention and feed-forward sublayers, per architecture.
 PLACEMENTS: dict[str, dict[str, str]] = {
@@ -47,11 +54,13 @@ class BottleneckLinear(LoraLinear):
     def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: Any, **kwargs: Any) -> None:
         super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
         width = self.out_features
+        assert width is not None  # peft sets it from the wrapped nn.Linear
         like = self.lora_A[adapter_name].weight
-        self.lora_A[adapter_name] = nn.Linear(width, r, bias=False, device=like.device, dtype=like.dtype)
-        self.lora_B[adapter_name] = nn.Linear(r, width, bias=False, device=like.device, dtype=like.dtype)
-        nn.init.kaiming_uniform_(self.lora_A[adapter_name].weight, a=5 ** 0.5)
-        nn.init.zeros_(self.lora_B[adapter_name].weight)
+        down = nn.Linear(width, r, bias=False, device=like.device, dtype=like.dtype)
+        up = nn.Linear(r, width, bias=False, device=like.device, dtype=like.dtype)
+        self.lora_A[adapter_name], self.lora_B[adapter_name] = down, up
+        nn.init.kaiming_uniform_(down.weight, a=5 ** 0.5)
+        nn.init.zeros_(up.weight)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
@@ -60,7 +69,7 @@ class BottleneckLinear(LoraLinear):
         for name in self.active_adapters:
             if name not in self.lora_A:
                 continue
-            down, up = self.lora_A[name], self.lora_B[name]
+            down, up = cast(nn.Linear, self.lora_A[name]), self.lora_B[name]  # ModuleDict items are typed Module
             hidden = self._cast_input_dtype(result, down.weight.dtype)
             delta = up(torch.relu(down(self.lora_dropout[name](hidden)))) * self.scaling[name]
             result = result + delta.to(result.dtype)
@@ -79,3 +88,32 @@ def register(lora_config: Any) -> Any:
     lora_config._register_custom_module({nn.Linear: BottleneckLinear})
     return lora_config
 
+
+
+@register_method
+class Bottleneck(FederatedMethod):
+    name = "bottleneck"
+    summary = "Houlsby/Pfeiffer adapter after the attention and/or feed-forward output (identity at init)"
+
+    @classmethod
+    def option_rules(cls, cfg: RunConfig) -> list[Rule]:
+        placement = cfg.peft.adapter_placement
+        return [("peft.adapter_placement", placement, placement in ADAPTER_PLACEMENTS,
+                 f"use one of {list(ADAPTER_PLACEMENTS)} (where the bottleneck adapter sits in each block)")]
+
+    def peft_config(self, model: Any) -> Any:
+        from peft import LoraConfig
+
+        p = self.peft
+        targets = list(p.target_modules) or bottleneck_targets(getattr(model.config, "model_type", ""),
+                                                               p.adapter_placement)
+        config = LoraConfig(task_type=task_type(self.task), r=p.r,
+                            lora_alpha=p.alpha,  # type: ignore[arg-type]  # peft says int; scaling is alpha / r
+                            lora_dropout=p.dropout, target_modules=targets)
+        return mark_config(register(config), self.name)
+
+    def load_saved(self, base: Any, adapter_dir: str) -> Any:
+        from peft import LoraConfig, PeftModel
+
+        config = mark_config(register(LoraConfig.from_pretrained(adapter_dir)), self.name)
+        return PeftModel.from_pretrained(base, adapter_dir, config=config)

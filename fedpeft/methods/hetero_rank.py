@@ -17,8 +17,25 @@ RANK_WEIGHT = "fedpeft.rank_weight"  # travels with the update; never part of an
 
 
 def site_rank(cfg: RunConfig, site: int) -> int:
-    ranks = cfg.peft.rank_list()
-    return ranks[site] if ranks else cfg.peft.r
+    return rank_of(cfg.peft, site)
+
+
+def rank_of(peft: PeftConfig, site: int) -> int:
+    ranks = peft.rank_list()
+    return ranks[site] if ranks else peft.r
+
+
+def valid_ranks(cfg: RunConfig) -> bool:
+    """``peft.site_ranks``: empty, or one rank in [1, r] per site, and not with FFA (a frozen A of another rank is
+    another A)."""
+    if not cfg.peft.site_ranks.strip():
+        return True
+    try:
+        ranks = cfg.peft.rank_list()
+    except ValueError:
+        return False
+    return (len(ranks) == cfg.federation.num_sites and all(1 <= r <= cfg.peft.r for r in ranks)
+            and cfg.peft.lora_mode != "ffa")
 
 
 def site_peft_config(peft: PeftConfig, rank: int) -> PeftConfig:

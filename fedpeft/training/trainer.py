@@ -7,12 +7,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from fedpeft.client.batches import IGNORE_INDEX, EncodedData, iterate_batches
 from fedpeft.config import TrainConfig
 from fedpeft.models.adalora import orthogonality_penalty
 from fedpeft.models.blocks import block_index
 from fedpeft.models.precision import bf16_autocast
 from fedpeft.models.task_heads import within_own_task
+from fedpeft.training.batches import IGNORE_INDEX, EncodedData, iterate_batches
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def param_groups(model: Any, cfg: TrainConfig) -> list[dict[str, Any]]:
     return groups
 
 
-def train_local(model: Any, data: EncodedData, cfg: TrainConfig, task: str, seed: int,
+def train_local(model: Any, data: EncodedData, cfg: TrainConfig, task: str, *, seed: int,
                 proximal_mu: float = 0.0) -> TrainResult:
     """Fresh AdamW over the trainable parameters each round; stops after local_epochs or max_steps.
 

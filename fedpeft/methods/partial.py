@@ -16,11 +16,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from fedpeft.config import RunConfig
+from fedpeft.config.checks import Rule
 from fedpeft.errors import ModelError
+from fedpeft.methods.base import DP_NONE, FederatedMethod, register_method
+from fedpeft.models.adapter_state import PARTIAL_ATTRIBUTE
 from fedpeft.models.blocks import block_index, is_head
 from fedpeft.models.saved import METHOD_FILE
-
-PARTIAL_METHODS = ("bitfit", "freeze", "full")
 
 
 @dataclass(frozen=True)
@@ -38,8 +40,49 @@ class PartialConfig:
         return asdict(self)
 
 
-def is_partial(model: Any) -> bool:
-    return isinstance(getattr(model, "fedpeft_partial", None), PartialConfig)
+class _Partial(FederatedMethod):
+    """No peft wrapper: the base's own tensors unfreeze in place, and travel by their own names."""
+
+    trains_base = True
+
+    def wrap(self, model: Any, seed: int = 0) -> Any:
+        return prepare_partial(model, PartialConfig(self.name, self.peft.trainable_blocks, self.task))
+
+    def load_saved(self, base: Any, adapter_dir: str) -> Any:
+        return load_partial(base, Path(adapter_dir))
+
+
+@register_method
+class BitFit(_Partial):
+    name = "bitfit"
+    summary = "every bias term of the base, plus the task head (Ben Zaken et al., 2022)"
+
+
+@register_method
+class Freeze(_Partial):
+    name = "freeze"
+    summary = "the top peft.trainable_blocks blocks and the task head; the rest stays frozen"
+
+    @classmethod
+    def option_rules(cls, cfg: RunConfig) -> list[Rule]:
+        blocks = cfg.peft.trainable_blocks
+        return [("peft.trainable_blocks", blocks, cfg.peft.method != cls.name or blocks >= 1,
+                 "train at least the top block (e.g. 2)")]
+
+
+@register_method
+class Full(_Partial):
+    name = "full"
+    summary = "every parameter of the model (small bases only: the whole model travels)"
+    # Opacus fails on full fine-tuning of BERT-family bases: position embeddings shared across the batch have no
+    # per-example gradient (measured).
+    dp_sgd = DP_NONE
+
+    def dp_rules(self, cfg: RunConfig) -> list[Rule]:
+        return [("privacy.dp", cfg.privacy.dp, not cfg.privacy.dp,
+                 "DP-SGD (Opacus) fails on full fine-tuning of BERT-family bases (position embeddings shared across "
+                 "the batch have no per-example gradient; measured); with privacy.dp use peft.method = 'freeze' or "
+                 "'bitfit'")]
 
 
 def prepare_partial(model: Any, config: PartialConfig) -> Any:
@@ -53,7 +96,7 @@ def prepare_partial(model: Any, config: PartialConfig) -> Any:
             raise ModelError(f"peft.method = {config.method!r} trains '{name}', which is quantized; set "
                              "model.quantization = 'none'")
         param.requires_grad_(name in names)
-    model.fedpeft_partial = config
+    setattr(model, PARTIAL_ATTRIBUTE, config)
     return model
 
 
@@ -98,5 +141,5 @@ def load_partial(base: Any, adapter_dir: Path) -> Any:
     with torch.no_grad():
         for name, tensor in saved.items():
             params[name].copy_(tensor.to(params[name].dtype))
-    base.fedpeft_partial = config
+    setattr(base, PARTIAL_ATTRIBUTE, config)
     return base

@@ -8,10 +8,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from fedpeft.config import from_mapping
+from fedpeft.composition import from_mapping
 from fedpeft.errors import ModelError
-from fedpeft.server.checkpoint import latest_adapter, round_dir
-from fedpeft.server.run_dir import CONFIG_FILE
+from fedpeft.models.adapter_state import is_partial
+from fedpeft.runs.checkpoint import latest_adapter, round_dir
+from fedpeft.runs.run_dir import CONFIG_FILE
 
 
 def is_quantized(model: Any) -> bool:
@@ -29,8 +30,6 @@ def merge_into_base(peft_model: Any) -> Any:
     adapter was trained to compute. Merge into a 16/32-bit copy of the base instead (what `fedpeft export --merge`
     does), or serve the adapter unmerged on the quantized base.
     """
-    from fedpeft.models.partial import is_partial
-
     if is_partial(peft_model):  # the trained tensors are the base's own: nothing to fold
         return peft_model
     if is_quantized(peft_model):
@@ -42,8 +41,8 @@ def merge_into_base(peft_model: Any) -> Any:
 
 def export_run(run_dir: str | Path, out: str | Path, server_round: int | None = None, merge: bool = False) -> Path:
     from fedpeft.data.sites import num_labels
+    from fedpeft.methods import load_saved_adapter
     from fedpeft.models.loader import load_base_model
-    from fedpeft.models.saved import load_saved_adapter
 
     run_dir, out = Path(run_dir), Path(out)
     config_path = run_dir / CONFIG_FILE

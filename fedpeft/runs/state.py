@@ -4,6 +4,10 @@
 (``rule/<name>``) and, as JSON metadata, the completed round, the client-level DP releases, the sites' epsilons,
 the accuracy history and the completed round's metrics record. A coordinator that crashes and restarts continues
 from the round after it; a round that was under way when it crashed is run again (its checkpoint was never written).
+
+The format's ``schema_version`` is its own safetensors metadata entry, beside the JSON, not inside it: the file is
+rewritten whole every round, so one header entry costs nothing, and a reader finds it without parsing the JSON
+(or the tensors), whose encoding a newer version is free to change. A file without it predates versions (1).
 """
 
 from __future__ import annotations
@@ -14,11 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.config import RunConfig
-from fedpeft.errors import ConfigError, FederationError
+from fedpeft.errors import ConfigError, FederationError, FedpeftError
 from fedpeft.io.atomic import write_bytes_atomic
+from fedpeft.io.schema import SCHEMA_VERSION_KEY, UNVERSIONED, check_schema_version
 
 STATE_FILE = "server_state.safetensors"
 _META_KEY = "fedpeft"
+SCHEMA_VERSION = 1  # bump when the metadata or tensor layout changes meaning; readers refuse newer files
 # A finished run may be extended with more rounds, and its timeout changed; anything else would mix two runs.
 RESUMABLE_CHANGES = ("federation.rounds", "federation.round_timeout")
 
@@ -46,7 +52,8 @@ def save_server_state(run_dir: Path, state: ServerState) -> Path:
             "last_site_accuracy": state.last_site_accuracy, "last_record": state.last_record,
             "config": state.config}
     path = run_dir / STATE_FILE
-    write_bytes_atomic(path, save(tensors, metadata={_META_KEY: json.dumps(meta, allow_nan=True)}))
+    header = {_META_KEY: json.dumps(meta, allow_nan=True), SCHEMA_VERSION_KEY: str(SCHEMA_VERSION)}
+    write_bytes_atomic(path, save(tensors, metadata=header))
     return path
 
 
@@ -59,9 +66,13 @@ def load_server_state(run_dir: Path) -> ServerState | None:
         return None
     try:
         with safe_open(str(path), framework="pt") as handle:
-            meta = json.loads((handle.metadata() or {})[_META_KEY])
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-    except Exception as err:  # noqa: BLE001 - any damage reads the same to the operator
+            header = handle.metadata() or {}
+            _check_version(path, header)  # before anything else is interpreted
+            meta = json.loads(header[_META_KEY])
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except FedpeftError:
+        raise
+    except Exception as err:  # any damage reads the same to the operator
         raise FederationError(f"{path} cannot be read ({err}); restore it from a backup, or start the run under a "
                               "new run.name (the adapters of completed rounds are in adapters/)") from err
     return ServerState(
@@ -71,6 +82,13 @@ def load_server_state(run_dir: Path) -> ServerState | None:
         client_dp_releases=[tuple(r) for r in meta["client_dp_releases"]],
         site_epsilon=meta["site_epsilon"], accuracy_by_round=meta["accuracy_by_round"],
         last_site_accuracy=meta["last_site_accuracy"], last_record=meta["last_record"], config=meta["config"])
+
+
+def _check_version(path: Path, header: dict[str, str]) -> None:
+    """Refuse a state file from a newer fedpeft; safetensors metadata values are strings, hence the parse."""
+    raw = header.get(SCHEMA_VERSION_KEY)
+    found: object = UNVERSIONED if raw is None else (int(raw) if raw.isascii() and raw.isdigit() else raw)
+    check_schema_version(found, SCHEMA_VERSION, source=f"server state {path}", error=FederationError)
 
 
 def check_resumable(state: ServerState, cfg: RunConfig, run_dir: Path) -> None:

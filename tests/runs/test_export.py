@@ -4,14 +4,14 @@ import pytest
 import torch
 
 from fedpeft.cli import main as cli_main
-from fedpeft.config import from_mapping
+from fedpeft.composition import from_mapping
 from fedpeft.errors import ModelError
-from fedpeft.models.export import merge_into_base
+from fedpeft.methods import wrap_with_peft
 from fedpeft.models.loader import load_base_model
-from fedpeft.models.peft_model import wrap_with_peft
-from fedpeft.server.checkpoint import save_global_adapter
+from fedpeft.runs.checkpoint import save_global_adapter
+from fedpeft.runs.export import merge_into_base
+from fedpeft.runs.run_dir import prepare_run_dir
 from fedpeft.server.initial import initial_adapter
-from fedpeft.server.run_dir import prepare_run_dir
 
 
 def _run_with_adapter(tmp_path):

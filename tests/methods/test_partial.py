@@ -6,13 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedpeft.config import ModelConfig, PeftConfig, from_mapping
+from fedpeft.composition import from_mapping
+from fedpeft.config import ModelConfig, PeftConfig
 from fedpeft.errors import ConfigError, ModelError
+from fedpeft.methods import load_saved_adapter, wrap_with_peft
+from fedpeft.methods.partial import PartialConfig
 from fedpeft.models.adapter_state import get_wire_state, set_adapter_state, untravelled_trainable
 from fedpeft.models.loader import load_base_model
-from fedpeft.models.partial import PartialConfig
-from fedpeft.models.peft_model import method_config, wrap_with_peft
-from fedpeft.models.saved import load_saved_adapter
+from fedpeft.models.peft_model import method_config
 
 TINY = ModelConfig(name="tiny-llama", task="classification", quantization="none")
 
@@ -56,8 +57,8 @@ def test_combinations_a_partial_method_cannot_honour_are_refused_when_the_run_is
 
 
 def test_a_checkpoint_loads_back_into_a_fresh_base_and_leaves_the_frozen_part_alone(tmp_path):
-    from fedpeft.models.export import merge_into_base
-    from fedpeft.server.checkpoint import save_global_adapter
+    from fedpeft.runs.checkpoint import save_global_adapter
+    from fedpeft.runs.export import merge_into_base
 
     model = _wrapped(PeftConfig(method="freeze", trainable_blocks=1))
     trained = {name: tensor + 0.25 for name, tensor in get_wire_state(model).items()}

@@ -1,10 +1,10 @@
 from __future__ import annotations
 
-from fedpeft.client.batches import encode_classification
-from fedpeft.client.trainer import evaluate, param_groups, predict, train_local
 from fedpeft.config import ModelConfig, PeftConfig, TrainConfig
+from fedpeft.methods import wrap_with_peft
 from fedpeft.models.loader import load_base_model
-from fedpeft.models.peft_model import wrap_with_peft
+from fedpeft.training.batches import encode_classification
+from fedpeft.training.trainer import evaluate, param_groups, predict, train_local
 
 
 def _model():
@@ -43,7 +43,7 @@ def test_local_training_fits_a_small_training_set():
     texts = tuple(f"{w} ticket number {i}" for i, w in enumerate(["urgent", "routine"] * 16))
     data = encode_classification(texts, tuple(i % 2 for i in range(32)), tokenizer, max_length=16)
     before = evaluate(model, data, 32, "classification").loss
-    train_local(model, data, TrainConfig(learning_rate=1e-2, local_epochs=5, batch_size=8), "classification", 0)
+    train_local(model, data, TrainConfig(learning_rate=1e-2, local_epochs=5, batch_size=8), "classification", seed=0)
     assert evaluate(model, data, 32, "classification").loss < before
 
 
@@ -51,7 +51,7 @@ def test_predictions_agree_with_the_evaluated_accuracy_row_by_row():
     model, tokenizer = _model()
     texts = tuple(f"{w} ticket number {i}" for i, w in enumerate(["urgent", "routine"] * 10))
     data = encode_classification(texts, tuple(i % 2 for i in range(20)), tokenizer, max_length=16)
-    train_local(model, data, TrainConfig(learning_rate=1e-2, local_epochs=2, batch_size=8), "classification", 0)
+    train_local(model, data, TrainConfig(learning_rate=1e-2, local_epochs=2, batch_size=8), "classification", seed=0)
     predicted = predict(model, data, 7)  # a batch size that splits the rows unevenly
     assert predicted.shape == (20,)
     assert float((predicted == data.labels).float().mean()) == evaluate(model, data, 32, "classification").accuracy

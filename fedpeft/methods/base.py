@@ -1,0 +1,154 @@
+"""The contract of a federated PEFT method, and its registry.
+
+A method is peft's triple (config, layer, model) plus what federating it needs, in Flower's spirit of small hooks:
+what a site does before local training (its view of the global adapter, e.g. a truncated rank), around it (e.g. a
+held rank mask) and after it (what it uploads, e.g. a padded update), and what the server sends with each round
+and does with the aggregate (e.g. prune ranks). The server and the sites call these hooks and name no method; the
+config's choice list, its errors and docs/methods.md's generator come from ``registered_methods()``.
+
+Adding a method is one module in ``fedpeft/methods/`` with a ``@register_method`` class (plus its options in
+``PeftConfig`` when it has new ones).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+from fedpeft.config import PeftConfig, RunConfig, resolve_quantization
+from fedpeft.config.checks import Rule
+from fedpeft.errors import ConfigError
+from fedpeft.models.adapter_state import AdapterState
+from fedpeft.models.peft_model import check_travels, wrap_peft
+
+# How a method's trainable tensors get the per-example gradients DP-SGD needs.
+DP_OPACUS = "opacus"  # Opacus' grad samplers (every grad-sample mode)
+DP_OWN_SAMPLER = "own-sampler"  # fedpeft's closed-form per-example gradients (hooks / functorch, not ghost)
+DP_CAUSAL_LM_ONLY = "causal-lm"  # Opacus, but it fails on the method's classification head (measured)
+DP_NONE = "none"
+
+_METHODS: dict[str, type[FederatedMethod]] = {}
+
+
+class FederatedMethod:
+    """One value of ``peft.method``. Instances are cheap; build them with ``build_method`` / ``method_for``."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]  # one line: what trains (docs, errors)
+    dp_sgd: ClassVar[str] = DP_OPACUS
+    trains_base: ClassVar[bool] = False  # the base's own tensors train: the base must not be quantized
+    bookkeeping: ClassVar[tuple[str, ...]] = ()  # upload tensors that are public bookkeeping, not the update
+
+    def __init__(self, peft: PeftConfig, *, task: str, rounds: int = 1) -> None:
+        self.peft, self.task, self.rounds = peft, task, rounds
+
+    # ---- configuration ------------------------------------------------------------------------------------------
+    @classmethod
+    def option_rules(cls, cfg: RunConfig) -> list[Rule]:
+        """Rules about the options this method owns, checked for every run (e.g. 'ffa is a LoRA mode')."""
+        return []
+
+    def rules(self, cfg: RunConfig) -> list[Rule]:
+        """Rules that hold when this method is chosen: DP-SGD support and a trainable (unquantized) base."""
+        key, method = "peft.method", self.name
+        return [
+            (key, method, not (self.trains_base and resolve_quantization(cfg.model) != "none"),
+             f"'{method}' trains base weights, which a quantized base cannot; set model.quantization = 'none'"),
+            ("privacy.grad_sample_mode", cfg.privacy.grad_sample_mode,
+             not (cfg.privacy.dp and self.dp_sgd == DP_OWN_SAMPLER and cfg.privacy.grad_sample_mode == "ghost"),
+             f"'{method}' gets per-example gradients from fedpeft's own sampler, which ghost clipping cannot "
+             "use; set privacy.grad_sample_mode = 'auto' (hooks)"),
+            ("privacy.dp", cfg.privacy.dp,
+             not (cfg.privacy.dp and self.dp_sgd == DP_CAUSAL_LM_ONLY and cfg.model.task == "classification"),
+             f"DP-SGD (Opacus) fails on {method} with a classification head; with privacy.dp use 'prefix-tuning', "
+             "'p-tuning-v2' or 'lora' for classification (prompt methods work with DP for causal-lm)"),
+            *self.dp_rules(cfg),
+        ]
+
+    def dp_rules(self, cfg: RunConfig) -> list[Rule]:
+        """Method-specific reasons DP-SGD cannot run (beyond ``dp_sgd``)."""
+        return []
+
+    # ---- the model ----------------------------------------------------------------------------------------------
+    def peft_config(self, model: Any) -> Any:
+        """peft's config for ``model``."""
+        raise NotImplementedError(f"method '{self.name}' builds no peft config")
+
+    def wrap(self, model: Any, seed: int = 0) -> Any:
+        """The trainable model: peft's wrapper around the frozen base, seeded so every process agrees."""
+        peft_model = wrap_peft(model, self.peft_config(model), seed=seed)
+        self.prepare(peft_model)
+        check_travels(peft_model, self.name)
+        return peft_model
+
+    def prepare(self, peft_model: Any) -> None:
+        """After wrapping: freeze or hook what the method needs (FFA-LoRA's A, IA3's output dtype)."""
+
+    def load_saved(self, base: Any, adapter_dir: str) -> Any:
+        """A checkpoint this method saved, on a fresh base (peft's own loader by default)."""
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base, adapter_dir)
+
+    # ---- a site -------------------------------------------------------------------------------------------------
+    def for_site(self, site: int) -> FederatedMethod:
+        """This method as site ``site`` runs it (e.g. at its own LoRA rank)."""
+        return self
+
+    def local_view(self, global_state: Mapping[str, Any]) -> AdapterState:
+        """The global adapter as this site's model holds it."""
+        return dict(global_state)
+
+    @contextmanager
+    def training(self, model: Any, instructions: Mapping[str, Any]) -> Iterator[None]:
+        """Around local training, given the round's instructions from ``round_instructions``."""
+        yield
+
+    def upload(self, update: AdapterState, global_state: Mapping[str, Any]) -> AdapterState:
+        """What the site sends of its update (e.g. padded to the global shapes, with bookkeeping vectors)."""
+        return update
+
+    # ---- the server ---------------------------------------------------------------------------------------------
+    def upload_template(self, global_state: Mapping[str, Any]) -> AdapterState:
+        """What one upload looks like (names and shapes), to check and decode uploads against."""
+        return dict(global_state)
+
+    def round_instructions(self, global_state: Mapping[str, Any], completed_round: int) -> dict[str, Any]:
+        """Extra instructions for the round after ``completed_round`` (ConfigRecord values)."""
+        return {}
+
+    def mean_inputs(self, update_sum: Mapping[str, Any], weight_sum: float) -> tuple[AdapterState, float]:
+        """The (sum, weight) a rule divides; a method whose slices have their own weights divides them here."""
+        return dict(update_sum), weight_sum
+
+    def after_aggregation(self, global_state: AdapterState, server_round: int) -> AdapterState:
+        """The next global adapter from the rule's result (post-processing of the aggregate only)."""
+        return global_state
+
+
+def register_method(cls: type[FederatedMethod]) -> type[FederatedMethod]:
+    if cls.name in _METHODS:
+        raise ValueError(f"peft method '{cls.name}' is registered twice")
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def registered_methods() -> dict[str, type[FederatedMethod]]:
+    return dict(_METHODS)
+
+
+def method_class(name: str) -> type[FederatedMethod]:
+    try:
+        return _METHODS[name]
+    except KeyError:
+        raise ConfigError(f"peft.method = {name!r} is unknown; use one of {list(_METHODS)}") from None
+
+
+def method_for(peft: PeftConfig, task: str, rounds: int = 1) -> FederatedMethod:
+    return method_class(peft.method)(peft, task=task, rounds=rounds)
+
+
+def build_method(cfg: RunConfig) -> FederatedMethod:
+    """The run's method, as the server runs it (``.for_site(i)``: as site i does)."""
+    return method_for(cfg.peft, cfg.model.task, cfg.federation.rounds)
