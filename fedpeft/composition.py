@@ -58,6 +58,7 @@ def checked(cfg: RunConfig, origin: str) -> RunConfig:
         check_rules(method.option_rules(cfg), origin)
     check_rules(build_method(cfg).rules(cfg), origin)
     check_rules(rule_rules(cfg), origin)
+    check_rules(distributed_rules(cfg), origin)
     if cfg.federation.secure_aggregation:
         check_secure(cfg, origin)
     return cfg
@@ -94,6 +95,31 @@ def rule_rules(cfg: RunConfig) -> list[Rule]:
         ("federation.aggregation", fed.aggregation, rule.works_on_secure_sum or not cfg.peft.site_ranks.strip(),
          f"per-site LoRA ranks pad missing ranks with zeros, which a coordinate-wise robust rule would count; use "
          f"one of {secure} with peft.site_ranks, or leave peft.site_ranks empty"),
+    ]
+
+
+def distributed_rules(cfg: RunConfig) -> list[Rule]:
+    """Distributed DP: one DP step per round whose noise is split among the sites; only a secure sum hides the
+    individual (under-noised) shares, and the server's step needs the gradient sums."""
+    p, fed = cfg.privacy, cfg.federation
+    distributed = p.dp and p.dp_mode == "distributed"
+    method = registered_methods()[cfg.peft.method]
+    gradients = [name for name, rule in registered_rules().items() if rule.takes_gradients]
+    rule = registered_rules()[fed.aggregation]
+    return [
+        ("federation.secure_aggregation", fed.secure_aggregation, fed.secure_aggregation or not distributed,
+         "distributed DP splits the noise among the sites: only a secure sum hides each site's share, which alone "
+         "is too little noise; set federation.secure_aggregation = true (or privacy.dp_mode = 'local')"),
+        ("peft.method", cfg.peft.method, method.distributed_dp or not distributed,
+         f"distributed DP needs per-example gradients in closed form, which "
+         f"{[n for n, m in registered_methods().items() if m.distributed_dp]} give; use one of them, or "
+         "privacy.dp_mode = 'local'"),
+        ("federation.aggregation", fed.aggregation, rule.takes_gradients == distributed,
+         f"distributed DP sends noisy gradient sums, which {gradients} step on (and only they expect gradients); "
+         f"set federation.aggregation = {gradients[0]!r} with privacy.dp and dp_mode = 'distributed', another rule "
+         "otherwise"),
+        ("privacy.client_dp", p.client_dp, p.client_dp == "off" or not distributed,
+         "distributed example-level DP and client-level DP are not combined; set privacy.client_dp = 'off'"),
     ]
 
 

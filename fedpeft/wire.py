@@ -7,6 +7,12 @@ METRICS = "metrics"  # MetricRecord: the site's reply metrics
 # ConfigRecord keys (server -> site)
 SERVER_ROUND = "server-round"
 RANK_KEEP = "rank-keep"  # AdaLoRA: bits, one per singular value (sorted tensor names), 1 = trains this round
+# Distributed DP (privacy.dp_mode = "distributed"): the round's public parameters, which each site re-derives and
+# checks before it releases anything
+DDP_SCALE = "ddp-scale"  # integer units per unit of gradient
+DDP_BITS = "ddp-bits"  # the ring Z_2^bits of the secure sum
+DDP_COHORT = "ddp-cohort"  # m: the fewest sites whose noise shares are in the sum
+DDP_MU = "ddp-mu"  # the Skellam variance of the whole sum the round is planned for
 
 # MetricRecord keys (site -> server)
 NUM_EXAMPLES = "num-examples"

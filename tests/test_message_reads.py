@@ -83,4 +83,4 @@ def test_an_update_in_the_wrong_kind_of_record_is_rejected_not_a_crash(task_iden
 def test_a_masked_upload_in_the_wrong_kind_of_record_is_malformed(task_identity):
     sent = Message(content=RecordDict({}), dst_node_id=5, message_type="train", group_id="1")
     reply = Message(RecordDict({wire.SA_MASKED: ConfigRecord({wire.SA_MASKED: 1})}), reply_to=sent)
-    assert _malformed(reply, 4, 32) == "no masked vector in the reply"
+    assert _malformed(reply, 4, bits=32) == "no masked vector in the reply"

@@ -78,9 +78,12 @@ def train(msg: Message, context: Context) -> Message:
 
 def _masked_upload(msg: Message, context: Context, site, local) -> ArrayRecord:
     """Only the masked ring vector leaves the site; its weight travels inside it, not as a metric."""
-    from fedpeft.secagg.client import masked_upload
+    from fedpeft.secagg.client import masked_integers, masked_upload
     from fedpeft.secagg.vector import flatten, upload_weight
 
+    if local.ring_values is not None:  # distributed DP: the noisy integer sum, its row count inside it
+        return masked_integers(config_record(msg.content), context, local.ring_values, bits=local.ring_bits,
+                               min_cohort=local.min_cohort)
     cfg = site.cfg
     weight = upload_weight(local.train.num_examples, weighting=cfg.federation.weighting,
                            max_weight=cfg.secagg.max_weight)

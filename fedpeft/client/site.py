@@ -13,6 +13,7 @@ from typing import Any
 
 from fedpeft import wire
 from fedpeft.audit.trail import SiteAudit
+from fedpeft.client import distributed
 from fedpeft.config import ModelConfig, PeftConfig, RunConfig
 from fedpeft.data.records import ClassificationData
 from fedpeft.data.sites import SiteData, is_multitask, label_names, num_labels, site_split
@@ -32,7 +33,7 @@ from fedpeft.privacy.dp_sgd import DpSettings, train_private
 from fedpeft.privacy.site_budget import SiteBudget, site_ledger_path, site_policy
 from fedpeft.strategies import registered_rules
 from fedpeft.training.batches import EncodedData, encode_classification, encode_prompt_response
-from fedpeft.training.trainer import EvalResult, TrainResult, evaluate, train_local
+from fedpeft.training.trainer import EvalResult, TrainResult
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,9 @@ class LocalRound:
     train: TrainResult
     privacy: dict[str, float] = field(default_factory=dict)  # epsilon after the round, noise, sampling rate, ...
     ledger_line_sha256: str | None = None  # the privacy ledger's line for this round (DP), for the audit log
+    ring_values: Any = None  # distributed DP: the noisy integer sum that is uploaded instead of an update
+    ring_bits: int = 0  # distributed DP: the ring Z_2^bits it is uploaded in
+    min_cohort: int = 0  # distributed DP: the fewest sites in a sum this site reveals its unmasking shares for
 
 
 HEAD_FILE = "head.safetensors"  # a site's own task head when heads stay local (peft.head = "local")
@@ -90,7 +94,12 @@ class Site:
         self.model = self.shared.model
         self.local_head = cfg.peft.head == "local"
         attach_task_heads(self.model, label_names(cfg) if is_multitask(cfg.data) else None)
-        self.train_data, self.eval_data = encoded_site_data(cfg, *data_partition)
+        train, held_out = encoded_site_data(cfg, *data_partition)
+        settings = {"model": cfg.model.name, "max_length": cfg.model.max_length, "tokenizer": type(
+            self.shared.tokenizer).__name__, "vocab": len(self.shared.tokenizer)}
+        cache = Path(cfg.data.feature_cache).expanduser() if cfg.data.feature_cache else self.site_dir()
+        self.train_data = self.method.site_data(self.model, train, cache_dir=cache, settings=settings)
+        self.eval_data = self.method.site_data(self.model, held_out, cache_dir=cache, settings=settings)
 
     def load_global(self, global_state: AdapterState) -> None:
         """The global adapter, and with local heads this site's own head (the seeded one until it trains)."""
@@ -121,7 +130,7 @@ class Site:
 
     def evaluate(self, global_state: AdapterState) -> EvalResult:
         self.load_global(global_state)
-        return evaluate(self.model, self.eval_data, self.cfg.train.eval_batch_size, self.cfg.model.task)
+        return self.method.local_evaluate(self.model, self.eval_data, self.cfg.train)
 
     def audit(self) -> SiteAudit:
         """The site's own signed log of what left it (and its Ed25519 key, created on first use)."""
@@ -147,6 +156,9 @@ class Site:
         budget = self.budget()
         if budget is not None:
             budget.check_policy()
+        if self.cfg.privacy.dp and self.cfg.privacy.dp_mode == "distributed":
+            assert budget is not None  # budget() returns one whenever DP is on
+            return self.distributed_round(budget, global_state, server_round, instructions or {})
         self.load_global(global_state)
         seed = self.cfg.run.seed * 1_000_003 + server_round * 1009 + self.partition_id
         privacy: dict[str, float] = {}
@@ -157,13 +169,30 @@ class Site:
                 result, privacy = self._train_private(budget, server_round, seed)
                 ledger_line = budget.ledger.last_line_sha256()
             else:
-                result = train_local(self.model, self.train_data, self.cfg.train, self.cfg.model.task, seed=seed,
-                                     proximal_mu=self.proximal_mu())
+                result = self.method.local_train(self.model, self.train_data, self.cfg.train, seed=seed,
+                                                 proximal_mu=self.proximal_mu())
         if self.local_head:
             self.save_local_head()
         trained, start = get_wire_state(self.model, self.local_head), self.method.local_view(global_state)
         update = self.method.upload({name: trained[name] - start[name] for name in trained}, global_state)
         return LocalRound(self._client_level_dp(update), result, privacy, ledger_line)
+
+    def distributed_round(self, budget: SiteBudget, global_state: AdapterState, server_round: int,
+                          instructions: dict[str, Any]) -> LocalRound:
+        """One DP step across the sites: this site's noisy integer clipped-gradient sum (see client/distributed)."""
+        self.load_global(global_state)
+        dim = sum(t.numel() for t in self.method.upload_template(global_state).values())
+        plan = distributed.checked_plan(self.cfg, instructions, dim=dim, policy=budget.policy)
+        needed_mu, planned = distributed.site_round(budget=budget, server_round=server_round, plan=plan)
+        accepts = budget.policy.accept_distributed_noise if budget.policy else True
+        share = distributed.noise_share(plan, needed_mu=needed_mu, accepts_shares=accepts)
+        values = distributed.release(self.method, self.model, self.train_data, plan, share=share)
+        spent = budget.commit_distributed(server_round, planned)
+        rows = self.method.num_rows(self.train_data)
+        privacy = {wire.EPSILON: spent, wire.SAMPLE_RATE: plan.sample_rate, "noise-share": share,
+                   "noise-std-in-sum": needed_mu ** 0.5 / plan.scale}
+        return LocalRound({}, TrainResult(float("nan"), 1, rows), privacy, budget.ledger.last_line_sha256(),
+                          ring_values=values, ring_bits=plan.bits, min_cohort=plan.cohort)
 
     def proximal_mu(self) -> float:
         """The local proximal term's weight, where the run's aggregation rule asks sites for one (FedProx)."""

@@ -20,6 +20,7 @@ from fedpeft.config.checks import check_values
 from fedpeft.config.types import (
     CLIENT_DP_MODES,
     COMPUTE_DTYPES,
+    DP_MODES,
     GRAD_SAMPLE_MODES,
     HEAD_MODES,
     QUANTIZATIONS,
@@ -132,7 +133,7 @@ def _merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
-__all__ = ["CLIENT_DP_MODES", "COMPUTE_DTYPES", "FLOWER_ROUNDS_ALIAS", "GRAD_SAMPLE_MODES", "HEAD_MODES",
+__all__ = ["CLIENT_DP_MODES", "COMPUTE_DTYPES", "DP_MODES", "FLOWER_ROUNDS_ALIAS", "GRAD_SAMPLE_MODES", "HEAD_MODES",
            "QUANTIZATIONS", "SECTIONS", "TASKS", "WEIGHTINGS", "DataConfig", "FederationConfig", "ModelConfig",
            "PeftConfig", "PrivacyConfig", "RunConfig", "RunSection", "SecAggConfig", "StrategyConfig", "TrainConfig",
            "parse_flat", "parse_mapping", "parse_toml", "resolve_quantization", "unflatten"]

@@ -11,6 +11,7 @@ from typing import Any
 from fedpeft.config.types import (
     CLIENT_DP_MODES,
     COMPUTE_DTYPES,
+    DP_MODES,
     GRAD_SAMPLE_MODES,
     HEAD_MODES,
     QUANTIZATIONS,
@@ -97,6 +98,8 @@ def _federation_rules(cfg: RunConfig) -> list[Rule]:
          f"use one of {list(WEIGHTINGS)}"),
         ("federation.round_timeout", cfg.federation.round_timeout, cfg.federation.round_timeout > 0,
          "use a positive number of seconds"),
+        ("federation.eval_every", cfg.federation.eval_every, cfg.federation.eval_every >= 1,
+         "evaluate every round (1) or every k rounds (the last round is always evaluated)"),
         ("federation.weighting", cfg.federation.weighting,
          cfg.privacy.client_dp == "off" or cfg.federation.weighting == "uniform",
          "client-level DP bounds each site's influence by privacy.client_clip only if weights are public and "
@@ -139,6 +142,11 @@ def _privacy_rules(cfg: RunConfig) -> list[Rule]:
         ("privacy.client_dp", cfg.privacy.client_dp, cfg.privacy.client_dp in CLIENT_DP_MODES,
          f"use one of {list(CLIENT_DP_MODES)}"),
         ("privacy.client_clip", cfg.privacy.client_clip, cfg.privacy.client_clip > 0, "use a positive norm"),
+        ("privacy.dp_mode", cfg.privacy.dp_mode, cfg.privacy.dp_mode in DP_MODES, f"use one of {list(DP_MODES)}"),
+        ("privacy.sample_rate", cfg.privacy.sample_rate, 0 <= cfg.privacy.sample_rate <= 1,
+         "use a probability in (0, 1], or 0 for 1 (every row in every round's batch)"),
+        ("privacy.min_cohort", cfg.privacy.min_cohort, 0 <= cfg.privacy.min_cohort <= cfg.federation.num_sites,
+         f"use 0 (the secure-aggregation threshold) or at most federation.num_sites ({cfg.federation.num_sites})"),
         ("privacy.client_noise_multiplier", cfg.privacy.client_noise_multiplier,
          cfg.privacy.client_noise_multiplier >= 0, "use 0 or a positive noise multiplier"),
     ]

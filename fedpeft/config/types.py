@@ -18,6 +18,7 @@ HEAD_MODES = ("aggregate", "local")
 WEIGHTINGS = ("num-examples", "uniform")
 GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ghost")
 CLIENT_DP_MODES = ("off", "central", "distributed")
+DP_MODES = ("local", "distributed")
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ class FederationConfig:
     aggregation: str = "fedavg"
     weighting: str = "num-examples"
     round_timeout: float = 600.0
+    eval_every: int = 1  # evaluate the global adapter on the sites every k rounds (and after the last round)
     secure_aggregation: bool = False  # the server learns only the sum of the sites' updates (SecAgg+)
 
 
@@ -114,6 +116,7 @@ class DataConfig:
     eval_fraction: float = 0.2
     label_names: tuple[str, ...] = ()  # the federation's classes in id order; needed when sites read their own files
     task_column: str = ""  # multi-task classification: the column naming each row's task (one head per task)
+    feature_cache: str = ""  # probe: where a site caches its frozen features ("": the site's own directory)
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,10 @@ class PrivacyConfig:
     client_dp: str = "off"  # client-level DP on the update: off | central (server adds noise) | distributed
     client_clip: float = 1.0  # S: each site's whole update is clipped to this L2 norm
     client_noise_multiplier: float = 1.0  # z: noise std on the sum is z * S
+    dp_mode: str = "local"  # local: DP-SGD at each site with the full noise; distributed: one DP step per round
+    # across the sites, each adding a share of the noise, under secure aggregation (peft.method = "probe")
+    sample_rate: float = 0.0  # distributed: each row's probability of being in a round's batch (0: 1, every row)
+    min_cohort: int = 0  # distributed: the fewest sites whose noise shares must be in a sum (0: the secagg threshold)
     policy_file: str = ""  # the site's own policy (TOML); it wins over this run config
     ledger_dir: str = ""  # where site ledgers live; "": <run dir>/sites
 

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.config import PeftConfig
-from fedpeft.methods import adalora, bottleneck, ia3, lora, partial, prompt  # noqa: F401  (register the methods)
+from fedpeft.methods import adalora, bottleneck, ia3, lora, partial, probe, prompt  # noqa: F401  (registers them)
 from fedpeft.methods.base import (
     FederatedMethod,
     build_method,

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, ClassVar
 
-from fedpeft.config import PeftConfig, RunConfig, resolve_quantization
+from fedpeft.config import PeftConfig, RunConfig, TrainConfig, resolve_quantization
 from fedpeft.config.checks import Rule
 from fedpeft.errors import ConfigError
 from fedpeft.models.adapter_state import AdapterState
 from fedpeft.models.peft_model import check_travels, wrap_peft
+from fedpeft.training.batches import EncodedData
+from fedpeft.training.trainer import EvalResult, TrainResult, evaluate, train_local
 
 # How a method's trainable tensors get the per-example gradients DP-SGD needs.
 DP_OPACUS = "opacus"  # Opacus' grad samplers (every grad-sample mode)
@@ -39,6 +42,8 @@ class FederatedMethod:
     dp_sgd: ClassVar[str] = DP_OPACUS
     trains_base: ClassVar[bool] = False  # the base's own tensors train: the base must not be quantized
     bookkeeping: ClassVar[tuple[str, ...]] = ()  # upload tensors that are public bookkeeping, not the update
+    distributed_dp: ClassVar[bool] = False  # gives per-example clipped gradients (``gradient_rows``) for
+    # privacy.dp_mode = "distributed"
 
     def __init__(self, peft: PeftConfig, *, task: str, rounds: int = 1) -> None:
         self.peft, self.task, self.rounds = peft, task, rounds
@@ -108,6 +113,25 @@ class FederatedMethod:
     def upload(self, update: AdapterState, global_state: Mapping[str, Any]) -> AdapterState:
         """What the site sends of its update (e.g. padded to the global shapes, with bookkeeping vectors)."""
         return update
+
+    # ---- local computation (by default the model's own forward, through fedpeft.training) -----------------------
+    def site_data(self, model: Any, data: EncodedData, *, cache_dir: Path, settings: dict[str, Any]) -> Any:
+        """What the site trains and evaluates on (e.g. cached features instead of tokens)."""
+        return data
+
+    def local_train(self, model: Any, data: Any, cfg: TrainConfig, *, seed: int, proximal_mu: float) -> TrainResult:
+        return train_local(model, data, cfg, self.task, seed=seed, proximal_mu=proximal_mu)
+
+    def local_evaluate(self, model: Any, data: Any, cfg: TrainConfig) -> EvalResult:
+        return evaluate(model, data, cfg.eval_batch_size, self.task)
+
+    def num_rows(self, data: Any) -> int:
+        return len(data)
+
+    def gradient_rows(self, model: Any, data: Any, rows: Any, clip: float) -> Iterator[Any]:
+        """Per-example gradients of ``rows``, each clipped to ``clip``, flattened in wire order, in chunks
+        (distributed DP; only methods with ``distributed_dp``)."""
+        raise NotImplementedError(f"method '{self.name}' gives no per-example gradients in closed form")
 
     # ---- the server ---------------------------------------------------------------------------------------------
     def upload_template(self, global_state: Mapping[str, Any]) -> AdapterState:

@@ -3,6 +3,11 @@
 A release is ``(noise_multiplier, sample_rate, steps)``, exactly one entry of an Opacus accountant's ``history``:
 ``steps`` Poisson-subsampled Gaussian steps at sampling rate ``sample_rate`` and noise ``noise_multiplier``.
 
+Distributed DP (one DP-SGD step per round summed under secure aggregation, with integer Skellam noise shares) makes
+a second kind, ``SkellamRelease``: ``steps`` Poisson-subsampled Skellam releases of total variance ``mu`` and integer
+sensitivities ``l1``, ``l2`` (``fedpeft.privacy.skellam`` has the math). ``history_epsilon`` composes histories of
+either or both kinds; ``epsilon`` stays the Gaussian-only facade over Opacus.
+
 Each accountant is one small registered class (``register_accountant``), as aggregation rules are: the registry is
 the one list of names, so ``privacy.accountant``'s choices, its error messages and the dispatch cannot drift apart.
 """
@@ -13,9 +18,13 @@ import math
 import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from fedpeft.errors import PrivacyError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 Release = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps)
 MAX_NOISE_MULTIPLIER = 1e4
@@ -28,6 +37,33 @@ def _is_real(value: Any) -> bool:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class SkellamRelease:
+    """``steps`` Poisson-subsampled (rate ``sample_rate``) releases of an integer sum with Skellam noise of total
+    variance ``mu``: one round of distributed DP-SGD as one site accounts it.
+
+    ``mu``, ``l1`` and ``l2`` are in the scaled integer domain (units of ``1/scale``): ``l2`` and ``l1`` are the
+    rounded per-example sensitivities (``skellam.rounded_l2_bound`` / ``rounded_l1_bound``), ``mu`` the variance of
+    the noise in the decoded *sum* (each of the cohort's sites adds a share), not one site's share. Validated by
+    ``check_skellam_release`` (``history_epsilon`` and the ledger call it), not on construction.
+    """
+
+    sample_rate: float
+    mu: float
+    l1: float
+    l2: float
+    steps: int = 1
+
+    @property
+    def noise_multiplier(self) -> float:
+        """The Gaussian-equivalent noise multiplier ``sqrt(mu) / l2``, for display: Skellam's RDP is this
+        Gaussian's plus a discreteness surcharge, so it never accounts as this (see ``skellam.skellam_rdp``)."""
+        return math.sqrt(self.mu) / self.l2 if self.l2 > 0 else math.inf
+
+
+AnyRelease = Release | SkellamRelease
 
 
 _ACCOUNTANTS: dict[str, type[Accountant]] = {}
@@ -114,6 +150,11 @@ def check_delta(delta: Any) -> None:
 
 def check_release(release: Any, where: str = "release") -> Release:
     """Validate one ``(noise_multiplier, sample_rate, steps)`` and return it with plain Python types."""
+    if isinstance(release, SkellamRelease):
+        raise PrivacyError(
+            f"{where}={release!r} is a Skellam release; Gaussian-only functions cannot account it. Compose mixed "
+            "histories with history_epsilon"
+        )
     if not isinstance(release, Sequence) or isinstance(release, str) or len(release) != 3:
         raise PrivacyError(f"{where}={release!r} is not a (noise_multiplier, sample_rate, steps) triple; pass one")
     sigma, q, steps = release
@@ -146,6 +187,96 @@ def _merged(history: Sequence[Release]) -> list[Release]:
     return [(sigma, q, steps) for (sigma, q), steps in steps_by_setting.items()]
 
 
+def check_skellam_release(release: Any, where: str = "release") -> SkellamRelease:
+    """Validate one ``SkellamRelease`` and return it with plain Python types: ``sample_rate`` in (0, 1], finite
+    ``mu > 0`` (a noise-free distributed release is not DP at all), finite ``l2 > 0``, finite ``l1 >= l2`` (every
+    vector's L1 norm is at least its L2 norm, so a smaller ``l1`` is a wrong sensitivity), integer ``steps >= 0``."""
+    if not isinstance(release, SkellamRelease):
+        raise PrivacyError(f"{where}={release!r} is not a SkellamRelease(sample_rate, mu, l1, l2, steps)")
+    q, mu, l1, l2, steps = release.sample_rate, release.mu, release.l1, release.l2, release.steps
+    if not _is_real(q) or not 0.0 < q <= 1.0:
+        raise PrivacyError(f"{where}: sample_rate={q!r} is invalid; it must be in (0, 1] (each row's probability)")
+    if not _is_real(mu) or not math.isfinite(mu) or mu <= 0:
+        raise PrivacyError(
+            f"{where}: mu={mu!r} is invalid; the total Skellam variance must be a finite number > 0 (integer units)"
+        )
+    if not _is_real(l2) or not math.isfinite(l2) or l2 <= 0:
+        raise PrivacyError(f"{where}: l2={l2!r} is invalid; it must be a finite number > 0 (skellam.rounded_l2_bound)")
+    if not _is_real(l1) or not math.isfinite(l1) or l1 < l2:
+        raise PrivacyError(
+            f"{where}: l1={l1!r} is invalid; it must be a finite number >= l2={l2!r} (skellam.rounded_l1_bound)"
+        )
+    if not _is_int(steps) or steps < 0:
+        raise PrivacyError(f"{where}: steps={steps!r} is invalid; it must be an integer >= 0")
+    return SkellamRelease(float(q), float(mu), float(l1), float(l2), int(steps))
+
+
+def _merged_mixed(history: Sequence[AnyRelease]) -> tuple[list[Release], list[SkellamRelease]]:
+    """The Gaussian releases merged as ``_merged`` does, and the Skellam ones validated with steps > 0, steps summed
+    per (sample_rate, mu, l1, l2): RDP is linear in the steps, so merging is exact here too."""
+    if isinstance(history, (str, bytes)) or not isinstance(history, Sequence):
+        raise PrivacyError(f"history={history!r} is not a sequence of releases")
+    gaussian: list[Release] = []
+    skellam_steps: dict[tuple[float, float, float, float], int] = {}
+    for index, release in enumerate(history):
+        where = f"history[{index}]"
+        if isinstance(release, SkellamRelease):
+            r = check_skellam_release(release, where=where)
+            if r.steps > 0:
+                key = (r.sample_rate, r.mu, r.l1, r.l2)
+                skellam_steps[key] = skellam_steps.get(key, 0) + r.steps
+        else:
+            gaussian.append(check_release(release, where=where))
+    skellam_releases = [SkellamRelease(q, mu, l1, l2, steps) for (q, mu, l1, l2), steps in skellam_steps.items()]
+    return _merged(gaussian), skellam_releases
+
+
+def _rdp_curve(gaussian: Sequence[Release], skellam_releases: Sequence[SkellamRelease]) -> np.ndarray:
+    """Summed RDP at ``skellam.DEFAULT_ORDERS`` of merged, validated releases (Gaussian noise > 0)."""
+    import numpy as np
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    from fedpeft.privacy import skellam
+
+    orders = list(skellam.DEFAULT_ORDERS)
+    total = np.zeros(len(orders), dtype=np.float64)
+    for sigma, q, steps in gaussian:
+        total = total + np.asarray(compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=orders), np.float64)
+    for r in skellam_releases:
+        total = total + skellam.rdp_curve(q=r.sample_rate, mu=r.mu, l1=r.l1, l2=r.l2, steps=r.steps, orders=orders)
+    return total
+
+
+def _rdp_epsilon(curve: np.ndarray, delta: float) -> float:
+    from fedpeft.privacy import skellam
+
+    return skellam.rdp_to_epsilon(curve, skellam.DEFAULT_ORDERS, delta)
+
+
+def history_epsilon(history: Sequence[AnyRelease], delta: float, accountant: str = "prv") -> float:
+    """Epsilon at ``delta`` of all releases in ``history``, Gaussian ``(noise_multiplier, sample_rate, steps)``
+    tuples and ``SkellamRelease``s alike, composed; 0.0 when nothing was released.
+
+    Without a Skellam release (of steps > 0) this is exactly ``epsilon(history, delta, accountant)``: PRV or RDP
+    as configured. With one, the whole history is accounted by RDP *whatever* ``accountant`` says, because the
+    PRV accountant here has no privacy-loss distribution for the Skellam mechanism: per integer order of
+    ``skellam.DEFAULT_ORDERS``, Opacus' ``compute_rdp`` for each Gaussian release plus ``skellam.rdp_curve`` (the
+    Zhu-Wang subsampling bound on Skellam's RDP) for each Skellam release, summed, then ``skellam.rdp_to_epsilon``
+    (Balle et al. 2020). Every piece is an upper bound, so the result is an upper bound on the true epsilon; it can
+    be looser than PRV would be for the same Gaussian releases (and than Opacus' RDP accountant, whose grid also has
+    fractional orders), never tighter than the truth. ``accountant`` is still validated, and it still picks the
+    Gaussian-only path.
+    """
+    build_accountant(accountant)
+    check_delta(delta)
+    gaussian, skellam_releases = _merged_mixed(history)
+    if not skellam_releases:
+        return epsilon(gaussian, delta, accountant)
+    if any(sigma == 0.0 for sigma, _, _ in gaussian):
+        return math.inf
+    return _rdp_epsilon(_rdp_curve(gaussian, skellam_releases), delta)
+
+
 def epsilon(history: Sequence[Release], delta: float, accountant: str = "prv") -> float:
     """Epsilon at ``delta`` of all releases in ``history`` composed; 0.0 when nothing was released."""
     composer = build_accountant(accountant)
@@ -163,6 +294,28 @@ def _check_target(target_epsilon: Any) -> None:
         raise PrivacyError(f"target_epsilon={target_epsilon!r} is invalid; it must be a finite number > 0")
 
 
+def _spent_before(prior: list[AnyRelease], delta: float, accountant: str, *, target_epsilon: float,
+                  planned: str) -> float:
+    spent = history_epsilon(prior, delta, accountant)
+    if spent >= target_epsilon:
+        raise PrivacyError(
+            f"the history alone already spends epsilon={spent:.4g} (delta={delta:g}, {accountant}), which reaches "
+            f"the target epsilon={target_epsilon:g}; no noise allows {planned}. Train nothing more, or raise the "
+            "target"
+        )
+    return spent
+
+
+def _prior_rdp(prior: list[AnyRelease]) -> np.ndarray:
+    """The summed RDP curve (``skellam.DEFAULT_ORDERS``) of an already validated prior history of finite epsilon."""
+    gaussian, skellam_releases = _merged_mixed(prior)
+    return _rdp_curve(gaussian, skellam_releases)
+
+
+def _has_skellam(history: Sequence[AnyRelease]) -> bool:
+    return any(isinstance(release, SkellamRelease) and release.steps > 0 for release in history)
+
+
 def noise_multiplier_for(
     target_epsilon: float,
     delta: float,
@@ -170,25 +323,35 @@ def noise_multiplier_for(
     steps: int,
     *,
     accountant: str = "prv",
-    history: Sequence[Release] = (),
+    history: Sequence[AnyRelease] = (),
 ) -> float:
     """Smallest noise multiplier (within the tolerance) such that ``history`` plus ``steps`` more steps at
-    ``sample_rate`` stays at or below ``target_epsilon``: how much noise the remaining rounds need."""
+    ``sample_rate`` stays at or below ``target_epsilon``: how much noise the remaining rounds need.
+
+    ``history`` may hold ``SkellamRelease``s; the epsilon is then ``history_epsilon``'s, i.e. RDP whatever
+    ``accountant`` says (a Gaussian-only history gives exactly the answer ``epsilon`` always gave)."""
     _check_target(target_epsilon)
     check_release((1.0, sample_rate, steps), where="planned release")
     if steps < 1:
         raise PrivacyError(f"steps={steps!r}: planning needs at least one step; zero steps need no noise")
     prior = list(history)
-    spent = epsilon(prior, delta, accountant)
-    if spent >= target_epsilon:
-        raise PrivacyError(
-            f"the history alone already spends epsilon={spent:.4g} (delta={delta:g}, {accountant}), which reaches "
-            f"the target epsilon={target_epsilon:g}; no noise multiplier allows {steps} more steps. "
-            "Train nothing more, or raise the target"
-        )
+    spent = _spent_before(prior, delta, accountant, target_epsilon=target_epsilon, planned=f"{steps} more steps")
 
-    def eps_at(sigma: float) -> float:
-        return epsilon(prior + [(sigma, float(sample_rate), int(steps))], delta, accountant)
+    if _has_skellam(prior):  # RDP throughout: the prior's curve once, then one Gaussian curve per candidate
+        from opacus.accountants.analysis.rdp import compute_rdp
+
+        from fedpeft.privacy import skellam
+
+        prior_curve = _prior_rdp(prior)
+
+        def eps_at(sigma: float) -> float:
+            curve = compute_rdp(q=float(sample_rate), noise_multiplier=sigma, steps=int(steps),
+                                orders=list(skellam.DEFAULT_ORDERS))
+            return _rdp_epsilon(prior_curve + curve, delta)
+    else:
+
+        def eps_at(sigma: float) -> float:
+            return history_epsilon([*prior, (sigma, float(sample_rate), int(steps))], delta, accountant)
 
     low, high = 0.0, 1.0
     eps_high = eps_at(high)
@@ -211,6 +374,75 @@ def noise_multiplier_for(
         else:
             low = mid
     return high
+
+
+def skellam_mu_for(
+    target_epsilon: float,
+    delta: float,
+    *,
+    sample_rate: float,
+    l1: float,
+    l2: float,
+    steps: int,
+    accountant: str = "prv",
+    history: Sequence[AnyRelease] = (),
+) -> float:
+    """The smallest total Skellam variance ``mu`` (to within ``skellam.MU_RELATIVE_TOLERANCE``) such that
+    ``history`` plus ``SkellamRelease(sample_rate, mu, l1, l2, steps)`` stays at or below ``target_epsilon`` as
+    ``history_epsilon`` accounts it: the noise the remaining distributed rounds need (``steps`` = those rounds).
+
+    Accounted by RDP whatever ``accountant`` says (the result holds a Skellam release; see ``history_epsilon``), so
+    a prior spent by PRV may leave less room than PRV's number suggests. Epsilon decreases in ``mu``, so a
+    bisection on ``log mu`` (the prior's RDP curve computed once) brackets it, and the returned upper end is
+    checked against ``history_epsilon`` itself. Raises PrivacyError when the history alone reaches the target, or
+    when even unbounded noise cannot meet it (the RDP conversion's floor, plus the prior's own RDP).
+    """
+    from fedpeft.privacy import skellam
+
+    _check_target(target_epsilon)
+    build_accountant(accountant)
+    check_delta(delta)
+    check_skellam_release(SkellamRelease(sample_rate, 1.0, l1, l2, steps), where="planned release")
+    if steps < 1:
+        raise PrivacyError(f"steps={steps!r}: planning needs at least one round; zero rounds need no noise")
+    q, l1, l2, steps = float(sample_rate), float(l1), float(l2), int(steps)
+    prior = list(history)
+    spent = _spent_before(prior, delta, accountant, target_epsilon=target_epsilon,
+                          planned=f"{steps} more Skellam release(s)")
+    prior_curve = _prior_rdp(prior)
+
+    def eps_at(mu: float) -> float:
+        return _rdp_epsilon(prior_curve + skellam.rdp_curve(q=q, mu=mu, l1=l1, l2=l2, steps=steps), delta)
+
+    huge = 1e12 * (l2 * l2 + 1.0)
+    floor = eps_at(huge)
+    if floor > target_epsilon:
+        raise PrivacyError(
+            f"target epsilon={target_epsilon:g} is unreachable: even Skellam variance mu={huge:.3g} gives "
+            f"epsilon={floor:.4g} for {steps} release(s) at sample_rate={q:g} (delta={delta:g}; with a Skellam "
+            f"release the whole history is accounted by RDP; epsilon spent before: {spent:.4g}). Raise the target, "
+            "or plan fewer rounds or a smaller sample rate"
+        )
+    hi = l2 * l2  # the Gaussian-equivalent noise multiplier 1
+    while eps_at(hi) > target_epsilon:
+        hi *= 4.0
+    lo = hi / 4.0
+    while eps_at(lo) <= target_epsilon:  # ends: epsilon grows without bound as mu -> 0 (q > 0, steps > 0)
+        hi, lo = lo, lo / 4.0
+    while hi / lo > 1.0 + skellam.MU_RELATIVE_TOLERANCE:
+        mid = math.sqrt(lo * hi)
+        if eps_at(mid) <= target_epsilon:
+            hi = mid
+        else:
+            lo = mid
+    # history_epsilon merges equal settings, so its float sum may differ from prior_curve + curve in the last bit.
+    for _ in range(100):
+        if history_epsilon([*prior, SkellamRelease(q, hi, l1, l2, steps)], delta, accountant) <= target_epsilon:
+            return hi
+        hi *= 1.0 + skellam.MU_RELATIVE_TOLERANCE / 10.0
+    raise PrivacyError(  # unreachable in practice: the curves agree to rounding
+        f"could not confirm a Skellam variance for target epsilon={target_epsilon:g}; report this as a bug"
+    )
 
 
 def planned_steps(num_examples: int, batch_size: int, local_epochs: int, max_steps: int = 0) -> tuple[float, int]:

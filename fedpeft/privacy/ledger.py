@@ -12,6 +12,19 @@ versions sit in one file, and each line says how it is to be read. It is part of
 covers it as it covers every other field and an old ledger's chain is untouched; an append still only hashes the
 last line. A line from a newer fedpeft makes the whole ledger refuse to load (LedgerCorrupted, saying "upgrade
 fedpeft"): a ledger partly understood would undercount the privacy spent.
+
+Two line versions exist, and a line is written in the oldest one that can hold it:
+
+* version 1, a DP-SGD (Gaussian) release: exactly the fields ``LedgerEntry`` had before distributed DP (round ..
+  run), nothing else. Gaussian lines are still written this way, so a fedpeft that predates distributed DP keeps
+  reading a ledger that holds only Gaussian releases.
+* version 2, any release, written for a distributed-DP (Skellam) release: every ``LedgerEntry`` field, including
+  ``mechanism``, ``mu``, ``l1``, ``l2``, ``cohort`` and ``scale``. An older fedpeft refuses the ledger from that line
+  on ("upgrade fedpeft"), as it must: it could not account the Skellam release.
+
+This reader reads both; a version-1 line reads as ``mechanism="gaussian"`` with the Skellam fields at their
+defaults. ``history()`` hands the releases to ``accounting.history_epsilon``, which accounts a history holding a
+Skellam release by RDP whatever the ledger's accountant says (see there).
 """
 
 from __future__ import annotations
@@ -29,11 +42,13 @@ from fedpeft.errors import LedgerCorrupted, PrivacyBudgetExceeded, PrivacyError
 from fedpeft.io.atomic import write_bytes_atomic
 from fedpeft.io.schema import SCHEMA_VERSION_KEY, UNVERSIONED, check_schema_version, is_schema_version
 from fedpeft.privacy import accounting
-from fedpeft.privacy.accounting import Release
+from fedpeft.privacy.accounting import AnyRelease, SkellamRelease
 
 KINDS = ("example",)
+MECHANISMS = ("gaussian", "skellam")
 GENESIS = "0" * 64
-SCHEMA_VERSION = 1  # of each line; bump when a line's fields change meaning, so older fedpefts refuse the ledger
+SCHEMA_VERSION = 2  # the newest line version read and written; bump when a line's fields change meaning
+GAUSSIAN_SCHEMA_VERSION = 1  # the version of a Gaussian line: its fields are version 1's, so old readers read it
 _NEVER_RESET = (
     "The ledger is never reset automatically: restore it from a backup or investigate; do not delete it "
     "(deleting it would forget the privacy this site has already spent)"
@@ -53,12 +68,29 @@ class LedgerEntry:
     kind: str = "example"  # "example": a DP-SGD release; a field so that later kinds can be added
     timestamp: str = ""  # UTC ISO 8601, filled by commit() when empty
     run: str = ""  # the federation run (run.name) the round belongs to; rounds are numbered per run
+    # Schema version 2: distributed DP. For a "skellam" line, noise_multiplier is the Gaussian-equivalent
+    # sqrt(mu) / l2, for display only; the release is accounted from sample_rate, mu, l1, l2 and steps.
+    mechanism: str = "gaussian"  # "gaussian": local DP-SGD (Opacus); "skellam": one step summed under secure agg.
+    mu: float = 0.0  # skellam: total noise variance of the decoded sum (integer units); gaussian: 0
+    l1: float = 0.0  # skellam: L1 sensitivity after rounding (integer units); gaussian: 0
+    l2: float = 0.0  # skellam: L2 sensitivity after rounding (integer units); gaussian: 0
+    cohort: int = 0  # skellam: the fewest sites whose noise shares are in any decoded sum; gaussian: 0
+    scale: float = 0.0  # skellam: integer units per unit of gradient (for the reader); gaussian: 0
+
+    def release(self) -> AnyRelease:
+        """The release this line records, as ``accounting.history_epsilon`` composes it."""
+        if self.mechanism == "skellam":
+            return SkellamRelease(self.sample_rate, self.mu, self.l1, self.l2, self.steps)
+        return (self.noise_multiplier, self.sample_rate, self.steps)
 
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(LedgerEntry))
-_INT_FIELDS = ("round", "steps")
-_FLOAT_FIELDS = ("sample_rate", "noise_multiplier", "max_grad_norm", "epsilon", "delta")
-_STR_FIELDS = ("accountant", "kind", "timestamp", "run")
+_SKELLAM_FIELDS = ("mechanism", "mu", "l1", "l2", "cohort", "scale")  # the fields version 2 added
+_V1_FIELDS = tuple(name for name in _FIELDS if name not in _SKELLAM_FIELDS)
+_INT_FIELDS = ("round", "steps", "cohort")
+_FLOAT_FIELDS = ("sample_rate", "noise_multiplier", "max_grad_norm", "epsilon", "delta", "mu", "l1", "l2", "scale")
+_STR_FIELDS = ("accountant", "kind", "timestamp", "run", "mechanism")
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(LedgerEntry) if f.name in _SKELLAM_FIELDS}
 
 
 def _field_problem(name: str, value: Any) -> str | None:
@@ -93,6 +125,35 @@ def _entry_problem(values: dict[str, Any]) -> str | None:
     for ok, name, expected in checks:
         if not ok:
             return f"'{name}'={values[name]!r} must be {expected}"
+    if values["mechanism"] not in MECHANISMS:
+        return f"'mechanism'={values['mechanism']!r} must be one of {MECHANISMS}"
+    return _skellam_problem(values) if values["mechanism"] == "skellam" else _gaussian_problem(values)
+
+
+def _gaussian_problem(values: dict[str, Any]) -> str | None:
+    """A Gaussian line carries no Skellam fields (it is written as version 1, which has none to hold them)."""
+    for name in _SKELLAM_FIELDS[1:]:
+        if values[name] != _DEFAULTS[name]:
+            return f"'{name}'={values[name]!r} must be {_DEFAULTS[name]!r} for a 'gaussian' release (Skellam only)"
+    return None
+
+
+def _skellam_problem(values: dict[str, Any]) -> str | None:
+    finite = all(math.isfinite(values[name]) for name in ("mu", "l1", "l2", "scale"))
+    checks = (
+        (finite and values["mu"] > 0.0, "mu", "a finite number > 0 for a 'skellam' release"),
+        (finite and values["l2"] > 0.0, "l2", "a finite number > 0 for a 'skellam' release"),
+        (finite and values["l1"] >= values["l2"], "l1", f"a finite number >= l2={values['l2']!r}"),
+        (values["cohort"] >= 1, "cohort", ">= 1 for a 'skellam' release (the sites whose shares are in the sum)"),
+        (finite and values["scale"] > 0.0, "scale", "a finite number > 0 for a 'skellam' release"),
+    )
+    for ok, name, expected in checks:
+        if not ok:
+            return f"'{name}'={values[name]!r} must be {expected}"
+    equivalent = math.sqrt(values["mu"]) / values["l2"]
+    if not math.isclose(values["noise_multiplier"], equivalent, rel_tol=1e-9):
+        return (f"'noise_multiplier'={values['noise_multiplier']!r} must be sqrt(mu)/l2={equivalent!r} for a "
+                "'skellam' release (the Gaussian equivalent, for display)")
     return None
 
 
@@ -111,8 +172,10 @@ def _sha256(line: bytes) -> str:
 
 
 def _encode(entry: LedgerEntry, prev: str) -> bytes:
-    record: dict[str, Any] = {SCHEMA_VERSION_KEY: SCHEMA_VERSION}
-    record.update({name: getattr(entry, name) for name in _FIELDS})
+    """The line: a Gaussian entry as version 1 (its fields only), any other as version 2 (every field)."""
+    gaussian = entry.mechanism == "gaussian"
+    record: dict[str, Any] = {SCHEMA_VERSION_KEY: GAUSSIAN_SCHEMA_VERSION if gaussian else SCHEMA_VERSION}
+    record.update({name: getattr(entry, name) for name in (_V1_FIELDS if gaussian else _FIELDS)})
     record["prev"] = prev
     # allow_nan: a noise-free release has epsilon = inf, which must be recorded honestly (as JSON 'Infinity').
     return json.dumps(record, allow_nan=True).encode("utf-8")
@@ -132,8 +195,9 @@ class PrivacyLedger:
     def entries(self) -> tuple[LedgerEntry, ...]:
         return tuple(self._entries)
 
-    def history(self) -> list[Release]:
-        return [(e.noise_multiplier, e.sample_rate, e.steps) for e in self._entries]
+    def history(self) -> list[AnyRelease]:
+        """Every release in order: ``(noise_multiplier, sample_rate, steps)`` tuples and ``SkellamRelease``s."""
+        return [e.release() for e in self._entries]
 
     def rounds(self, run: str = "") -> set[int]:
         """The rounds of ``run`` this site has released."""
@@ -147,24 +211,43 @@ class PrivacyLedger:
         return _sha256(self._lines[-1]) if self._lines else None
 
     def epsilon_spent(self) -> float:
+        """The cumulative epsilon recorded on the newest line (what ``cumulative_epsilon`` returned when it was
+        committed: the history composed by ``accounting.history_epsilon``); 0.0 for an empty ledger."""
         return self._entries[-1].epsilon if self._entries else 0.0
 
-    def check(self, planned: Release, delta: float, max_epsilon: float, accountant: str = "prv") -> float:
-        """Predicted cumulative epsilon after ``planned``; PrivacyBudgetExceeded when it would pass ``max_epsilon``."""
+    def cumulative_epsilon(self, release: AnyRelease, delta: float, accountant: str = "prv") -> float:
+        """The cumulative epsilon to record for ``release`` after every recorded one: ``history_epsilon`` of the
+        whole history, and never below the epsilon already recorded (both are upper bounds on the true epsilon of
+        the longer history; the larger keeps the recorded epsilons non-decreasing even where a Skellam release
+        switches the accounting from PRV to RDP, or PRV's estimate wobbles)."""
+        predicted = accounting.history_epsilon([*self.history(), release], delta, accountant)
+        return max(predicted, self.epsilon_spent())
+
+    def check(self, planned: AnyRelease, delta: float, max_epsilon: float, accountant: str = "prv") -> float:
+        """Predicted cumulative epsilon after ``planned`` (a Gaussian triple or a ``SkellamRelease``), as
+        ``cumulative_epsilon``; PrivacyBudgetExceeded when it would pass ``max_epsilon``."""
         self._check_consistent(delta, accountant)
         if not isinstance(max_epsilon, (int, float)) or isinstance(max_epsilon, bool) or not max_epsilon > 0:
             raise PrivacyError(f"max_epsilon={max_epsilon!r} is invalid; the budget must be a number > 0")
-        planned = accounting.check_release(planned, where="planned release")
-        predicted = accounting.epsilon(self.history() + [planned], delta, accountant)
+        if isinstance(planned, SkellamRelease):
+            planned = accounting.check_skellam_release(planned, where="planned release")
+            what = (f"{planned.steps} Skellam release(s), total variance mu={planned.mu:g} (Gaussian-equivalent "
+                    f"noise_multiplier={planned.noise_multiplier:g}), sample_rate={planned.sample_rate:g}")
+            fix = "raise the noise (mu), lower the sample rate"
+        else:
+            planned = accounting.check_release(planned, where="planned release")
+            sigma, q, steps = planned
+            what = f"{steps} steps, noise_multiplier={sigma:g}, sample_rate={q:g}"
+            fix = "raise the noise multiplier, plan fewer steps"
+        predicted = self.cumulative_epsilon(planned, delta, accountant)
         if predicted > max_epsilon:
             spent = self.epsilon_spent()
-            sigma, q, steps = planned
             raise PrivacyBudgetExceeded(
                 f"privacy ledger {self.path}: epsilon spent so far {spent:.4g}; this round "
-                f"({steps} steps, noise_multiplier={sigma:g}, sample_rate={q:g}) would raise it by "
+                f"({what}) would raise it by "
                 f"{predicted - spent:.4g} to {predicted:.4g} (delta={delta:g}, {accountant}), over the site's budget "
-                f"max_epsilon={max_epsilon:g}; the site trains nothing this round. To train further, raise the "
-                "noise multiplier, plan fewer steps, or raise max_epsilon in the site policy"
+                f"max_epsilon={max_epsilon:g}; the site trains nothing this round. To train further, {fix}, "
+                "or raise max_epsilon in the site policy"
             )
         return predicted
 
@@ -273,12 +356,17 @@ def _parse_line(path: Path, number: int, line: bytes) -> tuple[LedgerEntry, str]
         raise _corrupted(path, number, f"bad value: '{SCHEMA_VERSION_KEY}' must be an integer >= 1, got {version!r}")
     check_schema_version(version, SCHEMA_VERSION, source=f"privacy ledger {path} (line {number})",
                          error=LedgerCorrupted)
-    expected = set(_FIELDS) | {"prev"}
-    record.setdefault("run", "")  # lines written before runs were recorded belong to run ""
+    if version == GAUSSIAN_SCHEMA_VERSION:
+        expected = set(_V1_FIELDS) | {"prev"}
+        record.setdefault("run", "")  # lines written before runs were recorded belong to run ""
+    else:
+        expected = set(_FIELDS) | {"prev"}
     if set(record) != expected:
         missing, extra = sorted(expected - set(record)), sorted(set(record) - expected)
         raise _corrupted(path, number, f"wrong fields (missing {missing}, unexpected {extra})")
     prev = record.pop("prev")
+    if version == GAUSSIAN_SCHEMA_VERSION:
+        record.update(_DEFAULTS)  # a version-1 line is a Gaussian release: no Skellam fields
     problem = _entry_problem(record)
     if problem:
         raise _corrupted(path, number, f"bad value: {problem}")

@@ -10,6 +10,8 @@ The file is TOML with one ``[policy]`` table, e.g.::
     max_grad_norm = 1.0
     allowed_peft_methods = ["lora"]
     client_dp_requires_secure_aggregation = true
+    accept_distributed_noise = true  # distributed DP: add a 1/m share of the noise (false: the whole noise)
+    min_cohort = 3                   # distributed DP: reveal unmasking shares only when >= 3 sites are in a sum
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ class SitePolicy:
     max_grad_norm: float = math.inf  # the largest per-example clipping norm the site accepts
     allowed_peft_methods: tuple[str, ...] = ("lora",)
     client_dp_requires_secure_aggregation: bool = False
+    # Distributed DP: whether the site trusts that the other sites' noise shares are in the sum with its own (if not,
+    # it adds the whole noise itself), and the fewest sites it accepts in a decoded sum.
+    accept_distributed_noise: bool = True
+    min_cohort: int = 0
     source: str = ""  # the file it was read from, for messages
 
 
@@ -51,9 +57,10 @@ class PrivacyRequest:
     secure_aggregation: bool
 
 
-_BOOL_KEYS = ("require_dp", "client_dp_requires_secure_aggregation")
+_BOOL_KEYS = ("require_dp", "client_dp_requires_secure_aggregation", "accept_distributed_noise")
 _FLOAT_KEYS = ("max_epsilon", "delta", "min_noise_multiplier", "max_grad_norm")
-_KEYS = _FLOAT_KEYS + _BOOL_KEYS + ("allowed_peft_methods",)
+_INT_KEYS = ("min_cohort",)
+_KEYS = _FLOAT_KEYS + _BOOL_KEYS + _INT_KEYS + ("allowed_peft_methods",)
 
 
 def _is_number(value: Any) -> bool:
@@ -96,6 +103,8 @@ def _check_types(path: Path, table: dict[str, Any]) -> None:
             raise _bad(path, key, value, "it must be a number")
         if key in _BOOL_KEYS and not isinstance(value, bool):
             raise _bad(path, key, value, "it must be true or false")
+        if key in _INT_KEYS and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            raise _bad(path, key, value, "it must be a whole number >= 0 (0: the run's cohort)")
         if key == "allowed_peft_methods" and (
             not isinstance(value, list) or not all(isinstance(m, str) and m for m in value)
         ):
@@ -121,7 +130,7 @@ def load_policy(path: str | Path) -> SitePolicy:
     table = _read_table(path)
     _check_types(path, table)
     values: dict[str, Any] = {key: float(table[key]) for key in _FLOAT_KEYS if key in table}
-    values.update({key: table[key] for key in _BOOL_KEYS if key in table})
+    values.update({key: table[key] for key in _BOOL_KEYS + _INT_KEYS if key in table})
     if "allowed_peft_methods" in table:
         values["allowed_peft_methods"] = tuple(table["allowed_peft_methods"])
     policy = SitePolicy(**values, source=str(path))

@@ -311,8 +311,59 @@ def _check_orders(orders: Sequence[int] | None) -> tuple[int, ...]:
 
 
 def _rdp_to_epsilon(rdp: np.ndarray, orders: np.ndarray, delta: float) -> float:
-    eps = rdp + np.log1p(-1.0 / orders) - (math.log(delta) + np.log(orders)) / (orders - 1.0)
-    return max(0.0, float(np.min(eps)))
+    with np.errstate(over="ignore", invalid="ignore"):
+        eps = rdp + np.log1p(-1.0 / orders) - (math.log(delta) + np.log(orders)) / (orders - 1.0)
+    # A NaN order (inf - inf upstream) proves nothing: it counts as infinite, never as the 0.0 that max() would
+    # otherwise make of it.
+    return max(0.0, float(np.min(np.where(np.isnan(eps), np.inf, eps))))
+
+
+def rdp_curve(
+    *,
+    q: float,
+    mu: float,
+    l1: float,
+    l2: float,
+    steps: int,
+    orders: Sequence[int] | None = None,
+) -> np.ndarray:
+    """RDP at each of ``orders`` (default ``DEFAULT_ORDERS``) of ``steps`` rounds of the Poisson-subsampled (rate
+    ``q``) Skellam mechanism: ``steps * subsampled_rdp(a, q, skellam_rdp)`` per order, as a float64 array aligned
+    with ``orders``.
+
+    The curve is what composes: RDP adds per order across releases of any kind (Mironov 2017), so a history of
+    Skellam and Gaussian releases is the sum of their curves at the same orders, turned into one epsilon by
+    ``rdp_to_epsilon``. Units as in ``epsilon`` (the scaled integer domain). An entry may be ``inf`` (tiny ``mu``).
+    """
+    q = _probability("q", q, closed_low=True, closed_high=True)
+    mu = _positive("mu", mu, "pass the total Skellam variance per coordinate")
+    steps = _integer("steps", steps, 0)
+    l1 = _positive("l1", l1, "pass rounded_l1_bound(...)")
+    l2 = _positive("l2", l2, "pass rounded_l2_bound(...)")
+    checked = _check_orders(orders)
+    if steps == 0 or q == 0:
+        return np.zeros(len(checked), dtype=np.float64)
+    with np.errstate(over="ignore", divide="ignore"):  # a tiny mu gives an infinite RDP, not an error
+        base = _skellam_rdp_array(np.arange(2, max(checked) + 1, dtype=np.float64), l1, l2, mu)
+        return np.array([_subsampled_from_table(order, q, base) for order in checked], dtype=np.float64) * steps
+
+
+def rdp_to_epsilon(rdp: Sequence[float] | np.ndarray, orders: Sequence[int], delta: float) -> float:
+    """Epsilon at ``delta`` of an RDP curve ``rdp`` given at integer ``orders`` (>= 2, aligned with ``rdp``): the
+    conversion of Balle et al. 2020 (Theorem 21 of arXiv:1905.09982), as in ``epsilon`` and Opacus'
+    ``get_privacy_spent``, minimised over the orders and floored at 0. An ``inf`` entry only rules its order out;
+    a NaN entry counts as ``inf``; an all-``inf`` curve gives ``inf``.
+    """
+    delta = _probability("delta", delta, closed_low=False, closed_high=False)
+    checked = _check_orders(orders)
+    values = np.asarray(rdp, dtype=np.float64)
+    if values.shape != (len(checked),):
+        raise PrivacyError(
+            f"rdp has shape {values.shape}, but there are {len(checked)} orders; pass one RDP value per order"
+        )
+    if np.any(values < 0):
+        raise PrivacyError("rdp has a negative entry; Renyi divergences are >= 0, so the curve is wrong")
+    return _rdp_to_epsilon(values, np.array(checked, dtype=np.float64), delta)
 
 
 def epsilon(
@@ -336,19 +387,12 @@ def epsilon(
     ``l1``, ``l2`` and ``mu`` are in the scaled integer domain (see the module docstring): ``l2 =
     rounded_l2_bound(...)``, ``l1 = rounded_l1_bound(...)``, ``mu`` the *total* variance of the aggregate's noise.
     """
-    q = _probability("q", q, closed_low=True, closed_high=True)
-    mu = _positive("mu", mu, "pass the total Skellam variance per coordinate")
-    steps = _integer("steps", steps, 0)
-    l1 = _positive("l1", l1, "pass rounded_l1_bound(...)")
-    l2 = _positive("l2", l2, "pass rounded_l2_bound(...)")
-    delta = _probability("delta", delta, closed_low=False, closed_high=False)
     checked = _check_orders(orders)
+    rdp = rdp_curve(q=q, mu=mu, l1=l1, l2=l2, steps=steps, orders=checked)  # validates q, mu, l1, l2, steps
+    delta = _probability("delta", delta, closed_low=False, closed_high=False)
     if steps == 0 or q == 0:
         return 0.0
-    with np.errstate(over="ignore", divide="ignore"):  # a tiny mu gives an infinite epsilon, not an error
-        base = _skellam_rdp_array(np.arange(2, max(checked) + 1, dtype=np.float64), l1, l2, mu)
-        rdp = np.array([_subsampled_from_table(order, q, base) for order in checked]) * steps
-        return _rdp_to_epsilon(rdp, np.array(checked, dtype=np.float64), delta)
+    return _rdp_to_epsilon(rdp, np.array(checked, dtype=np.float64), delta)
 
 
 def mu_for(

@@ -20,7 +20,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 from fedpeft import wire
 from fedpeft.errors import SecAggError
 from fedpeft.messaging import as_bytes, as_int, as_list, config_record
-from fedpeft.secagg.encoding import encode, ring_add, ring_encoding
+from fedpeft.secagg.encoding import encode, low_bits, pack_bits, ring_add, ring_encoding
 from fedpeft.secagg.keys import agree, generate_keypair, open_sealed, seal
 from fedpeft.secagg.masks import expand_mask, pairwise_mask
 from fedpeft.secagg.shamir import split
@@ -29,6 +29,7 @@ CHANNEL_INFO = b"fedpeft-secagg-channel"
 MASK_INFO = b"fedpeft-secagg-pairwise"
 SEED_BYTES = 32
 SHARE_BYTES = 66
+SA_MIN_COHORT = "min-cohort"  # node state: the fewest sites this site's noise share was calibrated to
 
 
 def _state(context: Context) -> ConfigRecord:
@@ -98,17 +99,42 @@ def masked_upload(config: ConfigRecord, context: Context, values: np.ndarray, we
     clipped = np.clip(np.asarray(values, dtype=np.float64), -clip_range, clip_range)
     vector = np.concatenate([weight * clipped, [weight]])
     encoding = ring_encoding(clip_range, as_int(state[wire.SA_NUM]), bits)
+    masked = _masked(encode(vector, encoding), state, server_round, me, survivors=survivors, bits=bits)
+    state[wire.SA_SURVIVORS] = sorted(survivors)
+    return ArrayRecord({wire.SA_MASKED: Array(masked)})
+
+
+def masked_integers(config: ConfigRecord, context: Context, values: np.ndarray, *, bits: int,
+                    min_cohort: int = 0) -> ArrayRecord:
+    """Stage 3 for integer values (distributed DP): ``values`` (int64, already the site's noisy integer sum) in the
+    sub-ring Z_2^bits of Z_2^32, masked, and packed at ``bits`` bits a value.
+
+    The masks are the float path's (uniform over Z_2^32, so uniform over Z_2^bits once reduced) and cancel in the
+    sum modulo 2^32, hence modulo 2^bits. ``min_cohort``: this site reveals its unmasking shares only when at least
+    that many sites are in the sum (its noise share is calibrated to that many shares).
+    """
+    state = _state(context)
+    server_round, me = _check_round(state, config), as_int(state[wire.SA_INDEX])
+    survivors = {int(j) for j in as_list(config[wire.SA_SURVIVORS])}
+    masked = _masked(np.asarray(values, dtype=np.int64).astype(np.uint32), state, server_round, me,
+                     survivors=survivors, bits=32)
+    state[wire.SA_SURVIVORS] = sorted(survivors)
+    state[SA_MIN_COHORT] = int(min_cohort)
+    return ArrayRecord({wire.SA_MASKED: Array(pack_bits(low_bits(masked, bits), bits))})
+
+
+def _masked(ring: np.ndarray, state: ConfigRecord, server_round: int, me: int, *, survivors: set[int],
+            bits: int) -> np.ndarray:
+    """``ring`` plus this site's self mask and one pairwise mask per surviving neighbour."""
     self_label, pair_label = labels(server_round)
-    masked = ring_add(encode(vector, encoding), expand_mask(as_bytes(state["self-seed"]), len(vector), bits,
-                                                            self_label))
+    masked = ring_add(ring, expand_mask(as_bytes(state["self-seed"]), len(ring), bits, self_label))
     mask_sk = as_bytes(state["mask-sk"])
     for j, mask_pk in zip(as_list(state[wire.SA_NEIGHBOURS]), as_list(state[wire.SA_NEIGHBOUR_MASK_PKS]),
                           strict=True):
         if int(j) in survivors:
             seed = agree(mask_sk, bytes(mask_pk), MASK_INFO)
-            masked = ring_add(masked, pairwise_mask(seed, me, int(j), len(vector), bits=bits, label=pair_label))
-    state[wire.SA_SURVIVORS] = sorted(survivors)
-    return ArrayRecord({wire.SA_MASKED: Array(masked)})
+            masked = ring_add(masked, pairwise_mask(seed, me, int(j), len(ring), bits=bits, label=pair_label))
+    return masked
 
 
 def handle_unmask(msg: Message, context: Context) -> Message:
@@ -123,6 +149,10 @@ def handle_unmask(msg: Message, context: Context) -> Message:
     if len(survivors) < threshold:
         raise SecAggError(f"secure aggregation: only {len(survivors)} survivors, below the threshold "
                           f"{threshold}; refusing to unmask")
+    cohort = as_int(state.get(SA_MIN_COHORT, 0))
+    if len(survivors) < cohort:  # the site's guarantee rests on its own count, not on the server's word
+        raise SecAggError(f"secure aggregation: only {len(survivors)} sites in the sum, below this site's cohort "
+                          f"{cohort} (its noise share is 1/{cohort} of the noise); refusing to unmask")
     channel_sk = as_bytes(state["channel-sk"])
     channel_pks = dict(zip((int(j) for j in as_list(state[wire.SA_NEIGHBOURS])),
                            as_list(state[wire.SA_NEIGHBOUR_CHANNEL_PKS]), strict=True))

@@ -193,3 +193,33 @@ def ring_sum(arrays: Sequence[np.ndarray]) -> np.ndarray:
         x, y = _ring_pair(total, arr, f"ring_sum: arrays[{i}]")
         np.add(x, y, out=total)
     return total
+
+
+def pack_bits(ring: np.ndarray, bits: int) -> np.ndarray:
+    """Ring values below ``2**bits`` as a byte array of ``bits`` bits each (little-endian bit order): what travels
+    for an integer-valued upload (distributed DP), ``bits / 32`` of a 32-bit word's bytes."""
+    values = np.asarray(ring, dtype=np.uint64)
+    if not 1 <= bits <= 32:
+        raise SecAggError(f"pack_bits: bits={bits!r}; use 1 to 32")
+    if values.size and int(values.max()) >> bits:
+        raise SecAggError(f"pack_bits: a value does not fit {bits} bits; reduce the ring values modulo 2**{bits}")
+    planes = ((values[:, None] >> np.arange(bits, dtype=np.uint64)) & np.uint64(1)).astype(np.uint8)
+    return np.packbits(planes.reshape(-1), bitorder="little")
+
+
+def unpack_bits(packed: np.ndarray, bits: int, length: int) -> np.ndarray:
+    """The inverse of :func:`pack_bits`: ``length`` ring values (uint32)."""
+    expected = packed_size(length, bits)
+    if packed.dtype != np.uint8 or packed.shape != (expected,):
+        raise SecAggError(f"unpack_bits: {packed.dtype} {tuple(packed.shape)} received, expected uint8 ({expected},)")
+    planes = np.unpackbits(packed, bitorder="little")[: length * bits].reshape(length, bits).astype(np.uint32)
+    return (planes << np.arange(bits, dtype=np.uint32)).sum(axis=1, dtype=np.uint32)
+
+
+def packed_size(length: int, bits: int) -> int:
+    return (length * bits + 7) // 8
+
+
+def low_bits(ring: np.ndarray, bits: int) -> np.ndarray:
+    """``ring`` modulo ``2**bits`` (a sub-ring of Z_2^32: masks and sums reduce to it exactly)."""
+    return np.asarray(ring, dtype=np.uint32) & np.uint32((1 << bits) - 1 if bits < 32 else 0xFFFFFFFF)

@@ -21,7 +21,15 @@ from fedpeft.config import SecAggConfig
 from fedpeft.errors import SecAggAbort, SecAggError
 from fedpeft.messaging import Refusal, Replies, array_record, as_bytes, as_list, config_record, exchange
 from fedpeft.secagg.client import MASK_INFO, SEED_BYTES, labels
-from fedpeft.secagg.encoding import decode_sum, ring_add, ring_encoding, ring_sub
+from fedpeft.secagg.encoding import (
+    decode_sum,
+    low_bits,
+    packed_size,
+    ring_add,
+    ring_encoding,
+    ring_sub,
+    unpack_bits,
+)
 from fedpeft.secagg.graph import default_degree, default_threshold, neighbours, validate
 from fedpeft.secagg.keys import agree
 from fedpeft.secagg.masks import expand_mask, pairwise_mask
@@ -39,14 +47,19 @@ class SecureSum:
     failures: dict[int, str] = field(default_factory=dict)  # node -> stage and reason
     upload_bytes: list[int] = field(default_factory=list)
     refusals: dict[int, Refusal] = field(default_factory=dict)  # node -> its refusal of the masked-input stage
+    ring: np.ndarray | None = None  # integer mode: the sum modulo 2^integer_bits (values/weight_sum unused)
 
 
 class SecAggRound:
     """One secure-aggregation round among ``nodes``; ``run`` returns the decoded sum or raises SecAggAbort."""
 
     def __init__(self, grid: Grid, nodes: list[int], server_round: int, settings: SecAggConfig, *,
-                 timeout: float) -> None:
+                 timeout: float, integer_bits: int | None = None) -> None:
+        """``integer_bits``: uploads are integers in Z_2^integer_bits, packed (distributed DP), not fixed-point
+        floats; masks are then taken modulo 2^32 and the sum reduced to the sub-ring at the end."""
         self.grid, self.settings, self.timeout = grid, settings, timeout
+        self.integer_bits = integer_bits
+        self.mask_bits = 32 if integer_bits else settings.bits
         self.round = server_round
         self.index = {node: i + 1 for i, node in enumerate(sorted(nodes))}
         self.node_of = {i: node for node, i in self.index.items()}
@@ -115,7 +128,7 @@ class SecAggRound:
             if refusal is not None:  # the site said no (policy, budget): not a fault, and not in the sum
                 self.refusals[node] = refusal
                 continue
-            problem = _malformed(reply, length + 1, self.settings.bits)
+            problem = _malformed(reply, length + 1, bits=self.mask_bits, packed_bits=self.integer_bits)
             if problem:
                 self.failures[node] = f"masked input: {problem}"
             else:
@@ -152,16 +165,23 @@ class SecAggRound:
         dropped = set(graph) - alive
         seed_shares, key_shares = self.unmask(graph, inbox, alive, dropped)
         order = sorted(alive)
-        total = masked_vector(uploads[order[0]])
+        total = self._ring(masked_vector(uploads[order[0]]), length + 1)
         for i in order[1:]:  # one upload deserialized at a time: n x 4 MB per 1M values never coexist
-            total = ring_add(total, masked_vector(uploads[i]))
+            total = ring_add(total, self._ring(masked_vector(uploads[i]), length + 1))
         total = self._remove_self_masks(total, alive, seed_shares, length + 1)
         total = self._remove_dropped_pairwise(total, graph, keys, alive, dropped=dropped, shares=key_shares,
                                               length=length + 1)
+        sizes = [payload_bytes(uploads[i].content[wire.SA_MASKED]) for i in sorted(alive)]
+        survivors, replies = sorted(self.node_of[i] for i in alive), [uploads[i] for i in sorted(alive)]
+        if self.integer_bits:
+            return SecureSum(np.zeros(0), 0.0, survivors, replies, self.failures, sizes, self.refusals,
+                             ring=low_bits(total, self.integer_bits))
         decoded = decode_sum(total, ring_encoding(self.settings.clip_range, len(self.index), self.settings.bits))
-        return SecureSum(decoded[:-1], float(decoded[-1]), sorted(self.node_of[i] for i in alive),
-                         [uploads[i] for i in sorted(alive)], self.failures,
-                         [payload_bytes(uploads[i].content[wire.SA_MASKED]) for i in sorted(alive)], self.refusals)
+        return SecureSum(decoded[:-1], float(decoded[-1]), survivors, replies, self.failures, sizes, self.refusals)
+
+    def _ring(self, upload: np.ndarray, length: int) -> np.ndarray:
+        """An upload as ring elements: packed integers are unpacked into Z_2^32 words."""
+        return unpack_bits(upload, self.integer_bits, length) if self.integer_bits else upload
 
     def _reconstruct(self, shares: dict[int, bytes], owner: int, what: str, length: int) -> bytes:
         if len(shares) < self.threshold:
@@ -173,7 +193,7 @@ class SecAggRound:
         self_label, _ = labels(self.round)
         for i in sorted(alive):
             seed = self._reconstruct(shares.get(i, {}), i, "self-mask seed", SEED_BYTES)
-            total = ring_sub(total, expand_mask(seed, length, self.settings.bits, self_label))
+            total = ring_sub(total, expand_mask(seed, length, self.mask_bits, self_label))
         return total
 
     def _remove_dropped_pairwise(self, total: np.ndarray, graph: dict, keys: dict, alive: set[int], *,
@@ -184,7 +204,7 @@ class SecAggRound:
             for j in graph[d]:
                 if j in alive:  # j added pairwise_mask(seed, j, d) for its dropped neighbour d
                     seed = agree(mask_sk, keys[j][1], MASK_INFO)
-                    total = ring_sub(total, pairwise_mask(seed, j, d, length, bits=self.settings.bits,
+                    total = ring_sub(total, pairwise_mask(seed, j, d, length, bits=self.mask_bits,
                                                               label=pair_label))
         return total
 
@@ -194,13 +214,15 @@ def masked_vector(reply: Message) -> np.ndarray:
     return array_record(reply.content, wire.SA_MASKED)[wire.SA_MASKED].numpy()
 
 
-def _malformed(reply: Message, length: int, bits: int) -> str | None:
+def _malformed(reply: Message, length: int, *, bits: int, packed_bits: int | None = None) -> str | None:
     """Why a stage-3 reply (not a refusal) is not a usable masked upload, or None."""
     record = reply.content.get(wire.SA_MASKED)
     if not isinstance(record, ArrayRecord) or wire.SA_MASKED not in record:
         return "no masked vector in the reply"
     array = record[wire.SA_MASKED]
-    dtype = f"uint{bits}"
+    dtype = "uint8" if packed_bits else f"uint{bits}"
+    if packed_bits:
+        length = packed_size(length, packed_bits)
     if array.dtype != dtype or tuple(array.shape) != (length,):
         return f"masked vector has dtype {array.dtype} and shape {tuple(array.shape)}, expected {dtype} ({length},)"
     return None

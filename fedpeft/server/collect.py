@@ -66,10 +66,16 @@ def collect_secure(secure: Any, global_state: dict[str, Any], weight_scale: floa
     """
     from fedpeft.secagg.vector import unflatten
 
-    out = RoundCollection(failures={str(node): reason for node, reason in secure.failures.items()})
+    out = secure_metrics(secure)
     out.total.update_sum = unflatten(secure.values * weight_scale, global_state)
     out.total.weight_sum = secure.weight_sum * weight_scale
     out.total.count = len(secure.survivors)
+    return out
+
+
+def secure_metrics(secure: Any) -> RoundCollection:
+    """What a secure round tells besides the sum: each site's metrics, upload size and digest, refusals, failures."""
+    out = RoundCollection(failures={str(node): reason for node, reason in secure.failures.items()})
     for reply, size in zip(secure.train_replies, secure.upload_bytes, strict=True):
         metrics = reply.content[wire.METRICS]
         out.losses.append((float(metrics[wire.TRAIN_LOSS]), 1.0))

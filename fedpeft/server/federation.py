@@ -39,6 +39,7 @@ from fedpeft.runs.state import (
 )
 from fedpeft.secagg.server import SecAggRound
 from fedpeft.secagg.vector import weight_scale
+from fedpeft.server import distributed
 from fedpeft.server.client_dp import ServerClientDp
 from fedpeft.server.collect import RoundCollection, collect_secure, collect_updates
 from fedpeft.server.initial import InitialAdapter
@@ -61,8 +62,9 @@ class Applied:
 @dataclass(frozen=True)
 class Evaluation:
     global_accuracy: float
-    global_loss: float
+    global_loss: float | None
     site_accuracy: dict[str, float]
+    evaluated: bool = True  # False: a round between evaluations (federation.eval_every), the last one's values
 
 
 class Federation:
@@ -80,6 +82,7 @@ class Federation:
         self.rule = build_rule(cfg.federation.aggregation, **cfg.strategy.rule_options())
         self.client_dp = ServerClientDp(cfg)
         self.aggregate = AggregationPipeline(method=self.method, rule=self.rule, client_dp=self.client_dp)
+        self.distributed = cfg.privacy.dp and cfg.privacy.dp_mode == "distributed"  # one DP step per round
         self.site_epsilon: dict[str, float] = {}
         self.accuracy_by_round: list[float] = []
         self.site_of_node: dict[int, str] = {}  # learnt from the sites' evaluation replies
@@ -172,9 +175,9 @@ class Federation:
             self.audit.refusal(server_round, site, rule=refusal.rule, reason=refusal.reason)
         applied = self.apply_round(got, server_round, sampled_fraction=len(sampled) / len(nodes))
         self.site_epsilon.update(got.site_epsilon)
-        self.warn_whole_batch(got.whole_batch_sites)
-        with self.progress.stage(f"round {server_round}: evaluating on {len(nodes)} sites"):
-            evaluation = self.evaluate(nodes, server_round)
+        if not self.distributed:  # a distributed round's full batch (q = 1) is the plan, not a mistake
+            self.warn_whole_batch(got.whole_batch_sites)
+        evaluation = self.evaluate_or_keep(nodes, server_round)
         audit = round_audit_record(
             server_round=server_round, sampled=[self.site_name(n) for n in sampled], got=got,
             aggregated=applied.state is not None, cfg=self.cfg, update_norm=applied.update_norm,
@@ -221,15 +224,20 @@ class Federation:
     def secure_train_round(self, sampled: list[int], server_round: int) -> RoundCollection:
         import torch  # noqa: F401  (ArrayRecord needs torch imported to accept a state dict)
 
-        config = ConfigRecord(self.train_config(server_round))
-        content = RecordDict({wire.ADAPTER: ArrayRecord(self.global_state), wire.CONFIG: config})
         length = sum(t.numel() for t in self.template.values())
+        plan = distributed.round_plan(self.cfg, dim=length, sampled=len(sampled)) if self.distributed else None
+        config = ConfigRecord({**self.train_config(server_round), **(distributed.instructions(plan) if plan else {})})
+        content = RecordDict({wire.ADAPTER: ArrayRecord(self.global_state), wire.CONFIG: config})
+        secure_round = SecAggRound(self.grid, sampled, server_round, self.cfg.secagg, timeout=self.timeout,
+                                   integer_bits=plan.bits if plan else None)
         try:
-            secure = SecAggRound(self.grid, sampled, server_round, self.cfg.secagg,
-                                 timeout=self.timeout).run(content, length)
-        except SecAggAbort as abort:
+            secure = secure_round.run(content, length)
+        except SecAggAbort as abort:  # nothing decoded; the sites' refusals still go on the record
             self.progress.message(f"[yellow]{abort}[/yellow]")
-            return RoundCollection(failures={"secagg": str(abort)})
+            return RoundCollection(failures={"secagg": str(abort)},
+                                   refusals={str(node): r for node, r in secure_round.refusals.items()})
+        if plan is not None:
+            return distributed.collect(secure, self.template, plan)
         scale = weight_scale(weighting=self.cfg.federation.weighting, max_weight=self.cfg.secagg.max_weight)
         return collect_secure(secure, self.template, scale)
 
@@ -256,6 +264,15 @@ class Federation:
         tensors = {name: {"shape": list(array.shape), "dtype": array.dtype, "bytes": len(array.data)}
                    for name, array in record.items()}
         write_json_atomic(path, {"tensors": tensors, "total_bytes": payload_bytes(record)})
+
+    def evaluate_or_keep(self, nodes: list[int], server_round: int) -> Evaluation:
+        """Every ``federation.eval_every`` rounds and after the last one (a distributed-DP run has hundreds of
+        one-step rounds); in between, the last evaluation stands, marked as not re-evaluated."""
+        every, last = self.cfg.federation.eval_every, self.cfg.federation.rounds
+        if server_round % every and server_round != last and self.accuracy_by_round:
+            return Evaluation(self.accuracy_by_round[-1], None, dict(self.last_site_accuracy), evaluated=False)
+        with self.progress.stage(f"round {server_round}: evaluating on {len(nodes)} sites"):
+            return self.evaluate(nodes, server_round)
 
     def evaluate(self, nodes: list[int], server_round: int) -> Evaluation:
         replies = broadcast(self.grid, nodes, EVALUATE, self.global_state, config={wire.SERVER_ROUND: server_round},
@@ -286,7 +303,7 @@ class Federation:
 
 def _eval_fields(evaluation: Evaluation) -> dict[str, Any]:
     return {"global_accuracy": evaluation.global_accuracy, "global_eval_loss": evaluation.global_loss,
-            "site_accuracy": evaluation.site_accuracy}
+            "site_accuracy": evaluation.site_accuracy, "evaluated": evaluation.evaluated}
 
 
 def _weighted_mean(pairs: list[tuple[float, float]]) -> float | None:

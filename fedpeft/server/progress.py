@@ -32,6 +32,11 @@ class ConsoleProgress:
                            f"values travel per client)")
 
     def round_done(self, record: dict[str, Any]) -> None:
+        if not record.get("evaluated", True):  # between evaluations (federation.eval_every): one short line
+            self.console.print(f"round {record['round']:>3}/{self.total_rounds} | "
+                               f"{record.get('sites_returned', 0)}/{record.get('sites_sampled', 0)} sites | "
+                               f"{record['seconds']:.1f}s", highlight=False)
+            return
         sites = " ".join(f"s{pid}={acc:.3f}" for pid, acc in sorted(record["site_accuracy"].items(),
                                                                       key=lambda kv: int(kv[0])))
         head = f"round {record['round']:>3}/{self.total_rounds} | global acc {record['global_accuracy']:.3f}"

@@ -29,6 +29,7 @@ class AggregationRule(ABC):
     name: ClassVar[str]
     works_on_secure_sum: ClassVar[bool] = True
     client_proximal_term: ClassVar[bool] = False  # sites add (mu / 2) * ||w - w_global||^2 to their loss (FedProx)
+    takes_gradients: ClassVar[bool] = False  # sites send clipped gradient sums, not updates (distributed DP)
 
     def __init__(self, **options: Any) -> None:
         """Rules take the ``[strategy]`` options they use and ignore the others (all rules get the same set)."""

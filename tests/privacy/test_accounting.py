@@ -2,10 +2,19 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from fedpeft.errors import PrivacyError
-from fedpeft.privacy.accounting import epsilon, noise_multiplier_for, planned_steps
+from fedpeft.privacy import skellam
+from fedpeft.privacy.accounting import (
+    SkellamRelease,
+    epsilon,
+    history_epsilon,
+    noise_multiplier_for,
+    planned_steps,
+    skellam_mu_for,
+)
 
 DELTA = 1e-5
 Q = 16 / 1000  # 1000 examples per site, batch 16
@@ -156,3 +165,115 @@ def test_planned_steps():
     assert planned_steps(1000, 16, 2, max_steps=100) == (0.016, 100)
     assert planned_steps(1024, 16, 1) == (16 / 1024, 64)
     assert planned_steps(10, 16, 3) == (1.0, 3)
+
+
+# ---- mixed histories: Gaussian (DP-SGD) and Skellam (distributed DP) releases ---------------------------------------
+
+SK_Q, SK_L2 = 0.02, 120.0
+SK_L1 = SK_L2 * 10.0
+SK_MU = (1.1 * SK_L2) ** 2  # Gaussian-equivalent noise multiplier 1.1
+
+
+def _skellam_release(steps: int = 40, mu: float = SK_MU) -> SkellamRelease:
+    return SkellamRelease(sample_rate=SK_Q, mu=mu, l1=SK_L1, l2=SK_L2, steps=steps)
+
+
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+def test_history_epsilon_of_gaussian_releases_is_todays_epsilon(accountant):
+    history = [(1.0, Q, 40), (1.5, 0.032, 30), (1.0, Q, 20)]
+    assert history_epsilon(history, DELTA, accountant) == epsilon(history, DELTA, accountant)
+    assert history_epsilon([], DELTA, accountant) == 0.0
+    assert history_epsilon([(0.0, Q, 3)], DELTA, accountant) == math.inf
+    # a Skellam release of zero steps releases nothing: still today's Gaussian epsilon
+    assert history_epsilon([*history, _skellam_release(0)], DELTA, accountant) == epsilon(history, DELTA, accountant)
+
+
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+def test_history_epsilon_of_one_skellam_release_is_skellam_epsilon(accountant):
+    expected = skellam.epsilon(q=SK_Q, mu=SK_MU, steps=40, l1=SK_L1, l2=SK_L2, delta=DELTA)
+    assert history_epsilon([_skellam_release(40)], DELTA, accountant) == expected
+    # split into rounds (one release per round, as the ledger records them) it composes to the same number
+    assert history_epsilon([_skellam_release(1)] * 40, DELTA, accountant) == pytest.approx(expected, rel=1e-12)
+
+
+def test_mixed_history_is_the_rdp_composition_summed_by_hand():
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    gaussian = [(1.0, Q, 63), (1.3, 0.032, 20)]
+    history = [gaussian[0], _skellam_release(10), gaussian[1], _skellam_release(5, mu=2 * SK_MU)]
+    orders = list(skellam.DEFAULT_ORDERS)
+    by_hand = np.zeros(len(orders))
+    for sigma, q, steps in gaussian:
+        by_hand += compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=orders)
+    by_hand += skellam.rdp_curve(q=SK_Q, mu=SK_MU, l1=SK_L1, l2=SK_L2, steps=10, orders=orders)
+    by_hand += skellam.rdp_curve(q=SK_Q, mu=2 * SK_MU, l1=SK_L1, l2=SK_L2, steps=5, orders=orders)
+    # the same conversion as Opacus' RDP accountant (Balle et al. 2020), on the integer orders
+    expected = float(np.min(by_hand + np.log1p(-1 / np.array(orders)) - (math.log(DELTA) + np.log(orders))
+                            / (np.array(orders) - 1)))
+    mixed = history_epsilon(history, DELTA, "rdp")
+    assert mixed == pytest.approx(expected, rel=1e-12)
+    assert history_epsilon(history, DELTA, "prv") == mixed  # a Skellam release: RDP whatever the setting
+    # composition only adds: above each part alone (and above today's RDP epsilon of the Gaussian part)
+    assert mixed > history_epsilon([_skellam_release(10), _skellam_release(5, mu=2 * SK_MU)], DELTA)
+    assert mixed > epsilon(gaussian, DELTA, "rdp") > epsilon(gaussian, DELTA, "prv")
+    assert history_epsilon([*history, (0.0, Q, 1)], DELTA, "rdp") == math.inf
+
+
+def test_skellam_mu_for_composes_with_history_and_meets_the_target():
+    history = [(1.0, Q, 63), _skellam_release(3)]
+    alone = skellam_mu_for(4.0, DELTA, sample_rate=SK_Q, l1=SK_L1, l2=SK_L2, steps=20)
+    after = skellam_mu_for(4.0, DELTA, sample_rate=SK_Q, l1=SK_L1, l2=SK_L2, steps=20, history=history)
+    assert after > alone
+    for prior, mu in (([], alone), (history, after)):
+        eps = history_epsilon([*prior, _skellam_release(20, mu=mu)], DELTA, "prv")
+        assert 4.0 * 0.98 <= eps <= 4.0  # at most the target, and not wastefully far below it
+        assert history_epsilon([*prior, _skellam_release(20, mu=mu * 0.99)], DELTA) > 4.0  # within 1%
+    # without a history it is skellam.mu_for (same bisection, same accounting)
+    direct = skellam.mu_for(target_epsilon=4.0, q=SK_Q, steps=20, l1=SK_L1, l2=SK_L2, delta=DELTA)
+    assert alone == pytest.approx(direct, rel=skellam.MU_RELATIVE_TOLERANCE)
+
+
+def test_skellam_mu_for_refuses_spent_or_unreachable_budgets():
+    with pytest.raises(PrivacyError, match=r"already spends epsilon=2\.4.*prv"):
+        skellam_mu_for(2.0, DELTA, sample_rate=SK_Q, l1=SK_L1, l2=SK_L2, steps=5, history=[(1.0, Q, 625)])
+    # PRV says 2.44 of 2.6 is spent, but with a Skellam release the whole history is accounted by RDP, which
+    # already gives the Gaussian part alone 2.76: no Skellam noise fits
+    with pytest.raises(PrivacyError, match="unreachable.*accounted by RDP"):
+        skellam_mu_for(2.6, DELTA, sample_rate=SK_Q, l1=SK_L1, l2=SK_L2, steps=5, history=[(1.0, Q, 625)])
+    with pytest.raises(PrivacyError, match="unreachable"):
+        skellam_mu_for(0.001, DELTA, sample_rate=SK_Q, l1=SK_L1, l2=SK_L2, steps=5)  # below the floor 0.0035
+    with pytest.raises(PrivacyError, match="steps=0"):
+        skellam_mu_for(1.0, DELTA, sample_rate=SK_Q, l1=SK_L1, l2=SK_L2, steps=0)
+
+
+def test_noise_multiplier_for_after_a_skellam_release_accounts_by_rdp():
+    history = [_skellam_release(10)]
+    sigma = noise_multiplier_for(5.0, DELTA, Q, 300, accountant="prv", history=history)
+    eps = history_epsilon([*history, (sigma, Q, 300)], DELTA, "prv")
+    assert 5.0 - 0.05 <= eps <= 5.0
+    # RDP over the whole history is looser than PRV on the Gaussian part alone: more noise is needed
+    assert sigma > noise_multiplier_for(5.0, DELTA, Q, 300, accountant="prv")
+
+
+@pytest.mark.parametrize(
+    ("release", "shown"),
+    [
+        (SkellamRelease(0.0, SK_MU, SK_L1, SK_L2), "sample_rate=0.0"),
+        (SkellamRelease(1.5, SK_MU, SK_L1, SK_L2), "sample_rate=1.5"),
+        (SkellamRelease(SK_Q, 0.0, SK_L1, SK_L2), "mu=0.0"),
+        (SkellamRelease(SK_Q, math.inf, SK_L1, SK_L2), "mu=inf"),
+        (SkellamRelease(SK_Q, SK_MU, SK_L1, 0.0), "l2=0.0"),
+        (SkellamRelease(SK_Q, SK_MU, 1.0, SK_L2), "l1=1.0"),
+        (SkellamRelease(SK_Q, SK_MU, SK_L1, SK_L2, -1), "steps=-1"),
+        (SkellamRelease(SK_Q, SK_MU, SK_L1, SK_L2, 1.5), "steps=1.5"),  # type: ignore[arg-type]
+    ],
+)
+def test_invalid_skellam_releases_name_the_value(release, shown):
+    with pytest.raises(PrivacyError, match="history\\[1\\]") as info:
+        history_epsilon([(1.0, Q, 1), release], DELTA)
+    assert shown in str(info.value)
+
+
+def test_gaussian_only_functions_refuse_a_skellam_release_with_the_fix():
+    with pytest.raises(PrivacyError, match="is a Skellam release.*history_epsilon"):
+        epsilon([_skellam_release()], DELTA)

@@ -1,12 +1,14 @@
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 
 import pytest
 
 from fedpeft.errors import LedgerCorrupted, PrivacyBudgetExceeded, PrivacyError
-from fedpeft.privacy.accounting import epsilon
+from fedpeft.privacy.accounting import SkellamRelease, epsilon, history_epsilon
 from fedpeft.privacy.ledger import LedgerEntry, PrivacyLedger
 
 DELTA = 1e-5
@@ -223,10 +225,13 @@ def _rechained(records: list[dict]) -> list[bytes]:
 
 
 def test_every_line_records_the_schema_version(three_rounds):
-    from fedpeft.privacy.ledger import SCHEMA_VERSION
+    from fedpeft.privacy.ledger import GAUSSIAN_SCHEMA_VERSION, SCHEMA_VERSION
 
-    assert SCHEMA_VERSION == 1
-    assert [json.loads(line)["schema_version"] for line in _lines(three_rounds)] == [SCHEMA_VERSION] * 3
+    # Version 2 added distributed-DP (Skellam) lines; a Gaussian line is still written as version 1, with version
+    # 1's fields only, so a fedpeft that predates version 2 keeps reading a Gaussian-only ledger.
+    assert SCHEMA_VERSION == 2 and GAUSSIAN_SCHEMA_VERSION == 1
+    assert [json.loads(line)["schema_version"] for line in _lines(three_rounds)] == [GAUSSIAN_SCHEMA_VERSION] * 3
+    assert all("mechanism" not in json.loads(line) for line in _lines(three_rounds))
     assert PrivacyLedger(three_rounds).rounds() == {1, 2, 3}
 
 
@@ -247,14 +252,14 @@ def test_a_ledger_written_before_schema_versions_loads_and_stays_chained(three_r
 
 def test_a_line_from_a_newer_fedpeft_is_refused_with_the_fix(three_rounds):
     records = [{k: v for k, v in json.loads(line).items() if k != "prev"} for line in _lines(three_rounds)]
-    records[2] = {**records[2], "schema_version": 2, "new_field": "x"}  # a newer writer's line, validly chained
+    records[2] = {**records[2], "schema_version": 3, "new_field": "x"}  # a newer writer's line, validly chained
     _write_lines(three_rounds, _rechained(records))
     before = three_rounds.read_bytes()
     with pytest.raises(LedgerCorrupted) as info:
         PrivacyLedger(three_rounds)
     message = str(info.value)
-    assert f"privacy ledger {three_rounds} (line 3) was written by a newer fedpeft (schema_version 2)" in message
-    assert "reads schema_version 1 and older" in message and "upgrade fedpeft" in message
+    assert f"privacy ledger {three_rounds} (line 3) was written by a newer fedpeft (schema_version 3)" in message
+    assert "reads schema_version 2 and older" in message and "upgrade fedpeft" in message
     assert three_rounds.read_bytes() == before
 
 
@@ -265,3 +270,136 @@ def test_a_malformed_schema_version_is_damage(three_rounds, version):
     _write_lines(three_rounds, _rechained(records))
     with pytest.raises(LedgerCorrupted, match=r"corrupted at line 2: bad value: 'schema_version' must be an integer"):
         PrivacyLedger(three_rounds)
+
+
+# ---- distributed DP: Skellam lines (schema version 2) ------------------------------------------------------------
+
+SK = {"sample_rate": 0.02, "mu": 132.0**2, "l1": 1200.0, "l2": 120.0}
+
+
+def _skellam_entry(ledger: PrivacyLedger, round_: int, **overrides) -> LedgerEntry:
+    """A valid Skellam line for ``round_`` (its epsilon as check() predicts it), then ``overrides`` applied."""
+    release = SkellamRelease(SK["sample_rate"], SK["mu"], SK["l1"], SK["l2"], 1)
+    eps = ledger.check(release, DELTA, 50.0, "rdp")
+    entry = LedgerEntry(round=round_, steps=1, sample_rate=SK["sample_rate"], noise_multiplier=release.noise_multiplier,
+                        max_grad_norm=1.0, epsilon=eps, delta=DELTA, accountant="rdp", mechanism="skellam",
+                        mu=SK["mu"], l1=SK["l1"], l2=SK["l2"], cohort=3, scale=40.0)
+    return dataclasses.replace(entry, **overrides)
+
+
+def test_a_skellam_line_round_trips_with_every_field_as_version_2(three_rounds):
+    ledger = PrivacyLedger(three_rounds)
+    entry = _skellam_entry(ledger, 4)
+    ledger.commit(entry)
+    _commit_round(ledger, 5)  # a Gaussian line after it is still written as version 1
+    reloaded = PrivacyLedger(three_rounds)
+    assert reloaded.entries == ledger.entries
+    assert reloaded.entries[3] == dataclasses.replace(entry, timestamp=reloaded.entries[3].timestamp)
+    lines = [json.loads(line) for line in _lines(three_rounds)]
+    assert [line["schema_version"] for line in lines] == [1, 1, 1, 2, 1]
+    assert {k: lines[3][k] for k in ("mechanism", "mu", "l1", "l2", "cohort", "scale")} == {
+        "mechanism": "skellam", "mu": SK["mu"], "l1": SK["l1"], "l2": SK["l2"], "cohort": 3, "scale": 40.0}
+    assert all("mechanism" not in lines[i] for i in (0, 1, 2, 4))
+    assert reloaded.history() == [RELEASE] * 3 + [SkellamRelease(SK["sample_rate"], SK["mu"], SK["l1"], SK["l2"], 1),
+                                                  RELEASE]
+    assert reloaded.entries[3].noise_multiplier == pytest.approx(132.0 / 120.0)
+    # the recorded epsilons are the mixed history's, composed by RDP
+    assert reloaded.epsilon_spent() == history_epsilon(reloaded.history(), DELTA, "rdp")
+    assert reloaded.entries[3].epsilon == history_epsilon(reloaded.history()[:4], DELTA, "rdp")
+
+
+def test_a_ledger_written_by_the_version_1_writer_still_loads(tmp_path):
+    """Bytes exactly as fedpeft wrote them before distributed DP: schema_version 1 and the 11 version-1 fields."""
+    fields = ("round", "steps", "sample_rate", "noise_multiplier", "max_grad_norm", "epsilon", "delta",
+              "accountant", "kind", "timestamp", "run")
+    records = []
+    for round_ in (1, 2):
+        eps = epsilon([RELEASE] * round_, DELTA, "rdp")
+        values = (round_, 63, Q, 1.0, 1.0, eps, DELTA, "rdp", "example", "2025-01-01T00:00:00+00:00", "")
+        records.append({"schema_version": 1, **dict(zip(fields, values, strict=True))})
+    path = tmp_path / "ledger.jsonl"
+    _write_lines(path, _rechained(records))
+    ledger = PrivacyLedger(path)
+    assert ledger.history() == [RELEASE, RELEASE] and ledger.rounds() == {1, 2}
+    assert all(e.mechanism == "gaussian" and e.mu == 0.0 and e.cohort == 0 for e in ledger.entries)
+    ledger.commit(_skellam_entry(ledger, 3))  # and a distributed round appends to it
+    assert PrivacyLedger(path).entries == ledger.entries and path.read_bytes().startswith(
+        b"".join(line + b"\n" for line in _rechained(records)))
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        {"mu": 4 * SK["mu"], "noise_multiplier": 2 * 132.0 / 120.0},  # more noise claimed: less epsilon
+        {"l2": 60.0, "noise_multiplier": 132.0 / 60.0},
+        {"l1": 1e9},
+        {"cohort": 99},
+        {"scale": 1.0},
+    ],
+)
+def test_the_hash_chain_covers_the_skellam_fields(tmp_path, edit):
+    path = tmp_path / "ledger.jsonl"
+    ledger = PrivacyLedger(path)
+    ledger.commit(_skellam_entry(ledger, 1))
+    _commit_round(ledger, 2)
+    lines = _lines(path)
+    lines[0] = json.dumps({**json.loads(lines[0]), **edit}).encode()  # still a valid line on its own
+    _write_lines(path, lines)
+    with pytest.raises(LedgerCorrupted, match="corrupted at line 2: its 'prev' hash does not match"):
+        PrivacyLedger(path)
+    lines[0] = json.dumps({**json.loads(lines[0]), "mechanism": "gaussian"}).encode()  # and an invalid one
+    _write_lines(path, lines)
+    with pytest.raises(LedgerCorrupted, match="corrupted at line 1: bad value: 'mu'=.* for a 'gaussian' release"):
+        PrivacyLedger(path)
+
+
+@pytest.mark.parametrize(
+    ("fields", "shown"),
+    [
+        ({"mu": 0.0, "noise_multiplier": 0.0}, "'mu'=0.0 must be a finite number > 0"),
+        ({"mu": math.inf}, "'mu'=inf must be a finite number > 0"),
+        ({"l2": 0.0}, "'l2'=0.0 must be a finite number > 0"),
+        ({"l1": 100.0}, "'l1'=100.0 must be a finite number >= l2=120.0"),
+        ({"cohort": 0}, "'cohort'=0 must be >= 1"),
+        ({"scale": 0.0}, "'scale'=0.0 must be a finite number > 0"),
+        ({"noise_multiplier": 1.0}, "'noise_multiplier'=1.0 must be sqrt(mu)/l2"),
+        ({"mechanism": "laplace"}, "'mechanism'='laplace' must be one of ('gaussian', 'skellam')"),
+        ({"mechanism": "gaussian"}, "'mu'=17424.0 must be 0.0 for a 'gaussian' release"),
+    ],
+)
+def test_invalid_skellam_entries_are_refused(tmp_path, fields, shown):
+    path = tmp_path / "ledger.jsonl"
+    ledger = PrivacyLedger(path)
+    with pytest.raises(PrivacyError) as info:
+        ledger.commit(_skellam_entry(ledger, 1, **fields))
+    assert shown in str(info.value)
+    assert not path.exists()
+
+
+def test_a_version_1_line_cannot_carry_skellam_fields(three_rounds):
+    records = [{k: v for k, v in json.loads(line).items() if k != "prev"} for line in _lines(three_rounds)]
+    records[1] = {**records[1], "mechanism": "skellam", "mu": 1e4}  # claims version 1, has version 2's fields
+    _write_lines(three_rounds, _rechained(records))
+    with pytest.raises(LedgerCorrupted, match=r"line 2: wrong fields \(missing \[\], unexpected \['mechanism', 'mu'\]"):
+        PrivacyLedger(three_rounds)
+
+
+def test_a_version_2_line_needs_every_field(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    ledger = PrivacyLedger(path)
+    ledger.commit(_skellam_entry(ledger, 1))
+    record = {k: v for k, v in json.loads(_lines(path)[0]).items() if k not in ("prev", "cohort")}
+    _write_lines(path, _rechained([record]))
+    with pytest.raises(LedgerCorrupted, match=r"line 1: wrong fields \(missing \['cohort'\]"):
+        PrivacyLedger(path)
+
+
+def test_check_of_a_skellam_release_refuses_over_budget_and_writes_nothing(three_rounds):
+    ledger = PrivacyLedger(three_rounds)
+    before = three_rounds.read_bytes()
+    tiny = SkellamRelease(SK["sample_rate"], 1.0, SK["l1"], SK["l2"], 1)  # almost no noise
+    with pytest.raises(PrivacyBudgetExceeded, match=r"1 Skellam release\(s\), total variance mu=1 .*raise the noise"):
+        ledger.check(tiny, DELTA, 5.0, "rdp")
+    assert three_rounds.read_bytes() == before
+    with pytest.raises(PrivacyError, match="l1=1.0 is invalid"):
+        ledger.check(SkellamRelease(SK["sample_rate"], 1e4, 1.0, SK["l2"], 1), DELTA, 5.0, "rdp")

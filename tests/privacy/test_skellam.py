@@ -248,6 +248,37 @@ def test_accounting_rejects_bad_values():
         sk.epsilon(**good, orders=[1, 2])
 
 
+def test_rdp_curve_and_conversion_are_what_epsilon_composes():
+    kwargs = dict(q=0.02, mu=3e4, l1=1.2e3, l2=120.0)
+    curve = sk.rdp_curve(**kwargs, steps=7)
+    assert curve.shape == (len(sk.DEFAULT_ORDERS),) and curve.dtype == np.float64
+    assert np.all(np.diff(curve) >= 0)  # RDP grows with the order
+    # linear in the steps (composition), and at each order the subsampled Skellam bound
+    assert np.allclose(curve, 7 * sk.rdp_curve(**kwargs, steps=1), rtol=1e-12)
+    base = lambda a: sk.skellam_rdp(a, l1=1.2e3, l2=120.0, mu=3e4)  # noqa: E731
+    assert curve[sk.DEFAULT_ORDERS.index(17)] == pytest.approx(7 * sk.subsampled_rdp(17, 0.02, base), rel=1e-12)
+    eps = sk.epsilon(**kwargs, steps=7, delta=DELTA)
+    assert sk.rdp_to_epsilon(curve, sk.DEFAULT_ORDERS, DELTA) == eps
+    orders = [2, 8, 32]
+    assert sk.rdp_to_epsilon(sk.rdp_curve(**kwargs, steps=7, orders=orders), orders, DELTA) == sk.epsilon(
+        **kwargs, steps=7, delta=DELTA, orders=orders)
+    assert np.array_equal(sk.rdp_curve(**kwargs, steps=0, orders=orders), np.zeros(3))
+
+
+def test_rdp_to_epsilon_fails_closed():
+    orders = [2, 8, 32]
+    assert sk.rdp_to_epsilon([math.inf] * 3, orders, DELTA) == math.inf
+    finite = sk.rdp_to_epsilon([math.inf, 0.5, math.inf], orders, DELTA)
+    assert finite == pytest.approx(0.5 + math.log(7 / 8) - (math.log(DELTA) + math.log(8)) / 7)
+    assert sk.rdp_to_epsilon([math.nan] * 3, orders, DELTA) == math.inf  # never the 0.0 that max(0, nan) gives
+    with pytest.raises(PrivacyError, match="one RDP value per order"):
+        sk.rdp_to_epsilon([0.1, 0.2], orders, DELTA)
+    with pytest.raises(PrivacyError, match="negative"):
+        sk.rdp_to_epsilon([0.1, -0.2, 0.3], orders, DELTA)
+    with pytest.raises(PrivacyError, match="delta"):
+        sk.rdp_to_epsilon([0.1, 0.2, 0.3], orders, 0.0)
+
+
 # ---- the ring ----------------------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,70 @@
+"""A site's side of distributed DP: one round is one DP step, the site releases its noisy clipped-gradient sum.
+
+Before anything is computed the site re-derives the round's public parameters from its own run config and checks
+the server's (a server cannot talk a site into less noise or a smaller cohort), asks its ledger for the noise this
+round needs, and refuses (a typed refusal) when the policy, the budget or the cohort forbids the round. The noise
+is drawn from the operating system's entropy, never from the run's seed: a seed the server knows would let it
+subtract the noise.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from fedpeft import wire
+from fedpeft.config import RunConfig
+from fedpeft.errors import PolicyViolation, PrivacyError
+from fedpeft.privacy import distributed
+from fedpeft.privacy.policy import SitePolicy
+from fedpeft.privacy.site_budget import SiteBudget
+
+RELATIVE_TOLERANCE = 1e-9
+
+
+def checked_plan(cfg: RunConfig, instructions: dict[str, Any], *, dim: int, policy: SitePolicy | None) -> \
+        distributed.DistributedPlan:
+    """The round's plan as this site derives it, after checking the server's announced parameters against it."""
+    announced = {key: instructions.get(key) for key in (wire.DDP_SCALE, wire.DDP_BITS, wire.DDP_COHORT, wire.DDP_MU)}
+    if any(value is None for value in announced.values()):
+        raise PrivacyError("distributed DP: the round's instructions lack its public parameters "
+                           f"({sorted(k for k, v in announced.items() if v is None)}); the site releases nothing")
+    cohort = int(announced[wire.DDP_COHORT])  # type: ignore[arg-type]
+    own_cohort = max(cfg.privacy.min_cohort, policy.min_cohort if policy else 0)
+    if cohort < own_cohort:
+        raise PolicyViolation(f"distributed DP: the round's cohort {cohort} is below this site's minimum {own_cohort}",
+                              rule="min_cohort")
+    base = distributed.plan(cfg, dim=dim, cohort=cohort, max_rows=int(cfg.secagg.max_weight))
+    if not math.isclose(float(announced[wire.DDP_SCALE]), base.scale, rel_tol=RELATIVE_TOLERANCE):  # type: ignore
+        raise PrivacyError(f"distributed DP: the server's scale {announced[wire.DDP_SCALE]} is not the run's "
+                           f"{base.scale:g}; the site releases nothing")
+    return replace(base, mu=float(announced[wire.DDP_MU]), bits=int(announced[wire.DDP_BITS]))  # type: ignore
+
+
+def noise_share(plan: distributed.DistributedPlan, *, needed_mu: float, accepts_shares: bool) -> float:
+    """This site's Skellam share: mu / m when it trusts the cohort's shares, plus whatever its own ledger needs
+    beyond the round's mu (the other m - 1 shares carry (m - 1) mu / m); its whole need when it accepts no shares."""
+    if not accepts_shares:
+        return needed_mu
+    return max(plan.share, needed_mu - (plan.cohort - 1) * plan.share)
+
+
+def release(model_method: Any, model: Any, data: Any, plan: distributed.DistributedPlan, *,
+            share: float) -> np.ndarray:
+    """The upload: the rounded clipped-gradient sum of a Poisson sample of the rows, plus the noise share."""
+    rng = np.random.default_rng(secrets.randbits(128))
+    rows = distributed.sample_rows(model_method.num_rows(data), plan.sample_rate, rng)
+    chunks = model_method.gradient_rows(model, data, rows, plan.clip)
+    shared = replace(plan, mu=share * plan.cohort)  # release() adds mu / cohort = this site's share
+    return distributed.release(chunks, plan_=shared, num_rows=model_method.num_rows(data), rng=rng)
+
+
+def site_round(*, budget: SiteBudget, server_round: int, plan: distributed.DistributedPlan) -> tuple[float, Any]:
+    """The noise variance this round needs at this site (its ledger's remaining budget), checked before release."""
+    planned = budget.plan_distributed(server_round, sample_rate=plan.sample_rate, l1=plan.l1, l2=plan.l2,
+                                      scale=plan.scale, cohort=plan.cohort)
+    return planned.mu, planned

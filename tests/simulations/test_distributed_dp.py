@@ -1,0 +1,79 @@
+"""Distributed DP in a real federation: one DP step per round across the sites, Skellam noise shares under secure
+aggregation; the server code holds only packed masked uploads and the sum, and each site's ledger accounts the
+round as a subsampled Skellam release with its cohort."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import fedpeft.secagg.server as secagg_server
+import fedpeft.server.distributed as server_distributed
+from fedpeft.composition import from_mapping
+from fedpeft.privacy.ledger import PrivacyLedger
+from fedpeft.privacy.site_budget import site_ledger_path
+from fedpeft.runs.run_dir import METRICS_FILE
+from fedpeft.simulations.engine import simulate
+
+pytestmark = pytest.mark.slow
+
+
+def _config(tmp_path, name: str, **privacy):
+    return from_mapping({
+        "model": {"name": "tiny-llama", "max_length": 32},
+        "peft": {"method": "probe"},
+        "federation": {"rounds": 4, "num_sites": 3, "secure_aggregation": True, "aggregation": "server-sgd",
+                       "eval_every": 2},
+        "data": {"synthetic_examples": 240},
+        "secagg": {"max_weight": 100},
+        "privacy": {"dp": True, "dp_mode": "distributed", "target_epsilon": 8.0, **privacy},
+        "run": {"name": name, "out_dir": str(tmp_path)},
+    })
+
+
+def test_a_distributed_dp_federation_releases_only_the_noisy_sum_and_accounts_each_round(tmp_path, monkeypatch):
+    uploads, sums = [], []
+    original_vector, original_collect = secagg_server.masked_vector, server_distributed.collect
+
+    def recording_vector(reply):
+        uploads.append(original_vector(reply))
+        return uploads[-1]
+
+    def recording_collect(secure, template, plan):
+        sums.append((secure.ring.copy(), plan))
+        return original_collect(secure, template, plan)
+
+    monkeypatch.setattr(secagg_server, "masked_vector", recording_vector)
+    monkeypatch.setattr(server_distributed, "collect", recording_collect)
+    cfg = _config(tmp_path, "ddp")
+    result = simulate(cfg)
+    rounds = [json.loads(line) for line in (result.run_dir / METRICS_FILE).read_text().splitlines()]
+    assert [r["aggregated"] for r in rounds[1:]] == [True] * 4
+    assert [r["evaluated"] for r in rounds] == [True, False, True, False, True]
+    assert len(uploads) == 12 and all(u.dtype == np.uint8 for u in uploads), "packed masked uploads only"
+    plan = sums[0][1]
+    assert plan.bits < 32 and uploads[0].nbytes == -(-(plan.dim + 1) * plan.bits // 8)  # bits per value, packed
+    epsilons = [r["site_epsilon"] for r in rounds[1:]]
+    for site in ("0", "1", "2"):
+        spent = [e[site] for e in epsilons]
+        assert spent == sorted(spent) and 0 < spent[-1] <= 8.0 + 1e-6
+        entries = PrivacyLedger(site_ledger_path(cfg, site)).entries
+        assert [e.mechanism for e in entries] == ["skellam"] * 4
+        # each site plans its own variance from its ledger (to the accountant's 0.5 % tolerance of the round's);
+        # its share is at least mu / m, so the sum carries at least what the ledger accounts
+        assert all(e.cohort == plan.cohort and abs(e.mu / plan.mu - 1) < 0.01 for e in entries)
+    adapters = sorted(a.name for a in (result.run_dir / "adapters").glob("round-*"))
+    assert adapters == ["round-0001", "round-0002", "round-0003", "round-0004"]
+
+
+def test_a_site_refuses_when_the_cohort_is_below_its_minimum(tmp_path):
+    policy = tmp_path / "policy.toml"
+    policy.write_text("[policy]\nmax_epsilon = 8.0\nmin_cohort = 3\nallowed_peft_methods = [\"probe\"]\n")
+    cfg = _config(tmp_path, "cohort", policy_file=str(policy))  # 3 sites: the threshold (cohort) is 2
+    result = simulate(cfg)
+    rounds = [json.loads(line) for line in (result.run_dir / METRICS_FILE).read_text().splitlines()]
+    assert all(not r["aggregated"] for r in rounds[1:])
+    assert all(len(r["refusals"]) == 3 and all("min_cohort" in reason or "cohort" in reason
+                                               for reason in r["refusals"].values()) for r in rounds[1:])
