@@ -91,9 +91,10 @@ def run_config(args: argparse.Namespace, source: Path, labels: tuple[str, ...], 
 
 
 def features_of(data: Any, model: Any, tokenizer: Any, args: argparse.Namespace, fingerprint: str) -> probe.Features:
+    """The same cache entries the simulated sites use (same base fingerprint, settings and encoded rows)."""
     encoded = encode_classification(data.texts, data.labels, tokenizer, args.max_length)
     return probe.cached_features(model, encoded, cache_dir=Path(args.cache), base_fingerprint=fingerprint,
-                                 settings={"model": args.model, "max_length": args.max_length, "benchmark": True})
+                                 settings=probe.feature_settings(args.model, args.max_length, tokenizer))
 
 
 def non_private(train: probe.Features, test: probe.Features, args: argparse.Namespace) -> tuple[float, float]:
@@ -134,6 +135,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     with tempfile.TemporaryDirectory(prefix="fedpeft-probe-") as tmp:
         source = Path(tmp) / "train.csv"
         write_csv(train, source)
+        args.max_rows = 10_000  # a bound on any site's rows; tightened from the actual split just below
         cfg = run_config(args, source, train.label_names, tmp, None)
         args.max_rows = max(len(site_split(cfg, i, args.sites).train.texts) for i in range(args.sites))
         cfg = run_config(args, source, train.label_names, tmp, None)
@@ -155,25 +157,31 @@ def baselines(args: argparse.Namespace, cfg: RunConfig, train: Any, test: Any, d
     model, tokenizer = load_base_model(cfg.model, args.classes)
     fingerprint = fingerprint_of(model)
     test_features = features_of(test, model, tokenizer, args, fingerprint)
-    started = time.monotonic()
-    pooled = non_private(features_of(train, model, tokenizer, args, fingerprint), test_features, args)
-    rows = [keep(Row("pooled", *pooled, seconds=time.monotonic() - started), args, done, "")]
-    per_site, f1s = {}, []
+    per_site, f1s, pooled_parts = {}, [], []
     for site in range(args.sites):
-        split = site_split(cfg, site, args.sites).train
-        accuracy, f1 = non_private(features_of(split, model, tokenizer, args, fingerprint), test_features, args)
+        split = site_split(cfg, site, args.sites)
+        own = features_of(split.train, model, tokenizer, args, fingerprint)
+        pooled_parts += [own, features_of(split.eval, model, tokenizer, args, fingerprint)]
+        accuracy, f1 = non_private(own, test_features, args)
         per_site[str(site)] = accuracy
         f1s.append(f1)
+    import torch
+
+    started = time.monotonic()  # the pooled rows are every site's rows (training and held-out parts) together
+    pooled_features = probe.Features(torch.cat([p.x for p in pooled_parts]), torch.cat([p.labels for p in
+                                                                                         pooled_parts]))
+    pooled = non_private(pooled_features, test_features, args)
+    rows = [keep(Row("pooled", *pooled, seconds=time.monotonic() - started), args, done, "")]
     rows.append(keep(Row("alone", float(np.mean(list(per_site.values()))), float(np.mean(f1s)),
                          site_accuracy=per_site), args, done, ""))
     return rows
 
 
 def fingerprint_of(model: Any) -> str:
+    """As a simulated site computes it (fedpeft.methods.probe): the whole base's weights."""
     from fedpeft.audit.payload import model_fingerprint
-    from fedpeft.training.probe import backbone
 
-    return model_fingerprint(backbone(model))
+    return model_fingerprint(model)
 
 
 def keep(row: Row, args: argparse.Namespace, done: dict[str, Row], how: str) -> Row:

@@ -58,9 +58,9 @@ def release(model_method: Any, model: Any, data: Any, plan: distributed.Distribu
     """The upload: the rounded clipped-gradient sum of a Poisson sample of the rows, plus the noise share."""
     rng = np.random.default_rng(secrets.randbits(128))
     rows = distributed.sample_rows(model_method.num_rows(data), plan.sample_rate, rng)
-    chunks = model_method.gradient_rows(model, data, rows, plan.clip)
+    gradient_sum = model_method.clipped_gradient_sum(model, data, rows, plan.clip)
     shared = replace(plan, mu=share * plan.cohort)  # release() adds mu / cohort = this site's share
-    return distributed.release(chunks, plan_=shared, num_rows=model_method.num_rows(data), rng=rng)
+    return distributed.release(gradient_sum, plan_=shared, num_rows=model_method.num_rows(data), rng=rng)
 
 
 def site_round(*, budget: SiteBudget, server_round: int, plan: distributed.DistributedPlan) -> tuple[float, Any]:

@@ -33,6 +33,7 @@ from fedpeft.privacy.dp_sgd import DpSettings, train_private
 from fedpeft.privacy.site_budget import SiteBudget, site_ledger_path, site_policy
 from fedpeft.strategies import registered_rules
 from fedpeft.training.batches import EncodedData, encode_classification, encode_prompt_response
+from fedpeft.training.probe import feature_settings
 from fedpeft.training.trainer import EvalResult, TrainResult
 
 
@@ -95,8 +96,7 @@ class Site:
         self.local_head = cfg.peft.head == "local"
         attach_task_heads(self.model, label_names(cfg) if is_multitask(cfg.data) else None)
         train, held_out = encoded_site_data(cfg, *data_partition)
-        settings = {"model": cfg.model.name, "max_length": cfg.model.max_length, "tokenizer": type(
-            self.shared.tokenizer).__name__, "vocab": len(self.shared.tokenizer)}
+        settings = feature_settings(cfg.model.name, cfg.model.max_length, self.shared.tokenizer)
         cache = Path(cfg.data.feature_cache).expanduser() if cfg.data.feature_cache else self.site_dir()
         self.train_data = self.method.site_data(self.model, train, cache_dir=cache, settings=settings)
         self.eval_data = self.method.site_data(self.model, held_out, cache_dir=cache, settings=settings)

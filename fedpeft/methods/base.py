@@ -128,8 +128,8 @@ class FederatedMethod:
     def num_rows(self, data: Any) -> int:
         return len(data)
 
-    def gradient_rows(self, model: Any, data: Any, rows: Any, clip: float) -> Iterator[Any]:
-        """Per-example gradients of ``rows``, each clipped to ``clip``, flattened in wire order, in chunks
+    def clipped_gradient_sum(self, model: Any, data: Any, rows: Any, clip: float) -> Any:
+        """The sum over ``rows`` of the per-example gradients, each clipped to ``clip``, flattened in wire order
         (distributed DP; only methods with ``distributed_dp``)."""
         raise NotImplementedError(f"method '{self.name}' gives no per-example gradients in closed form")
 

@@ -9,7 +9,6 @@ and a private federation can afford the hundreds of rounds that one DP step per 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -93,5 +92,9 @@ class Probe(FederatedMethod):
     def local_evaluate(self, model: Any, data: Any, cfg: TrainConfig) -> EvalResult:
         return probe.evaluate(model.probe.weight.detach(), data)
 
-    def gradient_rows(self, model: Any, data: Any, rows: Any, clip: float) -> Iterator[Any]:
-        return probe.clipped_gradients(model.probe.weight.detach(), data.x[rows], data.labels[rows], clip)
+    def clipped_gradient_sum(self, model: Any, data: Any, rows: Any, clip: float) -> Any:
+        import torch
+
+        index = torch.as_tensor(rows, dtype=torch.long)
+        weight = model.probe.weight.detach()
+        return probe.clipped_gradient_sum(weight, data.x[index], data.labels[index], clip).flatten().numpy()

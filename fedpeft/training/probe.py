@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +65,12 @@ def data_digest(data: EncodedData) -> str:
     return digest.hexdigest()
 
 
+def feature_settings(model_name: str, max_length: int, tokenizer: Any) -> dict[str, Any]:
+    """What, besides the base's weights and the data, decides the features: one cache key for every caller."""
+    return {"model": model_name, "max_length": max_length, "tokenizer": type(tokenizer).__name__,
+            "vocab": len(tokenizer)}
+
+
 def cached_features(model: Any, data: EncodedData, *, cache_dir: Path, base_fingerprint: str,
                     settings: dict[str, Any]) -> Features:
     """The rows' features from the site's cache, computed (and written atomically) on first use.
@@ -104,15 +109,6 @@ def clipped_gradient_sum(weight: Any, x: Any, labels: Any, clip: float) -> Any:
     """Sum over the rows of the per-example gradients, each clipped to L2 norm ``clip``: shape of ``weight``."""
     r = residuals(weight, x, labels)
     return (r * clip_factors(r, x, clip)[:, None]).T @ x
-
-
-def clipped_gradients(weight: Any, x: Any, labels: Any, clip: float, *, chunk: int = 128) -> Iterator[Any]:
-    """The per-example clipped gradients, flattened row-major, ``chunk`` rows at a time (for per-example rounding)."""
-    for start in range(0, len(x), chunk):
-        rows, ys = x[start: start + chunk], labels[start: start + chunk]
-        r = residuals(weight, rows, ys)
-        scaled = r * clip_factors(r, rows, clip)[:, None]
-        yield (scaled[:, :, None] * rows[:, None, :]).reshape(len(rows), -1)
 
 
 def evaluate(weight: Any, features: Features) -> EvalResult:

@@ -34,12 +34,11 @@ def test_without_noise_the_decoded_sum_is_the_clipped_gradient_sum():
     feats, weight = _features(), torch.randn(3, 9) * 0.1
     plan = _plan(27, mu=1e-9)
     rows = np.arange(len(feats))
-    values = distributed.release(probe.clipped_gradients(weight, feats.x, feats.labels, 1.0), plan_=plan,
-                                 num_rows=len(feats), rng=np.random.default_rng(0))
-    gradient, batch = distributed.decode(skellam.wrap(values, plan.bits), plan)
     exact = probe.clipped_gradient_sum(weight, feats.x[rows], feats.labels[rows], 1.0).flatten().numpy()
-    # each row rounds each value by at most one unit: the error is below rows / scale per value
-    assert np.abs(gradient - exact).max() <= len(feats) / plan.scale
+    values = distributed.release(exact, plan_=plan, num_rows=len(feats), rng=np.random.default_rng(0))
+    gradient, batch = distributed.decode(skellam.wrap(values, plan.bits), plan)
+    # rounding moves each value by less than one unit (plus the noise, which mu = 1e-9 makes 0 here)
+    assert np.abs(gradient - exact).max() < 1 / plan.scale
     assert batch == plan.sample_rate * len(feats)
 
 
@@ -49,7 +48,8 @@ def test_the_sum_of_the_sites_shares_has_the_accounted_variance():
     for draw in range(draws):
         ring = np.zeros(plan.dim + 1, dtype=np.uint64)
         for site in range(sites):
-            values = distributed.release([], plan_=plan, num_rows=10, rng=np.random.default_rng([draw, site]))
+            values = distributed.release(np.zeros(plan.dim), plan_=plan, num_rows=10,
+                                         rng=np.random.default_rng([draw, site]))
             ring = (ring + skellam.wrap(values, plan.bits)) % (1 << plan.bits)
         noise, _ = distributed.decode(ring, plan)
         samples.append(noise * plan.scale)
@@ -62,12 +62,22 @@ def test_the_sum_of_the_sites_shares_has_the_accounted_variance():
 
 def test_a_release_needs_its_noise_planned_first():
     with pytest.raises(PrivacyError, match="noise variance is not set"):
-        distributed.release([], plan_=distributed.plan(_cfg(), dim=4, cohort=3, max_rows=10), num_rows=1,
+        distributed.release(np.zeros(4), plan_=distributed.plan(_cfg(), dim=4, cohort=3, max_rows=10), num_rows=1,
                             rng=np.random.default_rng(0))
 
 
-def test_rounding_keeps_every_row_within_the_sensitivity_the_accountant_uses():
-    plan = _plan(27, mu=10.0)
-    rows = np.tile(np.ones(27) / np.sqrt(27), (50, 1))  # every row at the clip norm
-    total = distributed.round_rows(rows, plan_=plan, rng=np.random.default_rng(1))
-    assert np.linalg.norm(total / 50) <= plan.l2 and plan.l2 < 1.1 * plan.scale * plan.clip
+def test_coupled_rounding_of_neighbouring_sums_stays_within_the_accounted_sensitivity():
+    plan, rng = _plan(400, mu=10.0), np.random.default_rng(1)
+    g = rng.normal(size=400)
+    for _ in range(200):  # neighbours: one row's clipped gradient (norm C) more; the same uniforms round both
+        row = rng.normal(size=400)
+        row *= plan.clip / np.linalg.norm(row)
+        seed = int(rng.integers(1 << 30))
+        a = distributed.round_sum(g, plan_=plan, rng=np.random.default_rng(seed))
+        b = distributed.round_sum(g + row, plan_=plan, rng=np.random.default_rng(seed))
+        assert np.linalg.norm(b - a) <= plan.l2 and np.abs(b - a).sum() <= plan.l1
+    assert plan.l2 == pytest.approx(plan.scale * plan.clip + np.sqrt(400)) and plan.l2 < 1.04 * plan.scale
+    draws = np.stack([distributed.round_sum(g, plan_=plan, rng=np.random.default_rng(i)) for i in range(400)])
+    # unbiased: each value's rounding has variance <= 1/4 (integer units), so its mean over 400 draws is within
+    # 6 standard deviations (6 * 0.5 / 20) of the scaled value
+    assert np.abs(draws.mean(0) - g * plan.scale).max() < 6 * 0.5 / np.sqrt(400)
