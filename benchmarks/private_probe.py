@@ -11,8 +11,11 @@ What runs (every number on the dataset's common test set; features of the frozen
   alone     each site trains the same probe, without DP, on its own rows only (a site keeps its data: no DP needed)
   ddp<eps>  fedpeft simulate: peft.method = probe, privacy.dp_mode = distributed (one DP step per round, Skellam
             noise shares), secure aggregation, server-sgd; each site's ledger accounts epsilon <eps> (delta 1e-5)
-Tuning: none on the test set. The DP rows use the defaults (full batch q = 1 unless --sample-rate, clip 1, server
-learning rate 4, momentum 0.9) and --rounds; the probes without DP train --local-epochs epochs of SGD with momentum.
+Tuning: none on the test set here. The DP rows use the defaults (full batch q = 1 unless --sample-rate, clip 1,
+server learning rate 4, momentum 0.9) and --rounds per epsilon (default 100 / 200 / 300 rounds at epsilon 1 / 4 / 8:
+the step counts of the pooled DP probe study in ../shared/notes/private-utility.md, which its author picked on the
+banking77 test split -- a caveat); the probes without DP train in blocks of 10 epochs (SGD, momentum 0.9), the
+number of blocks chosen on the sites' held-out rows (validation carved from training data).
 ``--results FILE`` appends each finished row (JSONL, one line per row); a stopped comparison resumes where it was.
 """
 
@@ -78,9 +81,10 @@ def run_config(args: argparse.Namespace, source: Path, labels: tuple[str, ...], 
         "model": {"name": args.model, "max_length": args.max_length},
         "peft": {"method": "probe"},
         "train": {"local_epochs": args.local_epochs, "learning_rate": args.lr, "batch_size": 64},
-        "federation": {"rounds": args.rounds, "num_sites": args.sites, "secure_aggregation": epsilon is not None,
+        "federation": {"rounds": rounds_for(args, epsilon), "num_sites": args.sites,
+                       "secure_aggregation": epsilon is not None,
                        "aggregation": "server-sgd" if epsilon is not None else "fedavg",
-                       "eval_every": max(1, args.rounds // 5)},
+                       "eval_every": max(1, rounds_for(args, epsilon) // 5)},
         "data": {"source": str(source), "label_names": list(labels), "partitioner": "dirichlet",
                  "dirichlet_alpha": args.alpha, "eval_fraction": args.eval_fraction,
                  "feature_cache": str(args.cache)},
@@ -90,6 +94,15 @@ def run_config(args: argparse.Namespace, source: Path, labels: tuple[str, ...], 
     })
 
 
+def rounds_for(args: argparse.Namespace, epsilon: float | None) -> int:
+    """--rounds: one number, or 'eps:rounds' pairs (the largest epsilon at or below ``epsilon`` applies)."""
+    if ":" not in args.rounds:
+        return int(args.rounds)
+    pairs = sorted((float(e), int(r)) for e, r in (item.split(":") for item in args.rounds.split(",")))
+    eligible = [r for e, r in pairs if epsilon is None or e <= epsilon] or [pairs[0][1]]
+    return eligible[-1]
+
+
 def features_of(data: Any, model: Any, tokenizer: Any, args: argparse.Namespace, fingerprint: str) -> probe.Features:
     """The same cache entries the simulated sites use (same base fingerprint, settings and encoded rows)."""
     encoded = encode_classification(data.texts, data.labels, tokenizer, args.max_length)
@@ -97,13 +110,20 @@ def features_of(data: Any, model: Any, tokenizer: Any, args: argparse.Namespace,
                                  settings=probe.feature_settings(args.model, args.max_length, tokenizer))
 
 
-def non_private(train: probe.Features, test: probe.Features, args: argparse.Namespace) -> tuple[float, float]:
+def non_private(train: probe.Features, validation: probe.Features, test: probe.Features,
+                args: argparse.Namespace) -> tuple[float, float]:
+    """The probe without DP, trained in blocks of 10 epochs up to --epochs-alone; the block count is chosen on
+    ``validation`` (held-out rows of the same training data), never on the test set."""
     import torch
 
-    weight = torch.zeros(args.classes, train.x.shape[1])
-    trained, _ = probe.train(weight, train, learning_rate=args.probe_lr, epochs=args.local_epochs * args.rounds_alone,
-                             batch_size=64, seed=args.seed)
-    return scores(trained, test)
+    weight, best, best_accuracy = torch.zeros(args.classes, train.x.shape[1]), None, -1.0
+    for block in range(max(1, args.epochs_alone // 10)):
+        weight, _ = probe.train(weight, train, learning_rate=args.probe_lr, epochs=10, batch_size=64,
+                                seed=args.seed + block)
+        accuracy = probe.evaluate(weight, validation).accuracy
+        if accuracy > best_accuracy:
+            best, best_accuracy = weight.clone(), accuracy
+    return scores(best, test)
 
 
 def run_private(epsilon: float, cfg: RunConfig, test: probe.Features) -> Row:
@@ -148,7 +168,41 @@ def main(argv: list[str] | None = None) -> list[Row]:
                                                 test_features)
             rows.append(keep(row, args, done, how))
     print_table(rows)
+    if args.plot:
+        plot(rows, args)
     return rows
+
+
+def plot(rows: list[Row], args: argparse.Namespace) -> None:
+    """Accuracy vs epsilon: distributed DP, every site alone (range and mean), the pooled non-private probe, and
+    today's local-noise DP rows where --local-dp gives them (measured by benchmarks/real_data.py)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    private = sorted((r.epsilon or 0.0, r.accuracy) for r in rows if r.name.startswith("ddp"))
+    by_name = {r.name: r for r in rows}
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.plot(*zip(*private, strict=True), "o-", label="federated, distributed DP + secure aggregation (probe)")
+    if "pooled" in by_name:
+        ax.axhline(by_name["pooled"].accuracy, color="k", ls="--", label="pooled data, no DP (probe)")
+    alone = by_name.get("alone")
+    if alone and alone.site_accuracy:
+        values = list(alone.site_accuracy.values())
+        ax.axhspan(min(values), max(values), color="tab:orange", alpha=0.2, label="each site alone, no DP (range)")
+    if args.local_dp:
+        local = sorted((float(e), float(a)) for e, a in (item.split(":") for item in args.local_dp.split(",")))
+        ax.plot(*zip(*local, strict=True), "s:", color="tab:red", label="local-noise DP-SGD at each site (LoRA)")
+    ax.set_xlabel("epsilon per site (delta 1e-5)")
+    ax.set_ylabel("test accuracy")
+    ax.set_xlim(left=0)
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{args.dataset}: {args.sites} sites")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(args.plot, dpi=120)
+    print(f"plot -> {args.plot}")
 
 
 def baselines(args: argparse.Namespace, cfg: RunConfig, train: Any, test: Any, done: dict[str, Row]) -> list[Row]:
@@ -161,20 +215,24 @@ def baselines(args: argparse.Namespace, cfg: RunConfig, train: Any, test: Any, d
     for site in range(args.sites):
         split = site_split(cfg, site, args.sites)
         own = features_of(split.train, model, tokenizer, args, fingerprint)
-        pooled_parts += [own, features_of(split.eval, model, tokenizer, args, fingerprint)]
-        accuracy, f1 = non_private(own, test_features, args)
+        held_out = features_of(split.eval, model, tokenizer, args, fingerprint)
+        pooled_parts += [own, held_out]
+        accuracy, f1 = non_private(own, held_out, test_features, args)
         per_site[str(site)] = accuracy
         f1s.append(f1)
-    import torch
-
-    started = time.monotonic()  # the pooled rows are every site's rows (training and held-out parts) together
-    pooled_features = probe.Features(torch.cat([p.x for p in pooled_parts]), torch.cat([p.labels for p in
-                                                                                         pooled_parts]))
-    pooled = non_private(pooled_features, test_features, args)
+    started = time.monotonic()  # the pooled model: every site's training part; validation: their held-out parts
+    train_parts, held_parts = pooled_parts[0::2], pooled_parts[1::2]
+    pooled = non_private(_cat(train_parts), _cat(held_parts), test_features, args)
     rows = [keep(Row("pooled", *pooled, seconds=time.monotonic() - started), args, done, "")]
     rows.append(keep(Row("alone", float(np.mean(list(per_site.values()))), float(np.mean(f1s)),
                          site_accuracy=per_site), args, done, ""))
     return rows
+
+
+def _cat(parts: list[probe.Features]) -> probe.Features:
+    import torch
+
+    return probe.Features(torch.cat([p.x for p in parts]), torch.cat([p.labels for p in parts]))
 
 
 def fingerprint_of(model: Any) -> str:
@@ -247,13 +305,15 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default="minilm")
     p.add_argument("--sites", type=int)
     p.add_argument("--alpha", type=float, default=0.5)
-    p.add_argument("--rounds", type=int, default=300, help="DP rounds: one DP step across the sites each")
+    p.add_argument("--rounds", default="1:100,4:200,8:300",
+                   help="DP rounds (one DP step each) per epsilon, 'eps:rounds,...', or one number for all")
     p.add_argument("--sample-rate", type=float, default=0.0, help="Poisson rate per round (0: 1, full batch)")
     p.add_argument("--epsilons", default="1,4,8")
     p.add_argument("--lr", type=float, default=1e-3, help="unused by the DP rows (the server steps)")
     p.add_argument("--probe-lr", type=float, default=0.5, help="the non-private probes' SGD rate")
     p.add_argument("--local-epochs", type=int, default=1)
-    p.add_argument("--rounds-alone", type=int, default=30, help="epochs of the non-private probes")
+    p.add_argument("--epochs-alone", type=int, default=200,
+                   help="at most this many epochs for the non-private probes (chosen on held-out rows)")
     p.add_argument("--max-train", type=int, default=0)
     p.add_argument("--max-test", type=int, default=0)
     p.add_argument("--max-length", type=int)
@@ -262,6 +322,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "fedpeft-feature-cache"),
                    help="where features are cached (keyed by base, settings and data)")
     p.add_argument("--results", help="append-only JSONL of finished rows (resume)")
+    p.add_argument("--plot", help="write a PNG: accuracy vs epsilon")
+    p.add_argument("--local-dp", help="'eps:accuracy,...' of local-noise DP rows to draw (from RESULTS.md)")
     return p.parse_args(argv)
 
 

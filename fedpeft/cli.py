@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from fedpeft.errors import FedpeftError
 
@@ -25,11 +26,26 @@ def _parse_overrides(pairs: Sequence[str]) -> dict[str, object]:
     return overrides
 
 
+# `fedpeft simulate` with no config: private by default. Each site's example-level epsilon is 8 (delta 1e-5), the
+# noise split among the sites under secure aggregation, one DP step per round (docs/privacy.md).
+PRIVATE_QUICKSTART: dict[str, object] = {
+    "peft.method": "probe", "privacy.dp": True, "privacy.dp_mode": "distributed", "privacy.target_epsilon": 8.0,
+    "federation.secure_aggregation": True, "federation.aggregation": "server-sgd", "federation.rounds": 200,
+    "federation.eval_every": 20, "secagg.max_weight": 1000.0,
+}
+
+
 def _simulate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("simulate", help="run a simulated federation on Flower's simulation engine",
-                       description="Run a federation of simulated sites. With no options: 5 sites fine-tune the "
-                                   "packaged all-MiniLM-L6-v2 with LoRA on a generated support-ticket task.")
+                       description="Run a federation of simulated sites. With no options, private by default: 5 "
+                                   "sites train a linear probe on the packaged all-MiniLM-L6-v2's features for a "
+                                   "generated support-ticket task, under distributed DP (epsilon 8 per site) and "
+                                   "secure aggregation. --no-privacy: the same sites fine-tune LoRA with plain "
+                                   "FedAvg.")
     p.add_argument("--config", help="TOML run config (sections [model] [peft] [train] [federation] [data] [run])")
+    p.add_argument("--no-privacy", action="store_true",
+                   help="without a --config: the non-private quick start (LoRA, plain FedAvg) instead of the private "
+                        "default")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value; repeatable (e.g. --set federation.rounds=3)")
     p.add_argument("--out", help="directory under which the run directory is created (default: ./runs)")
@@ -45,15 +61,23 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:
                                          "set, else a fresh local Ray instance (docs/scale.md)")
 
 
-def _cmd_simulate(args: argparse.Namespace) -> int:
-    from fedpeft.simulations.report import print_result
-
+def simulate_config(args: argparse.Namespace) -> Any:
+    """The run config `fedpeft simulate` runs: --config (or, without one, the private quick start unless
+    --no-privacy), with --set, --out and --name on top."""
     overrides = _parse_overrides(args.overrides)
     if args.out:
         overrides["run.out_dir"] = args.out
     if args.name:
         overrides["run.name"] = args.name
-    cfg = _load_config(args.config, overrides)
+    if not args.config and not args.no_privacy:
+        overrides = {**PRIVATE_QUICKSTART, **overrides}
+    return _load_config(args.config, overrides)
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from fedpeft.simulations.report import print_result
+
+    cfg = simulate_config(args)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from fedpeft.simulations.engine import simulate
@@ -131,6 +155,9 @@ def _server_parser(sub: argparse._SubParsersAction) -> None:
                                    "round.")
     p.add_argument("--pki", required=True, help="the PKI directory made by `fedpeft pki init`")
     p.add_argument("--config", help="TOML run config (as for `fedpeft simulate`)")
+    p.add_argument("--no-privacy", action="store_true",
+                   help="without a --config: the non-private quick start (LoRA, plain FedAvg) instead of the private "
+                        "default")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value; repeatable")
     p.add_argument("--state-dir", default="coordinator", help="the coordinator's working directory "

@@ -1,0 +1,51 @@
+"""benchmarks/private_probe.py end to end on a tiny generated banking77: the baselines, one distributed-DP row
+through a real Flower simulation, a results log that a second invocation reuses."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.benchmarks.test_real_data import _write_fake_banking77
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load_script():
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("private_probe", ROOT / "benchmarks" / "private_probe.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+private_probe = _load_script()
+
+
+def test_rounds_per_epsilon():
+    args = private_probe.parse(["--rounds", "1:100,4:200,8:300"])
+    assert [private_probe.rounds_for(args, e) for e in (1.0, 2.0, 4.0, 8.0, 16.0)] == [100, 100, 200, 300, 300]
+    assert private_probe.rounds_for(private_probe.parse(["--rounds", "7"]), 8.0) == 7
+
+
+@pytest.mark.slow
+def test_a_tiny_private_probe_comparison_runs_and_resumes(tmp_path, capsys):
+    _write_fake_banking77(tmp_path / "data")
+    log = tmp_path / "results.jsonl"
+    argv = ["--data-dir", str(tmp_path / "data"), "--sites", "2", "--rounds", "4", "--epsilons", "8",
+            "--max-length", "16", "--model", "tiny-llama", "--epochs-alone", "20", "--cache", str(tmp_path / "cache"),
+            "--results", str(log)]
+    rows = private_probe.main(argv)
+    assert [r.name for r in rows] == ["pooled", "alone", "ddp8"]
+    assert rows[2].epsilon == pytest.approx(8.0, abs=1e-3) and rows[2].rounds == 4
+    assert set(rows[1].site_accuracy) == {"0", "1"}
+    assert "ddp8: better than" in capsys.readouterr().out
+    again = private_probe.main(argv)  # everything reused from the log: no simulation runs
+    assert [r.accuracy for r in again] == [r.accuracy for r in rows]
+    assert len(log.read_text().splitlines()) == 3 and json.loads(log.read_text().splitlines()[0])["schema_version"]
