@@ -31,7 +31,7 @@ def _parse_overrides(pairs: Sequence[str]) -> dict[str, object]:
 PRIVATE_QUICKSTART: dict[str, object] = {
     "peft.method": "probe", "privacy.dp": True, "privacy.dp_mode": "distributed", "privacy.target_epsilon": 8.0,
     "federation.secure_aggregation": True, "federation.aggregation": "server-sgd", "federation.rounds": 200,
-    "federation.eval_every": 20, "secagg.max_weight": 1000.0,
+    "federation.eval_every": 20, "secagg.max_weight": 2000.0, "data.synthetic_examples": 4000,
 }
 
 

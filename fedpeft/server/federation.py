@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -307,5 +308,7 @@ def _eval_fields(evaluation: Evaluation) -> dict[str, Any]:
 
 
 def _weighted_mean(pairs: list[tuple[float, float]]) -> float | None:
+    """None when no pair has a value (a distributed-DP site reports no training loss: it would leave un-noised)."""
+    pairs = [(v, w) for v, w in pairs if not math.isnan(v)]
     weight = sum(w for _, w in pairs)
     return sum(v * w for v, w in pairs) / weight if weight else None
