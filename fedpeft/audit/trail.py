@@ -95,7 +95,9 @@ class SiteAudit:
                 privacy: dict[str, float], ledger_line_sha256: str | None) -> None:
         self.log.append("release", {"run": run, "round": server_round, "payload_sha256": payload_sha256,
                                     "payload_bytes": payload_bytes, "secure_aggregation": secure,
-                                    "epsilon": privacy.get("epsilon"), "ledger_line_sha256": ledger_line_sha256})
+                                    "epsilon": privacy.get("epsilon"), "ledger_line_sha256": ledger_line_sha256,
+                                    # distributed DP: the Skellam variance this site added (integer units)
+                                    **({"noise_share": privacy["noise-share"]} if "noise-share" in privacy else {})})
 
     def refusal(self, run: str, server_round: int, reason: str) -> None:
         self.log.append("refusal", {"run": run, "round": server_round, "reason": reason})

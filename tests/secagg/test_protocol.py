@@ -16,7 +16,8 @@ from flwr.simulation import run_simulation
 from fedpeft import wire
 from fedpeft.config import SecAggConfig
 from fedpeft.errors import SecAggAbort
-from fedpeft.secagg.client import handle_keys, handle_shares, handle_unmask, masked_upload
+from fedpeft.privacy.skellam import unwrap
+from fedpeft.secagg.client import handle_keys, handle_shares, handle_unmask, masked_integers, masked_upload
 from fedpeft.secagg.encoding import ring_encoding
 from fedpeft.secagg.server import SecAggRound
 
@@ -32,7 +33,15 @@ SCENARIOS = {
     5: (10, 50, SecAggConfig(clip_range=CLIP, degree=4), {"train": {5, 8}}),  # sparse graph + dropouts
     6: (10, 50, SecAggConfig(clip_range=CLIP), {"query.secagg_shares": {9}, "train": {1}}),
     7: (10, 50, SecAggConfig(clip_range=CLIP), {"train": {0, 1, 2, 3, 4, 5}}),  # 4 left < threshold 6
+    8: (10, 300, SecAggConfig(clip_range=CLIP), {"train": {2}}),  # integer uploads (distributed DP), packed
+    9: (10, 30, SecAggConfig(clip_range=CLIP), {"train": {3}}),  # 9 left < every site's cohort 10
 }
+# round -> (bits of the integer ring, the cohort each site asks of a sum before it unmasks)
+INTEGER_ROUNDS = {8: (20, 8), 9: (20, 10)}
+
+
+def site_integers(pid: int, server_round: int, length: int) -> np.ndarray:
+    return np.random.default_rng(77 * server_round + pid).integers(-3000, 3000, length + 1)
 
 
 def site_input(pid: int, server_round: int, length: int) -> tuple[np.ndarray, float]:
@@ -56,8 +65,13 @@ def _client_app() -> ClientApp:
         config = msg.content[wire.CONFIG]
         pid = int(context.node_config["partition-id"])
         server_round = int(config[wire.SERVER_ROUND])
-        values, weight = site_input(pid, server_round, SCENARIOS[server_round][1])
-        masked = masked_upload(config, context, values, weight, clip_range=CLIP, bits=32)
+        if server_round in INTEGER_ROUNDS:
+            bits, cohort = INTEGER_ROUNDS[server_round]
+            masked = masked_integers(config, context, site_integers(pid, server_round, SCENARIOS[server_round][1]),
+                                     bits=bits, min_cohort=cohort)
+        else:
+            values, weight = site_input(pid, server_round, SCENARIOS[server_round][1])
+            masked = masked_upload(config, context, values, weight, clip_range=CLIP, bits=32)
         metrics = MetricRecord({wire.PARTITION_ID: pid, wire.TRAIN_LOSS: 0.0})
         return Message(RecordDict({wire.SA_MASKED: masked, wire.METRICS: metrics}), reply_to=msg)
 
@@ -81,7 +95,8 @@ def _server_app(results: dict) -> ServerApp:
             content = RecordDict({wire.ADAPTER: ArrayRecord([np.zeros(1, dtype=np.float32)]),
                                   wire.CONFIG: ConfigRecord({wire.SERVER_ROUND: server_round})})
             try:
-                secagg = SecAggRound(grid, nodes[:n], server_round, settings, timeout=60)
+                secagg = SecAggRound(grid, nodes[:n], server_round, settings, timeout=60,
+                                     integer_bits=INTEGER_ROUNDS.get(server_round, (None,))[0])
                 results[server_round] = secagg.run(content, length)
             except SecAggAbort as abort:
                 results[server_round] = abort
@@ -134,3 +149,19 @@ def test_masked_upload_is_one_uint32_vector_within_5_percent_of_the_fp32_payload
     assert all(size <= 1.05 * fp32_bytes for size in result.upload_bytes)
     masked = result.train_replies[0].content[wire.SA_MASKED][wire.SA_MASKED]
     assert masked.dtype == "uint32" and tuple(masked.shape) == (SCENARIOS[1][1] + 1,)
+
+
+def test_integer_uploads_sum_exactly_in_their_packed_sub_ring(results):
+    result, (bits, _) = results[8], INTEGER_ROUNDS[8]
+    assert not isinstance(result, Exception), result
+    pids = {int(r.content[wire.METRICS][wire.PARTITION_ID]) for r in result.train_replies}
+    assert pids == set(range(NUM_NODES)) - {2}
+    expected = sum(site_integers(pid, 8, SCENARIOS[8][1]) for pid in pids)
+    assert np.array_equal(unwrap(result.ring, bits), expected)
+    packed = result.train_replies[0].content[wire.SA_MASKED][wire.SA_MASKED]
+    assert packed.dtype == "uint8" and packed.shape == (-(-(SCENARIOS[8][1] + 1) * bits // 8),)
+
+
+def test_a_site_refuses_to_unmask_a_sum_with_fewer_sites_than_its_cohort(results):
+    assert isinstance(results[9], SecAggAbort), "9 survivors, every site asks for 10: no share is revealed"
+    assert "shares of site" in str(results[9]), "the masked inputs arrived; the unmasking shares did not"

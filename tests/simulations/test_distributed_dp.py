@@ -77,3 +77,26 @@ def test_a_site_refuses_when_the_cohort_is_below_its_minimum(tmp_path):
     assert all(not r["aggregated"] for r in rounds[1:])
     assert all(len(r["refusals"]) == 3 and all("min_cohort" in reason or "cohort" in reason
                                                for reason in r["refusals"].values()) for r in rounds[1:])
+
+
+def test_a_mixed_federation_runs_and_a_site_that_accepts_no_shares_adds_the_whole_noise(tmp_path):
+    for site, accepts in (("0", "false"), ("1", "true"), ("2", "true")):
+        (tmp_path / f"policy-{site}.toml").write_text(
+            f"[policy]\nmax_epsilon = 8.0\nallowed_peft_methods = [\"probe\"]\naccept_distributed_noise = {accepts}\n")
+    cfg = _config(tmp_path, "mixed", policy_file=str(tmp_path / "policy-{site}.toml"))
+    result = simulate(cfg)
+    rounds = [json.loads(line) for line in (result.run_dir / METRICS_FILE).read_text().splitlines()]
+    assert [r["aggregated"] for r in rounds[1:]] == [True] * 4
+    shares = {}
+    for site in ("0", "1", "2"):
+        log = site_ledger_path(cfg, site).parent / "audit.jsonl"
+        releases = [json.loads(line)["data"] for line in log.read_text().splitlines()
+                    if json.loads(line)["kind"] == "release"]
+        shares[site] = [r["noise_share"] for r in releases]
+        ledger = PrivacyLedger(site_ledger_path(cfg, site)).entries
+        assert [e.mechanism for e in ledger] == ["skellam"] * 4 and ledger[-1].epsilon == pytest.approx(8.0, abs=0.01)
+        mus = [e.mu for e in ledger]
+        if site == "0":  # its whole planned noise: its guarantee rests on no other site
+            assert shares[site] == pytest.approx(mus)
+        else:
+            assert shares[site] == pytest.approx([mu / ledger[0].cohort for mu in mus], rel=0.01)
