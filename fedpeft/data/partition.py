@@ -18,6 +18,7 @@ import numpy as np
 
 from fedpeft.data.records import ClassificationData, PromptResponseData
 from fedpeft.errors import DataError
+from fedpeft.registry import Registry
 
 if TYPE_CHECKING:
     from fedpeft.config import DataConfig
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 MAX_DIRICHLET_TRIES = 100
 DIRICHLET_MIN_PARTITION_SIZE = 2  # a site needs a row to train on and one to hold out
 
-_PARTITIONERS: dict[str, type[Partitioner]] = {}
+_PARTITIONERS: Registry[Partitioner] = Registry("partitioner", "data.partitioner", DataError)
 
 
 class Partitioner(ABC):
@@ -42,22 +43,16 @@ class Partitioner(ABC):
 
 
 def register_partitioner(cls: type[Partitioner]) -> type[Partitioner]:
-    if cls.name in _PARTITIONERS:
-        raise ValueError(f"partitioner '{cls.name}' is registered twice")
-    _PARTITIONERS[cls.name] = cls
-    return cls
+    return _PARTITIONERS.register(cls)
 
 
 def registered_partitioners() -> dict[str, type[Partitioner]]:
-    return dict(_PARTITIONERS)
+    return _PARTITIONERS.all()
 
 
 def partitioner_class(name: str) -> type[Partitioner]:
     """The registered class of ``name``, for what it needs from the data before any instance exists."""
-    try:
-        return _PARTITIONERS[name]
-    except (KeyError, TypeError):
-        raise DataError(f"data.partitioner = {name!r} is unknown; use one of {list(_PARTITIONERS)}") from None
+    return _PARTITIONERS.get(name)
 
 
 def build_partitioner(name: str) -> Partitioner:

@@ -22,6 +22,7 @@ from fedpeft.config.checks import Rule
 from fedpeft.errors import ConfigError
 from fedpeft.models.adapter_state import AdapterState
 from fedpeft.models.peft_model import check_travels, wrap_peft
+from fedpeft.registry import Registry
 from fedpeft.training.batches import EncodedData
 from fedpeft.training.trainer import EvalResult, TrainResult, evaluate, train_local
 
@@ -31,7 +32,7 @@ DP_OWN_SAMPLER = "own-sampler"  # fedpeft's closed-form per-example gradients (h
 DP_CAUSAL_LM_ONLY = "causal-lm"  # Opacus, but it fails on the method's classification head (measured)
 DP_NONE = "none"
 
-_METHODS: dict[str, type[FederatedMethod]] = {}
+_METHODS: Registry[FederatedMethod] = Registry("peft method", "peft.method", ConfigError)
 
 
 class FederatedMethod:
@@ -152,21 +153,15 @@ class FederatedMethod:
 
 
 def register_method(cls: type[FederatedMethod]) -> type[FederatedMethod]:
-    if cls.name in _METHODS:
-        raise ValueError(f"peft method '{cls.name}' is registered twice")
-    _METHODS[cls.name] = cls
-    return cls
+    return _METHODS.register(cls)
 
 
 def registered_methods() -> dict[str, type[FederatedMethod]]:
-    return dict(_METHODS)
+    return _METHODS.all()
 
 
 def method_class(name: str) -> type[FederatedMethod]:
-    try:
-        return _METHODS[name]
-    except KeyError:
-        raise ConfigError(f"peft.method = {name!r} is unknown; use one of {list(_METHODS)}") from None
+    return _METHODS.get(name)
 
 
 def method_for(peft: PeftConfig, task: str, rounds: int = 1) -> FederatedMethod:

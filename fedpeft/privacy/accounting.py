@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from fedpeft.errors import PrivacyError
+from fedpeft.registry import Registry
 
 if TYPE_CHECKING:
     import numpy as np
@@ -66,7 +67,7 @@ class SkellamRelease:
 AnyRelease = Release | SkellamRelease
 
 
-_ACCOUNTANTS: dict[str, type[Accountant]] = {}
+_ACCOUNTANTS: Registry[Accountant] = Registry("accountant", "privacy.accountant", PrivacyError)
 
 
 class Accountant(ABC):
@@ -91,19 +92,16 @@ class Accountant(ABC):
 
 
 def register_accountant(cls: type[Accountant]) -> type[Accountant]:
-    if cls.name in _ACCOUNTANTS:
-        raise ValueError(f"accountant '{cls.name}' is registered twice")
-    _ACCOUNTANTS[cls.name] = cls
-    return cls
+    return _ACCOUNTANTS.register(cls)
 
 
 def registered_accountants() -> dict[str, type[Accountant]]:
-    return dict(_ACCOUNTANTS)
+    return _ACCOUNTANTS.all()
 
 
 def build_accountant(name: str) -> Accountant:
     check_accountant(name)
-    return _ACCOUNTANTS[name]()
+    return _ACCOUNTANTS.get(name)()
 
 
 @register_accountant
@@ -133,10 +131,11 @@ class RDP(Accountant):
 
 
 def check_accountant(accountant: str) -> None:
-    if not isinstance(accountant, str) or accountant not in _ACCOUNTANTS:
-        trade_offs = ", ".join(f"{name!r} is {cls.trade_off}" for name, cls in _ACCOUNTANTS.items())
+    known = _ACCOUNTANTS.all()
+    if not isinstance(accountant, str) or accountant not in known:
+        trade_offs = ", ".join(f"{name!r} is {cls.trade_off}" for name, cls in known.items())
         raise PrivacyError(
-            f"accountant {accountant!r} is unknown; use one of {', '.join(_ACCOUNTANTS)} ({trade_offs})"
+            f"accountant {accountant!r} is unknown; use one of {', '.join(known)} ({trade_offs})"
         )
 
 

@@ -384,8 +384,9 @@ def epsilon(
 
         eps = rdp(a) + log(1 - 1/a) - (log(delta) + log(a)) / (a - 1),   minimised over integer orders a.
 
-    ``l1``, ``l2`` and ``mu`` are in the scaled integer domain (see the module docstring): ``l2 =
-    rounded_l2_bound(...)``, ``l1 = rounded_l1_bound(...)``, ``mu`` the *total* variance of the aggregate's noise.
+    ``l1``, ``l2`` and ``mu`` are in the scaled integer domain (see the module docstring): the sensitivities of
+    the rounded values (``rounded_l2_bound`` for conditional rounding of each contribution; fedpeft's one rounding
+    of a site's sum: ``fedpeft.privacy.distributed``), ``mu`` the *total* variance of the aggregate's noise.
     """
     checked = _check_orders(orders)
     rdp = rdp_curve(q=q, mu=mu, l1=l1, l2=l2, steps=steps, orders=checked)  # validates q, mu, l1, l2, steps

@@ -17,10 +17,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from fedpeft.errors import ConfigError, FederationError
+from fedpeft.registry import Registry
 
 State = dict[str, Any]  # parameter name -> tensor
 
-_RULES: dict[str, type[AggregationRule]] = {}
+_RULES: Registry[AggregationRule] = Registry("aggregation rule", "federation.aggregation", ConfigError)
 
 
 class AggregationRule(ABC):
@@ -87,22 +88,15 @@ class IndividualUpdatesRule(AggregationRule):
 
 
 def register_rule(cls: type[AggregationRule]) -> type[AggregationRule]:
-    if cls.name in _RULES:
-        raise ValueError(f"aggregation rule '{cls.name}' is registered twice")
-    _RULES[cls.name] = cls
-    return cls
+    return _RULES.register(cls)
 
 
 def registered_rules() -> dict[str, type[AggregationRule]]:
-    return dict(_RULES)
+    return _RULES.all()
 
 
 def build_rule(name: str, **options: Any) -> AggregationRule:
-    try:
-        cls = _RULES[name]
-    except KeyError:
-        raise ConfigError(f"federation.aggregation = {name!r} is unknown; use one of {sorted(_RULES)}") from None
-    return cls(**options)
+    return _RULES.get(name)(**options)
 
 
 class WeightedSum:
