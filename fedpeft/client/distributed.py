@@ -19,6 +19,7 @@ import numpy as np
 from fedpeft import wire
 from fedpeft.config import RunConfig
 from fedpeft.errors import PolicyViolation, PrivacyError
+from fedpeft.messaging import as_float, as_int
 from fedpeft.privacy import distributed
 from fedpeft.privacy.policy import SitePolicy
 from fedpeft.privacy.site_budget import SiteBudget
@@ -33,16 +34,16 @@ def checked_plan(cfg: RunConfig, instructions: dict[str, Any], *, dim: int, poli
     if any(value is None for value in announced.values()):
         raise PrivacyError("distributed DP: the round's instructions lack its public parameters "
                            f"({sorted(k for k, v in announced.items() if v is None)}); the site releases nothing")
-    cohort = int(announced[wire.DDP_COHORT])  # type: ignore[arg-type]
+    cohort = as_int(announced[wire.DDP_COHORT])
     own_cohort = max(cfg.privacy.min_cohort, policy.min_cohort if policy else 0)
     if cohort < own_cohort:
         raise PolicyViolation(f"distributed DP: the round's cohort {cohort} is below this site's minimum {own_cohort}",
                               rule="min_cohort")
     base = distributed.plan(cfg, dim=dim, cohort=cohort, max_rows=int(cfg.secagg.max_weight))
-    if not math.isclose(float(announced[wire.DDP_SCALE]), base.scale, rel_tol=RELATIVE_TOLERANCE):  # type: ignore
+    if not math.isclose(as_float(announced[wire.DDP_SCALE]), base.scale, rel_tol=RELATIVE_TOLERANCE):
         raise PrivacyError(f"distributed DP: the server's scale {announced[wire.DDP_SCALE]} is not the run's "
                            f"{base.scale:g}; the site releases nothing")
-    return replace(base, mu=float(announced[wire.DDP_MU]), bits=int(announced[wire.DDP_BITS]))  # type: ignore
+    return replace(base, mu=as_float(announced[wire.DDP_MU]), bits=as_int(announced[wire.DDP_BITS]))
 
 
 def noise_share(plan: distributed.DistributedPlan, *, needed_mu: float, accepts_shares: bool) -> float:

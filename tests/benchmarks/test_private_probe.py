@@ -43,7 +43,7 @@ def test_a_tiny_private_probe_comparison_runs_and_resumes(tmp_path, capsys):
             "--results", str(log)]
     rows = private_probe.main(argv)
     assert [r.name for r in rows] == ["pooled", "alone", "ddp8"]
-    assert rows[2].epsilon == pytest.approx(8.0, abs=1e-3) and rows[2].rounds == 4
+    assert 7.9 < rows[2].epsilon <= 8.0 + 1e-9 and rows[2].rounds == 4  # spent up to the accountant's tolerance
     assert set(rows[1].site_accuracy) == {"0", "1"}
     assert "ddp8: better than" in capsys.readouterr().out
     again = private_probe.main(argv)  # everything reused from the log: no simulation runs
