@@ -16,10 +16,6 @@ from fedpeft.config import PeftConfig, RunConfig
 RANK_WEIGHT = "fedpeft.rank_weight"  # travels with the update; never part of an adapter
 
 
-def site_rank(cfg: RunConfig, site: int) -> int:
-    return rank_of(cfg.peft, site)
-
-
 def rank_of(peft: PeftConfig, site: int) -> int:
     ranks = peft.rank_list()
     return ranks[site] if ranks else peft.r
