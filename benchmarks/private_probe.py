@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from real_data_sets import DATASETS, prepare, write_csv  # beside this script
+from real_data_sets import DATASETS, macro_f1, prepare, write_csv  # beside this script
 
 from fedpeft.composition import from_mapping
 from fedpeft.config import RunConfig
@@ -57,15 +57,6 @@ class Row:
     upload_bytes_per_round: float | None = None
     site_accuracy: dict[str, float] | None = None  # alone: each site's own probe
     setup: str = ""
-
-
-def macro_f1(truth: np.ndarray, preds: np.ndarray) -> float:
-    scores = []
-    for label in np.unique(truth):
-        tp = float(np.sum((preds == label) & (truth == label)))
-        denominator = float(np.sum(preds == label) + np.sum(truth == label))
-        scores.append(2 * tp / denominator if denominator else 0.0)
-    return float(np.mean(scores))
 
 
 def scores(weight: Any, test: probe.Features) -> tuple[float, float]:

@@ -52,7 +52,7 @@ from typing import Any
 
 import numpy as np
 from real_data_results import append_row, load_rows, setup_of  # beside this script
-from real_data_sets import DATASETS, prepare, write_csv
+from real_data_sets import DATASETS, macro_f1, prepare, write_csv
 
 from fedpeft.composition import from_mapping
 from fedpeft.config import RunConfig
@@ -104,18 +104,6 @@ class Row:
 
 
 # ---- scoring --------------------------------------------------------------------------------------------------------
-
-def macro_f1(y_true: Any, y_pred: Any) -> float:
-    """Unweighted mean of the per-class F1 = 2TP / (2TP + FP + FN) over the classes present in either array."""
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    scores = []
-    for cls in np.union1d(y_true, y_pred):
-        tp = int(np.sum((y_true == cls) & (y_pred == cls)))
-        fp = int(np.sum((y_true != cls) & (y_pred == cls)))
-        fn = int(np.sum((y_true == cls) & (y_pred != cls)))
-        scores.append(2 * tp / (2 * tp + fp + fn))
-    return float(np.mean(scores)) if scores else float("nan")
-
 
 def score(model: Any, test: Any, batch_size: int) -> tuple[float, float]:
     preds, truth = predict(model, test, batch_size).numpy(), test.labels.numpy()

@@ -7,6 +7,7 @@ import argparse
 import csv
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -97,3 +98,15 @@ def write_csv(data: ClassificationData, path: Path) -> None:
         writer = csv.writer(handle)
         writer.writerow(["text", "label"])
         writer.writerows((text, data.label_names[label]) for text, label in zip(data.texts, data.labels, strict=True))
+
+
+def macro_f1(y_true: Any, y_pred: Any) -> float:
+    """Unweighted mean of the per-class F1 = 2TP / (2TP + FP + FN) over the classes present in either array."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    scores = []
+    for cls in np.union1d(y_true, y_pred):
+        tp = int(np.sum((y_true == cls) & (y_pred == cls)))
+        fp = int(np.sum((y_true != cls) & (y_pred == cls)))
+        fn = int(np.sum((y_true == cls) & (y_pred != cls)))
+        scores.append(2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(scores)) if scores else float("nan")
