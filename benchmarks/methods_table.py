@@ -44,6 +44,7 @@ VARIANTS_OF: dict[str, list[tuple[str, dict]]] = {  # method -> [(row name, extr
     "bitfit": [("BitFit (biases + head)", {})],
     "freeze": [("layer freezing (top 2 blocks + head)", {})],
     "full": [("full fine-tuning", {})],
+    "probe-lora": [("probe, then LoRA r=8 FFA under it (LP-FT)", {"lora_mode": "ffa"})],
 }
 
 

@@ -11,11 +11,11 @@ What runs (every number on the dataset's common test set; features of the frozen
   alone     each site trains the same probe, without DP, on its own rows only (a site keeps its data: no DP needed)
   ddp<eps>  fedpeft simulate: peft.method = probe, privacy.dp_mode = distributed (one DP step per round, Skellam
             noise shares), secure aggregation, server-sgd; each site's ledger accounts epsilon <eps> (delta 1e-5)
-Tuning: none on the test set here. The DP rows use the defaults (full batch q = 1 unless --sample-rate, clip 1,
-server learning rate 4, momentum 0.9) and --rounds per epsilon (default 100 / 200 / 300 rounds at epsilon 1 / 4 / 8:
-the step counts of the pooled DP probe study in ../shared/notes/private-utility.md, which its author picked on the
-banking77 test split -- a caveat); the probes without DP train in blocks of 10 epochs (SGD, momentum 0.9), the
-number of blocks chosen on the sites' held-out rows (validation carved from training data).
+Tuning: none on the test set. The DP rows use fedpeft's defaults: full batch (q = 1 unless --sample-rate), clip 1,
+momentum 0.9, and with --rounds auto (the default) the rounds and the server's learning rate that
+``fedpeft.privacy.defaults`` derives from epsilon and the sites' training rows -- its constants were tuned on the
+sites' held-out rows (validation carved from training data) by ``benchmarks/tune_private_probe.py``. The probes
+without DP train in blocks of 10 epochs (SGD, momentum 0.9), the number of blocks chosen on the sites' held-out rows.
 ``--results FILE`` appends each finished row (JSONL, one line per row); a stopped comparison resumes where it was.
 """
 
@@ -37,6 +37,7 @@ from fedpeft.config import RunConfig
 from fedpeft.data.sites import site_split
 from fedpeft.io.atomic import append_jsonl
 from fedpeft.models.loader import load_base_model
+from fedpeft.privacy.defaults import ProbeSchedule, probe_schedule
 from fedpeft.training import probe
 from fedpeft.training.batches import encode_classification
 
@@ -67,11 +68,14 @@ def scores(weight: Any, test: probe.Features) -> tuple[float, float]:
 
 def run_config(args: argparse.Namespace, source: Path, labels: tuple[str, ...], out: str, epsilon: float | None,
                ) -> RunConfig:
-    private = {"dp": True, "dp_mode": "distributed", "target_epsilon": epsilon, "sample_rate": args.sample_rate}
+    # Each epsilon is its own federation: a ledger per run, on purpose (the default would carry ε across runs).
+    private = {"dp": True, "dp_mode": "distributed", "target_epsilon": epsilon, "sample_rate": args.sample_rate,
+               "ledger_dir": str(Path(out) / "{run}" / "sites")}
     return from_mapping({
         "model": {"name": args.model, "max_length": args.max_length},
         "peft": {"method": "probe"},
         "train": {"local_epochs": args.local_epochs, "learning_rate": args.lr, "batch_size": 64},
+        "strategy": {"server_learning_rate": learning_rate_for(args, epsilon)},
         "federation": {"rounds": rounds_for(args, epsilon), "num_sites": args.sites,
                        "secure_aggregation": epsilon is not None,
                        "aggregation": "server-sgd" if epsilon is not None else "fedavg",
@@ -86,12 +90,24 @@ def run_config(args: argparse.Namespace, source: Path, labels: tuple[str, ...], 
 
 
 def rounds_for(args: argparse.Namespace, epsilon: float | None) -> int:
-    """--rounds: one number, or 'eps:rounds' pairs (the largest epsilon at or below ``epsilon`` applies)."""
+    """--rounds: 'auto' (fedpeft.privacy.defaults from epsilon and the sites' rows), one number, or
+    'eps:rounds' pairs (the largest epsilon at or below ``epsilon`` applies)."""
+    if args.rounds == "auto":
+        return _schedule(args, epsilon).rounds if epsilon is not None else 1
     if ":" not in args.rounds:
         return int(args.rounds)
     pairs = sorted((float(e), int(r)) for e, r in (item.split(":") for item in args.rounds.split(",")))
     eligible = [r for e, r in pairs if epsilon is None or e <= epsilon] or [pairs[0][1]]
     return eligible[-1]
+
+
+def learning_rate_for(args: argparse.Namespace, epsilon: float | None) -> float:
+    """The server's step: the derived one with --rounds auto, else server-sgd's default (4)."""
+    return _schedule(args, epsilon).learning_rate if args.rounds == "auto" and epsilon is not None else 0.0
+
+
+def _schedule(args: argparse.Namespace, epsilon: float) -> ProbeSchedule:
+    return probe_schedule(target_epsilon=epsilon, total_rows=args.total_rows)
 
 
 def features_of(data: Any, model: Any, tokenizer: Any, args: argparse.Namespace, fingerprint: str) -> probe.Features:
@@ -148,7 +164,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
         write_csv(train, source)
         args.max_rows = 10_000  # a bound on any site's rows; tightened from the actual split just below
         cfg = run_config(args, source, train.label_names, tmp, None)
-        args.max_rows = max(len(site_split(cfg, i, args.sites).train.texts) for i in range(args.sites))
+        site_rows = [len(site_split(cfg, i, args.sites).train.texts) for i in range(args.sites)]
+        args.max_rows, args.total_rows = max(site_rows), sum(site_rows)
         cfg = run_config(args, source, train.label_names, tmp, None)
         rows = baselines(args, cfg, train, test, done)
         model, tokenizer = load_base_model(cfg.model, args.classes)
@@ -296,8 +313,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default="minilm")
     p.add_argument("--sites", type=int)
     p.add_argument("--alpha", type=float, default=0.5)
-    p.add_argument("--rounds", default="1:100,4:200,8:300",
-                   help="DP rounds (one DP step each) per epsilon, 'eps:rounds,...', or one number for all")
+    p.add_argument("--rounds", default="auto",
+                   help="DP rounds (one DP step each): 'auto' (derived from epsilon and the sites' rows, with the "
+                        "server's learning rate: fedpeft.privacy.defaults), 'eps:rounds,...', or one number for all")
     p.add_argument("--sample-rate", type=float, default=0.0, help="Poisson rate per round (0: 1, full batch)")
     p.add_argument("--epsilons", default="1,4,8")
     p.add_argument("--lr", type=float, default=1e-3, help="unused by the DP rows (the server steps)")

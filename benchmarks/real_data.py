@@ -124,7 +124,9 @@ def run_config(args: argparse.Namespace, name: str, source: Path, labels: tuple[
                        "secure_aggregation": setting.secure},
         "data": {"source": str(source), "text_column": "text", "label_column": "label", "label_names": list(labels),
                  "partitioner": args.partitioner, "dirichlet_alpha": args.alpha, "eval_fraction": args.eval_fraction},
-        "privacy": {"dp": dp, "target_epsilon": setting.epsilon or 8.0, "delta": 1e-5},
+        # each setting is its own federation: a ledger per run, on purpose (the default carries ε across runs)
+        "privacy": {"dp": dp, "target_epsilon": setting.epsilon or 8.0, "delta": 1e-5,
+                    "ledger_dir": str(Path(out) / "{run}" / "sites")},
         "run": {"name": f"{args.dataset}-{name}", "out_dir": out, "seed": args.seed},
     }, origin=f"setting {name}")
 

@@ -30,7 +30,7 @@ def _parse_overrides(pairs: Sequence[str]) -> dict[str, object]:
 # noise split among the sites under secure aggregation, one DP step per round (docs/privacy.md).
 PRIVATE_QUICKSTART: dict[str, object] = {
     "peft.method": "probe", "privacy.dp": True, "privacy.dp_mode": "distributed", "privacy.target_epsilon": 8.0,
-    "federation.secure_aggregation": True, "federation.aggregation": "server-sgd", "federation.rounds": 200,
+    "federation.secure_aggregation": True, "federation.aggregation": "server-sgd", "federation.rounds": 0,
     "federation.eval_every": 20, "secagg.max_weight": 2000.0, "data.synthetic_examples": 4000,
 }
 
@@ -78,13 +78,63 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     from fedpeft.simulations.report import print_result
 
     cfg = simulate_config(args)
+    _directory_for(cfg.run.out_dir, "run.out_dir (--out)")
+    _warn(cfg)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from fedpeft.simulations.engine import simulate
 
-    print_result(simulate(cfg, verbose=args.verbose, resume=args.resume, cpus_per_site=args.cpus_per_site,
-                          gpus_per_site=args.gpus_per_site, ray_address=args.ray_address))
-    return 0
+    result = simulate(cfg, verbose=args.verbose, resume=args.resume, cpus_per_site=args.cpus_per_site,
+                      gpus_per_site=args.gpus_per_site, ray_address=args.ray_address)
+    print_result(result)
+    return _trained_or_why(result.run_dir)
+
+
+def _directory_for(path: str, what: str) -> None:
+    """``path`` is, or can be made, a directory: nothing on the way is a file (FedpeftError naming it otherwise)."""
+    from pathlib import Path
+
+    target = Path(path).expanduser()
+    blocker = next((p for p in [*reversed(target.parents), target] if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise FedpeftError(f"{what} '{path}': '{blocker}' is a file, not a directory; choose another directory")
+
+
+def _warn(cfg: Any) -> None:
+    """Settings a run accepted knowingly, said once where it starts."""
+    from fedpeft.composition import run_warnings
+
+    for warning in run_warnings(cfg):
+        print(f"fedpeft: warning: {warning}", file=sys.stderr)
+
+
+def _trained_or_why(run_dir: Any) -> int:
+    """0 when some round of the run aggregated an update; otherwise 1, saying why no site trained (a run that only
+    evaluated the initial adapter produced nothing)."""
+    import json
+    from pathlib import Path
+
+    metrics = Path(run_dir) / "metrics.jsonl"
+    rounds = []
+    if metrics.is_file():
+        for line in metrics.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("round"), int) and record["round"] >= 1:
+                rounds.append(record)
+    if any(record.get("aggregated") for record in rounds):
+        return 0
+    why = []
+    for record in rounds[-1:]:
+        why += [f"site {site} refused: {reason}" for site, reason in (record.get("refusals") or {}).items()]
+        why += [f"{site} failed: {reason}" for site, reason in (record.get("failures") or {}).items()]
+        why += [f"round {record['round']}: {record['unchanged_because']}"] if record.get("unchanged_because") else []
+    detail = "; ".join(why) if why else ("no round was run" if not rounds else "too few usable updates each round")
+    print(f"fedpeft: error: no site trained in any round of {run_dir}, so the run produced nothing: {detail}",
+          file=sys.stderr)
+    return 1
 
 
 def _export_parser(sub: argparse._SubParsersAction) -> None:
@@ -97,6 +147,7 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    _directory_for(args.out, "--out")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from fedpeft.runs.export import export_run
 
@@ -172,17 +223,24 @@ def _cmd_server(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from fedpeft.deploy.coordinator import Coordinator, CoordinatorSettings
+    from fedpeft.deploy.preflight import check_audit_key
 
     cfg = _load_config(args.config, _parse_overrides(args.overrides))
+    _warn(cfg)
     cfg = replace(cfg, run=replace(cfg.run, out_dir=str(Path(cfg.run.out_dir).expanduser().resolve())))
+    _directory_for(cfg.run.out_dir, "run.out_dir")
+    _directory_for(args.state_dir, "--state-dir")
     if not cfg.run.audit_key and (Path(args.pki) / "audit.key").is_file():  # the coordinator's own audit key
         cfg = replace(cfg, run=replace(cfg.run, audit_key=str((Path(args.pki) / "audit.key").resolve())))
+    if cfg.run.audit_key:
+        check_audit_key(cfg.run.audit_key, "the coordinator's audit key (run.audit_key)",
+                        f"use the audit.key that `fedpeft pki init` made in {args.pki}, or set run.audit_key to it")
     settings = CoordinatorSettings(pki_dir=Path(args.pki), config=cfg, state_dir=Path(args.state_dir).resolve(),
                                    host=args.host, port=args.port, sites=tuple(args.site))
     status = Coordinator(settings).run()
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     print(f"run {status}; results in {run_dir}")
-    return 0 if status == "finished:completed" else 1
+    return _trained_or_why(run_dir) if status == "finished:completed" else 1
 
 
 def _client_parser(sub: argparse._SubParsersAction) -> None:
@@ -191,7 +249,8 @@ def _client_parser(sub: argparse._SubParsersAction) -> None:
                                    "of `fedpeft pki add-site`).")
     p.add_argument("--site-config", required=True, help="the site's site.toml")
     p.add_argument("--check", action="store_true",
-                   help="only check the files, the key and the connection to the coordinator, then exit")
+                   help="only check the files, the keys (mode 0600), the policy and the connection to the "
+                        "coordinator, then exit")
     p.add_argument("--attempts", type=int, default=None,
                    help="give up after this many retries while the coordinator is unreachable or does not accept "
                         "this site's key yet (default: keep trying)")
@@ -203,7 +262,8 @@ def _cmd_client(args: argparse.Namespace) -> int:
     site = load_site_settings(args.site_config)
     if args.check:
         check_site(site)
-        print(f"site '{site.name}': files, node key and the TLS connection to {site.coordinator} are in order")
+        print(f"site '{site.name}': files, node and audit keys, policy and the TLS connection to {site.coordinator} "
+              "are in order")
         return 0
     return run_agent(site, attempts=args.attempts)
 
@@ -228,25 +288,92 @@ def _audit_parser(sub: argparse._SubParsersAction) -> None:
     report.add_argument("--site-log", action="append", default=[], help="a site's log to cross-check (repeatable)")
 
 
-def _cmd_audit(args: argparse.Namespace) -> int:
+def _public_key(value: str | None, option: str) -> str | None:
+    """The base64 Ed25519 key given as ``option`` (text, or a .pub file); AuditError for anything else."""
+    from pathlib import Path
+
     from fedpeft.audit.keys import load_public_key
+    from fedpeft.errors import AuditError
 
-    def key(value: str | None) -> str | None:
-        return load_public_key(value) if value else None
+    if not value:
+        return None
+    fix = "pass the writer's audit .pub file (written next to its audit.key) or its base64 text"
+    candidate = Path(value).expanduser()
+    if candidate.is_dir():
+        raise AuditError(f"{option} '{value}' is a directory, not a public key; {fix}")
+    if candidate.is_file():
+        try:
+            data = candidate.read_bytes()
+        except OSError as err:
+            raise AuditError(f"{option} '{value}' cannot be read ({err.strerror}); {fix}") from None
+        try:
+            text = data.decode("ascii").strip()
+        except UnicodeDecodeError:
+            raise AuditError(f"{option} '{value}' is a binary file, not a public key (a private key or a DER file?); "
+                             f"{fix}") from None
+        if "PRIVATE KEY" in text:
+            raise AuditError(f"{option} '{value}' is a private key, not the public key (keep it secret); {fix}")
+        try:
+            return load_public_key(text)
+        except AuditError:
+            raise AuditError(f"{option} '{value}' does not hold a base64 Ed25519 public key (32 bytes); "
+                             f"{fix}") from None
+    try:
+        return load_public_key(value)
+    except AuditError:
+        looks_like_path = any(ch in value for ch in "/\\") or value.endswith((".pub", ".key", ".pem"))
+        problem = "does not exist" if looks_like_path else "is neither a file nor a base64 Ed25519 public key"
+        raise AuditError(f"{option} '{value}' {problem}; {fix}") from None
 
+
+def _audit_log(path: str, what: str) -> str:
+    """An existing, readable log file; AuditError naming it otherwise."""
+    from pathlib import Path
+
+    from fedpeft.errors import AuditError
+
+    file = Path(path).expanduser()
+    where = "the coordinator writes <run dir>/audit/coordinator.jsonl; a site, its audit_log (site.toml)"
+    if not file.exists():
+        raise AuditError(f"{what} '{path}' does not exist; check the path ({where})")
+    if not file.is_file():
+        raise AuditError(f"{what} '{path}' is not a file; pass the log file itself ({where})")
+    try:
+        with file.open("rb"):
+            pass
+    except OSError as err:
+        raise AuditError(f"{what} '{path}' cannot be read ({err.strerror}); check its permissions") from None
+    return str(file)
+
+
+def _report_out(path: str) -> str:
+    """Where the report goes: a file path whose directory exists or can be made; AuditError otherwise."""
+    from pathlib import Path
+
+    from fedpeft.errors import AuditError
+
+    out = Path(path).expanduser()
+    if out.is_dir():
+        raise AuditError(f"--out '{path}' is a directory; give the report's file name, e.g. {out / 'report.html'}")
+    blocker = next((parent for parent in reversed(out.parents) if parent.exists() and not parent.is_dir()), None)
+    if blocker is not None:
+        raise AuditError(f"--out '{path}': '{blocker}' is a file, not a directory, so the report cannot be written "
+                         "there; choose another --out")
+    return str(out)
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
     if args.audit_command == "report":
-        from fedpeft.audit.report import render_report
-
-        out = render_report(args.log, args.out, fmt=args.format, public_key=key(args.pubkey),
-                            site_logs=args.site_log)
-        print(f"report written to {out}")
-        return 0
+        return _audit_report(args)
     if args.site or args.server:
         if not (args.site and args.server):
             raise FedpeftError("a cross-check needs both --site SITE_LOG and --server SERVER_LOG")
         from fedpeft.audit.crosscheck import cross_check
 
-        result = cross_check(args.site, args.server, key(args.site_pubkey), key(args.server_pubkey))
+        site_log = _audit_log(args.site, "site audit log (--site)")
+        server_log = _audit_log(args.server, "coordinator audit log (--server)")
+        result = cross_check(site_log, server_log, _public_key(args.site_pubkey, "--site-pubkey"),
+                             _public_key(args.server_pubkey, "--server-pubkey"))
         for finding in result.findings:
             print(finding)
         print(result.summary())
@@ -255,9 +382,33 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         raise FedpeftError("give the log to verify: fedpeft audit verify LOG [--pubkey KEY]")
     from fedpeft.audit.verify import verify_log
 
-    verification = verify_log(args.log, key(args.pubkey))
+    verification = verify_log(_audit_log(args.log, "audit log"), _public_key(args.pubkey, "--pubkey"))
     print(verification.summary())
     return 0 if verification.intact else 1
+
+
+def _audit_report(args: argparse.Namespace) -> int:
+    """Write the report whatever the log's state (it shows the damage), and exit 1 unless the log is intact and
+    every site log given cross-checks: a report of a damaged log is evidence, not a clean bill."""
+    from fedpeft.audit.report import render_report
+    from fedpeft.audit.verify import verify_log
+
+    log, key = _audit_log(args.log, "coordinator audit log"), _public_key(args.pubkey, "--pubkey")
+    site_logs = [_audit_log(site, "site audit log (--site-log)") for site in args.site_log]
+    out = render_report(log, _report_out(args.out), fmt=args.format, public_key=key, site_logs=site_logs)
+    problems = []
+    verification = verify_log(log, key)
+    if not verification.intact:
+        problems.append(verification.summary())
+    if site_logs:
+        from fedpeft.audit.crosscheck import cross_check
+
+        problems += [check.summary() for check in (cross_check(site, log, server_key=key) for site in site_logs)
+                     if not check.ok]
+    print(f"report written to {out}")
+    for problem in problems:
+        print(f"fedpeft: audit report: {problem}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 def _load_config(path: str | None, overrides: dict[str, object]):
@@ -289,6 +440,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return commands[args.command](args)
     except FedpeftError as err:
         print(f"fedpeft: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a path no check above foresaw: still a message, never a traceback
+        where = f" ('{err.filename}')" if err.filename else ""
+        print(f"fedpeft: error: {err.strerror or err}{where}; check the path and its permissions", file=sys.stderr)
         return 2
 
 

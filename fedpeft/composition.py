@@ -18,9 +18,10 @@ from typing import Any
 from fedpeft.config import RunConfig, parse_flat, parse_mapping, parse_toml
 from fedpeft.config.checks import Rule, check_rules, fail
 from fedpeft.data.partition import registered_partitioners
-from fedpeft.errors import ConfigError, SecAggError
+from fedpeft.errors import ConfigError, FederationError, PrivacyError, SecAggError
 from fedpeft.methods import build_method, registered_methods
 from fedpeft.privacy.accounting import registered_accountants
+from fedpeft.privacy.defaults import derive_schedule
 from fedpeft.secagg.graph import default_degree, default_threshold, validate
 from fedpeft.strategies import registered_rules
 
@@ -48,11 +49,20 @@ def run_config(flat: Mapping[str, Any]) -> RunConfig:
 
 @functools.lru_cache(maxsize=8)
 def _cached(items: tuple[tuple[str, Any], ...]) -> RunConfig:
-    return from_flat(dict(items))
+    cfg = from_flat(dict(items))
+    if not cfg.federation.rounds:  # a simulation fills it before the apps start; a deployment must say
+        raise ConfigError("run config: federation.rounds = 0 derives the rounds from the sites' total training rows, "
+                          "which a deployed server does not know in advance; set privacy.expected_rows (the sites' "
+                          "total rows, an estimate is fine) or federation.rounds")
+    return cfg
 
 
 def checked(cfg: RunConfig, origin: str) -> RunConfig:
-    """``cfg`` after every cross-part rule; raises ConfigError naming the key, the value and the fix."""
+    """``cfg`` after every cross-part rule; raises ConfigError naming the key, the value and the fix. With
+    ``federation.rounds = 0`` and ``privacy.expected_rows`` the schedule is derived here (fedpeft.privacy.defaults).
+    """
+    if not cfg.federation.rounds and cfg.privacy.expected_rows:
+        cfg = derive_schedule(cfg, total_rows=cfg.privacy.expected_rows)
     check_choices(cfg, origin)
     for method in registered_methods().values():
         check_rules(method.option_rules(cfg), origin)
@@ -120,15 +130,70 @@ def distributed_rules(cfg: RunConfig) -> list[Rule]:
          "otherwise"),
         ("privacy.client_dp", p.client_dp, p.client_dp == "off" or not distributed,
          "distributed example-level DP and client-level DP are not combined; set privacy.client_dp = 'off'"),
+        # Noise shares: each site adds 1/m of the noise, so only a secure sum, never one site's update, carries it all.
+        ("privacy.client_dp", p.client_dp, p.client_dp != "distributed" or fed.secure_aggregation,
+         "distributed client-level DP has each site add only a share of the noise, so without secure aggregation "
+         "the coordinator sees every site's update under a fraction of the noise its epsilon assumes; set "
+         "federation.secure_aggregation = true, or privacy.client_dp = 'central' (the coordinator adds the noise)"),
     ]
+
+
+TWO_SITES = ("with 2 sites per round, secure aggregation hides nothing between them: each site can derive the other "
+             "site's update from the aggregate (the next global adapter minus its own update)")
+
+
+def sites_per_round(cfg: RunConfig) -> int:
+    fed = cfg.federation
+    return max(fed.min_sites, round(fed.fraction_train * fed.num_sites))
+
+
+def run_warnings(cfg: RunConfig) -> list[str]:
+    """What a run accepted knowingly but its operators should still read, once, where it starts."""
+    found = []
+    if cfg.federation.secure_aggregation and cfg.secagg.accept_two_sites and sites_per_round(cfg) == 2:
+        found.append(f"{TWO_SITES} (secagg.accept_two_sites = true)")
+    return found
+
+
+def site_policy_refusals(cfg: RunConfig) -> dict[str, str]:
+    """Every simulated site's own policy (``privacy.policy_file``) read and checked against the run, before anything
+    trains: a missing or malformed file raises PrivacyError naming it; a run that fewer than
+    ``federation.min_sites`` sites' policies allow (so no round could ever aggregate) raises FederationError with
+    each site's rule. Returns the sites whose policy refuses the run (site -> reason); the others train."""
+    if not cfg.privacy.policy_file:
+        return {}
+    from fedpeft.privacy.policy import PrivacyRequest, check_request
+    from fedpeft.privacy.site_budget import site_policy
+
+    request, refusals = PrivacyRequest.from_config(cfg), {}
+    for site in map(str, range(cfg.federation.num_sites)):
+        policy = site_policy(cfg, site)
+        try:
+            if policy is not None:
+                check_request(policy, request)
+        except PrivacyError as err:
+            reason = (err.public or str(err)).removesuffix("; the site trains nothing this round")
+            refusals[site] = f"{reason} ({policy.source if policy else 'no policy file'})"
+    willing = cfg.federation.num_sites - len(refusals)
+    if willing < cfg.federation.min_sites:
+        reasons = "; ".join(f"site {site}: {reason}" for site, reason in refusals.items())
+        raise FederationError(
+            f"no round of this run could train: {len(refusals)} of {cfg.federation.num_sites} sites' own policies "
+            f"refuse it (federation.min_sites = {cfg.federation.min_sites}): {reasons}. Change the run config to "
+            "what the sites allow, or the sites' policy files")
+    return refusals
 
 
 def check_secure(cfg: RunConfig, origin: str) -> None:
     """The neighbour graph and threshold must be buildable for the sites a round samples."""
     fed = cfg.federation
-    sampled = max(fed.min_sites, round(fed.fraction_train * fed.num_sites))
+    sampled = sites_per_round(cfg)
     if sampled < 2:
         fail(origin, "federation.num_sites", fed.num_sites, "secure aggregation needs at least 2 sites per round")
+    if sampled == 2 and not cfg.secagg.accept_two_sites:
+        fail(origin, "federation.num_sites", fed.num_sites, TWO_SITES + "; use 3 or more sites per round "
+             "(federation.num_sites, fraction_train, min_sites), or set secagg.accept_two_sites = true to run it "
+             "knowingly")
     degree = min(cfg.secagg.degree or default_degree(sampled), sampled - 1)
     threshold = cfg.secagg.threshold or default_threshold(degree)
     try:

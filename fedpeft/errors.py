@@ -69,6 +69,13 @@ class SecAggAbort(SecAggError):
     """A secure-aggregation round cannot decode (fewer than the threshold survived); nothing partial is released."""
 
 
+class SecAggRefused(SecAggError):
+    """A site will not take a secure-aggregation step (no keys for the epoch, a replayed round, too few sites, a
+    request that could reveal both secrets of one site); it answers with a typed refusal (rule ``rule``)."""
+
+    rule = "secure_aggregation"
+
+
 class PkiError(FedpeftError):
     """The PKI directory is missing, incomplete, or would be overwritten."""
 

@@ -20,6 +20,14 @@ TRAIN = MessageType.TRAIN
 EVALUATE = MessageType.EVALUATE
 _R = TypeVar("_R", ConfigRecord, MetricRecord, ArrayRecord)
 _PATH = re.compile(r"(?<![\w.])(?:~|[A-Za-z]:)?[/\\][^\s'\"]*[^\s'\",.;:)\]]")  # an absolute or home path
+# A quoted path (it may hold spaces): absolute, home or ./-relative, or with a directory and a file suffix.
+_QUOTED_PATH = re.compile(r"""(['"])((?:~|[A-Za-z]:|\.{1,2})?[/\\][^'"\n]*|[^'"\n]*[/\\][^'"\n]*\.[A-Za-z]\w{0,7})\1""")
+# A relative path: ./ or ../ first, or directories then a file with a suffix (sites/a/policy.toml; not "1/2").
+_RELATIVE_PATH = re.compile(
+    r"(?<![\w./\\<-])(?:\.{1,2}[/\\][^\s'\"]*[^\s'\",.;:)\]]|(?:[\w.-]+[/\\])+[\w.-]*\.[A-Za-z]\w{0,7}(?![\w/\\]))")
+_SITE_FILE = "<site file>"
+# What is left of an unquoted path with spaces: a replaced path, then words holding a '/' or another replaced path.
+_REPEATED = re.compile(r"<site file>(?:\s*(?:<site file>|[\w.~-]*[/\\][^\s'\",;:)\]]*))+")
 
 
 @dataclass(frozen=True)
@@ -111,8 +119,13 @@ def as_list(value: object) -> list[Any]:
 
 
 def without_paths(text: str) -> str:
-    """``text`` with absolute file paths replaced: what leaves a site names rules and values, not its files."""
-    return _PATH.sub("<site file>", text)
+    """``text`` with file paths replaced: what leaves a site names rules and values, not its files. Absolute, home,
+    quoted (spaces included) and relative paths with a directory are replaced; best effort for text that no rule
+    wrote: a refusal's own reason (``PrivacyError.public``) names no path in the first place."""
+    text = _QUOTED_PATH.sub(lambda m: f"{m.group(1)}{_SITE_FILE}{m.group(1)}", text)
+    text = _PATH.sub(_SITE_FILE, text)
+    text = _RELATIVE_PATH.sub(_SITE_FILE, text)
+    return _REPEATED.sub(_SITE_FILE, text)
 
 
 @dataclass

@@ -39,16 +39,20 @@ NODE_AUDIT_LOG = "audit-log"  # deployment: the site's signed audit log
 NODE_AUDIT_KEY = "audit-key"  # deployment: the site's Ed25519 audit key (PEM)
 NODE_BASE_MODEL = "base-model"  # deployment: the site's local copy of the base model (name or directory)
 
-# Secure aggregation (SecAgg+) stages: message types and keys (ConfigRecord unless noted)
-SECAGG_KEYS = "query.secagg_keys"  # stage 1: advertise public keys
-SECAGG_SHARES = "query.secagg_shares"  # stage 2: encrypted Shamir shares for each neighbour
-SECAGG_UNMASK = "query.secagg_unmask"  # stage 4: reveal shares for survivors' self masks / dropped sites' keys
-# stage 3 (masked input) rides the ordinary TRAIN message
-SA_INDEX = "secagg-index"  # the site's index in this round (1..n; Shamir share ids)
+# Secure aggregation (SecAgg+): message types and keys (ConfigRecord unless noted). Key set-up (two exchanges) runs
+# once per key epoch; a steady-state round is two exchanges: masked input (the TRAIN message), then unmasking.
+SECAGG_KEYS = "query.secagg_keys"  # set-up 1: advertise public keys
+SECAGG_SHARES = "query.secagg_shares"  # set-up 2: encrypted Shamir shares of each epoch round's secrets
+SECAGG_UNMASK = "query.secagg_unmask"  # round: reveal shares for survivors' self masks / dropped sites' keys
+# the masked input rides the ordinary TRAIN message
+SA_EPOCH = "secagg-epoch"  # the key epoch's id (16 random bytes), in every secure message
+SA_FIRST_ROUND = "secagg-first-round"  # the first round the epoch's keys serve
+SA_LAST_ROUND = "secagg-last-round"  # the last round the epoch's keys serve
+SA_INDEX = "secagg-index"  # the site's index in this epoch (1..n; Shamir share ids)
 SA_NUM = "secagg-n"
 SA_THRESHOLD = "secagg-threshold"
 SA_CHANNEL_PK = "secagg-channel-pk"
-SA_MASK_PK = "secagg-mask-pk"
+SA_MASK_PK = "secagg-mask-pk"  # the public masking keys of each of the epoch's rounds, concatenated
 SA_NEIGHBOURS = "secagg-neighbours"  # indices
 SA_NEIGHBOUR_CHANNEL_PKS = "secagg-neighbour-channel-pks"
 SA_NEIGHBOUR_MASK_PKS = "secagg-neighbour-mask-pks"
@@ -62,4 +66,4 @@ SA_SELF_MASK_SHARES = "secagg-self-mask-shares"
 SA_KEY_FROM = "secagg-key-from"
 SA_KEY_SHARES = "secagg-key-shares"
 SA_MASKED = "secagg-masked"  # ArrayRecord key of the masked, fixed-point upload (uint ring vector)
-SA_STATE = "secagg"  # the site's per-round secrets in its node state (never sent)
+SA_STATE = "secagg"  # the site's key-epoch secrets in its node state (never sent)

@@ -74,7 +74,8 @@ def test_a_site_error_without_a_reason_is_a_failure_with_its_code(task_identity)
 def test_an_update_in_the_wrong_kind_of_record_is_rejected_not_a_crash(task_identity):
     sent = Message(content=RecordDict({}), dst_node_id=5, message_type="train", group_id="1")
     reply = Message(RecordDict({wire.ADAPTER: ConfigRecord({"w": 1.0}),
-                                wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 3, wire.TRAIN_LOSS: 0.1})}),
+                                wire.METRICS: MetricRecord({wire.NUM_EXAMPLES: 3, wire.TRAIN_LOSS: 0.1,
+                                                            wire.PARTITION_ID: 0})}),
                     reply_to=sent)
     got = collect_updates(Replies(ok=[reply]), {}, "num-examples")
     assert got.total.count == 0 and got.failures["5"].startswith("rejected: message record 'adapter' is a ConfigRecord")

@@ -4,6 +4,10 @@ For every round of the coordinator's run: if the coordinator says the site's upd
 have logged a release for that run and round with the same payload digest and the same ε; if the coordinator says
 the site refused, the site must have logged the refusal. A release the coordinator does not account for is reported
 too (a warning: an upload can be lost legitimately, e.g. in an aborted secure round).
+
+ε only grows: a round where the coordinator records the site's ε below what the site's own log recorded at an
+earlier release (in this run or any earlier one) is a mismatch (``epsilon decreased``), and so is an ε that goes
+down within either log (``verify_log`` names those records, and either log then fails its verification).
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ def cross_check(site_log: str | Path, server_log: str | Path, site_key: str | No
     own = _site_account(site_v.records, run)
     for server_round, claim in sorted(claims.items()):
         result.findings += _compare(site, server_round, claim, own.get(server_round))
+        result.findings += _below_earlier(site, server_round, claim, own.get(server_round))
     for server_round, entry in sorted(own.items()):
         if entry["kind"] == "release" and server_round not in claims:
             result.findings.append(Finding("warning", site, server_round, "unaccounted release",
@@ -86,13 +91,31 @@ def _coordinator_claims(records: list[dict[str, Any]], site: str) -> dict[int, d
 
 
 def _site_account(records: list[dict[str, Any]], run: str) -> dict[int, dict[str, Any]]:
+    """round -> the site's own record of it, with ``earlier``: the largest ε the site's log recorded before it (in
+    any run; None when none)."""
     own: dict[int, dict[str, Any]] = {}
+    highest: float | None = None
     for record in records:
         data = record.get("data", {})
         if record.get("kind") in ("release", "refusal") and data.get("run") == run:
             own[int(data["round"])] = {"kind": record["kind"], "payload": data.get("payload_sha256"),
-                                       "epsilon": data.get("epsilon")}
+                                       "epsilon": data.get("epsilon"), "earlier": highest}
+        eps = data.get("epsilon") if record.get("kind") == "release" else None
+        if isinstance(eps, int | float) and not isinstance(eps, bool):
+            highest = float(eps) if highest is None else max(highest, float(eps))
     return own
+
+
+def _below_earlier(site: str, server_round: int, claim: dict[str, Any], own: dict[str, Any] | None) -> list[Finding]:
+    """The coordinator's ε for the site this round is below an ε the site recorded before this round's release."""
+    eps, earlier = claim.get("epsilon"), (own or {}).get("earlier")
+    if claim["kind"] != "release" or not isinstance(eps, int | float) or earlier is None:
+        return []
+    if float(eps) >= earlier * (1.0 - EPSILON_TOLERANCE):
+        return []
+    return [Finding("mismatch", site, server_round, "epsilon decreased",
+                    f"the coordinator records ε {float(eps):.6g}, below the ε {earlier:.6g} the site's own log "
+                    "recorded at an earlier release: the site's privacy ledger was reset, cut or edited")]
 
 
 def _compare(site: str, server_round: int, claim: dict[str, Any], own: dict[str, Any] | None) -> list[Finding]:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
 from pathlib import Path
 from typing import Any
 
 from fedpeft.errors import AuditError
+from fedpeft.io.atomic import write_bytes_atomic
 
 
 def generate_key() -> Any:
@@ -37,10 +37,8 @@ def save_private_key(key: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(pem)
-    path.with_suffix(".pub").write_text(public_key_b64(key) + "\n", encoding="ascii")
+    write_bytes_atomic(path, pem, mode=0o600, overwrite=False)  # fsync'd; never over an existing key
+    write_bytes_atomic(path.with_suffix(".pub"), (public_key_b64(key) + "\n").encode("ascii"), mode=0o644)
 
 
 def load_private_key(path: str | Path) -> Any:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedpeft.audit.verify import Verification, verify_log
+from fedpeft.audit.verify import EPSILON_DECREASED, Verification, epsilon_decreases, verify_log
 from fedpeft.errors import AuditError
 
 if TYPE_CHECKING:
@@ -125,6 +125,10 @@ def _banner(verification: Verification) -> Text:
         return Text(f"Log verified: intact ({len(verification.records)} records, chain and signatures check out; "
                     f"key {verification.key_source or 'given'})", "banner ok")
     first = verification.damage[0]
+    if len(verification.privacy_failures) == len(verification.damage):
+        return Text(f"PRIVACY FAILURE — the log's chain and signatures verify, but a site's ε decreased: {first} "
+                    f"({len(verification.damage)} record(s)). A site's ε never goes down: its privacy ledger was "
+                    "reset, cut or edited, and the ε shown below under-reports what it spent.", "banner damaged")
     return Text(f"LOG DAMAGED — first damage: {first} ({len(verification.damage)} problem(s)). "
                 "The records that still parse are shown below; they are not trustworthy.", "banner damaged")
 
@@ -260,8 +264,21 @@ def _epsilon(run: Run) -> Section:
     rows = [[site, _fmt(eps), _fmt(budget), _fmt(budget - float(eps) if budget is not None else None)]
             for site, eps in final.items()]
     plot = Image("epsilon per site", _line_plot({f"site {k}": v for k, v in series.items()}, "ε", budget))
-    return Section("epsilon", "Privacy spent (ε per site)",
-                   [plot, Table(["site", "final ε", "budget", "left"], rows, "final-epsilon")])
+    blocks: list[Any] = [plot, Table(["site", "final ε", "budget", "left"], rows, "final-epsilon")]
+    decreases = [d for d in _decreases(run) if d.kind == EPSILON_DECREASED]
+    if decreases:
+        blocks.append(Text("ε DECREASED — a site's ε never goes down; these records under-report it: "
+                           + "; ".join(d.detail.split(" (line", 1)[0] for d in decreases), "damaged"))
+    return Section("epsilon", "Privacy spent (ε per site)", blocks)
+
+
+def _decreases(run: Run) -> list[Any]:
+    """The ε decreases in the run's round and run-end records, in round order."""
+    records: list[tuple[int, dict[str, Any]]] = [(r, {"kind": "round", "data": d})
+                                                 for r, d in sorted(run.rounds.items())]
+    if run.end is not None:
+        records.append((max(run.rounds, default=0) + 1, {"kind": "run-end", "data": run.end}))
+    return epsilon_decreases(records)
 
 
 def _metrics(run: Run) -> Section:

@@ -5,19 +5,22 @@ versions, base-model fingerprint, PEFT, aggregation, DP and secure-aggregation s
 round (who was asked, who returned, who dropped or refused, whether the sum was decoded, client-level DP noise, the
 aggregate update's norm, ε per site, payload digests, the new global adapter's SHA-256, metrics) and the run's end.
 A site's log records what left the site each round (size and SHA-256 of the payload, ε after the round, the hash of
-its ledger line) — never data or the update itself.
+its ledger line) — never data or the update itself. Those hashes anchor the site's privacy ledger: before it trains,
+a site reads them back (``ledger_anchors``) and refuses when its ledger no longer holds the lines it released.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fedpeft.audit.keys import load_or_create_key, load_private_key
-from fedpeft.audit.log import AuditLog, canonical
+from fedpeft.audit.log import GENESIS, AuditLog, canonical, check_record_version, line_hash
 from fedpeft.config import RunConfig
+from fedpeft.errors import AuditError
 
 COORDINATOR_LOG = "coordinator.jsonl"
 VERSIONED = ("fedpeft", "flwr", "torch", "transformers", "peft", "opacus", "bitsandbytes", "cryptography")
@@ -104,6 +107,57 @@ class SiteAudit:
 
     def evaluation(self, run: str, server_round: int, metrics: dict[str, float]) -> None:
         self.log.append("evaluation", {"run": run, "round": server_round, "metrics_sent": metrics})
+
+
+@dataclass(frozen=True)
+class LedgerAnchor:
+    """One release in a site's signed log, naming the privacy-ledger line it recorded."""
+
+    log_line: int  # 1-based line of the release record in the site's audit log
+    run: str
+    round: int
+    epsilon: float | None  # the site's cumulative epsilon after the release, as logged
+    ledger_line_sha256: str
+
+
+def ledger_anchors(log_path: str | Path) -> list[LedgerAnchor]:
+    """The releases of a site's audit log that name a ledger line, oldest first; [] when the log does not exist.
+
+    The log's hash chain is checked as it is read (its signatures are for ``fedpeft audit verify``: whoever can
+    rewrite a site's files can also use its key). A partial last line (a crash mid-append) is not a record and is
+    skipped, as the next append moves it aside. AuditError names the first line whose chain or form is broken, or
+    a record from a newer fedpeft."""
+    path = Path(log_path)
+    if not path.is_file():
+        return []
+    try:
+        lines = path.read_bytes().split(b"\n")[:-1]  # the bytes after the last newline are a torn line, if any
+    except OSError as err:
+        raise AuditError(f"audit log {path} cannot be read ({err})") from None
+    anchors, prev = [], GENESIS
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError(f"a JSON {type(record).__name__}, not a record")
+        except ValueError as err:
+            raise AuditError(f"audit log {path} line {number} is not a record ({err})") from None
+        check_record_version(record, f"audit log {path} (line {number})")
+        if record.get("prev") != prev:
+            raise AuditError(f"audit log {path} line {number}: its 'prev' hash does not match the line before it (a "
+                             "line was edited, removed, inserted or reordered)")
+        prev = line_hash(line)
+        data = record.get("data")
+        if record.get("kind") != "release" or not isinstance(data, dict):
+            continue
+        sha, server_round, eps = data.get("ledger_line_sha256"), data.get("round"), data.get("epsilon")
+        if not isinstance(sha, str) or not sha:
+            continue  # a release without DP records no ledger line
+        if not isinstance(server_round, int) or isinstance(server_round, bool):
+            raise AuditError(f"audit log {path} line {number}: a release without a round number ({server_round!r})")
+        anchors.append(LedgerAnchor(number, str(data.get("run", "")), server_round,
+                                    float(eps) if isinstance(eps, int | float) else None, sha))
+    return anchors
 
 
 def _json_safe(value: Any) -> Any:

@@ -6,6 +6,12 @@ and never appears), ``inserted`` (a record that repeats an earlier one), ``reord
 that does appear elsewhere), ``truncated`` (a partial last line, or no ``run-end`` record), ``wrong key`` (no
 record verifies under the given public key), and ``timestamp`` (time going backwards).
 
+One more kind is a privacy failure in records that are themselves genuine: ``epsilon decreased``. A site's
+cumulative ε only ever grows (its ledger composes every release it made), so a site's ε lower than one recorded
+before it means its ledger was reset, cut or edited and its privacy spent is under-reported: in the coordinator's
+log, a site's ε in a later round (or in the run-end record) below its ε in an earlier round; in a site's log, a
+release's ε below an earlier release's (in any run). Every such record is named.
+
 A record may carry ``schema_version`` (written since versions exist) or not (older logs, version 1): both verify, as
 the signature covers whichever fields the writer signed. A record from a newer fedpeft is not judged at all, since
 its chain or signature rules may have changed: verify_log raises AuditError saying "upgrade fedpeft", so that a
@@ -25,6 +31,8 @@ from fedpeft.audit.log import FIELDS, GENESIS, UNVERSIONED_FIELDS, canonical, ch
 from fedpeft.io.schema import SCHEMA_VERSION_KEY, UNVERSIONED, is_schema_version
 
 END_KINDS = ("run-end",)  # a coordinator's log ends with one; a site's log stays open across runs
+EPSILON_DECREASED = "epsilon decreased"
+EPSILON_TOLERANCE = 1e-9  # relative: equal epsilons may be recomputed with rounding of this size
 
 
 @dataclass(frozen=True)
@@ -51,10 +59,18 @@ class Verification:
     def intact(self) -> bool:
         return not self.damage
 
+    @property
+    def privacy_failures(self) -> list[Damage]:
+        """The ``epsilon decreased`` findings (genuine records that report a site's ε going down)."""
+        return [d for d in self.damage if d.kind == EPSILON_DECREASED]
+
     def summary(self) -> str:
         if self.intact:
             return (f"{self.path}: intact — {len(self.records)} records, chain and signatures verified with key "
                     f"{key_id(self.public_key) if self.public_key else '?'} ({self.key_source})")
+        if len(self.privacy_failures) == len(self.damage):
+            return (f"{self.path}: PRIVACY FAILURE — chain and signatures verify, but a site's ε decreased "
+                    f"({len(self.damage)} record(s)); first: {self.damage[0]}")
         return f"{self.path}: DAMAGED — first problem: {self.damage[0]}"
 
 
@@ -124,8 +140,52 @@ def verify_log(path: str | Path, public_key: str | None = None) -> Verification:
         return result
     _walk(parsed, genuine, result)
     _check_complete(parsed, result)
+    result.damage += epsilon_decreases([(number, record) for (number, _, record), ok in zip(parsed, genuine,
+                                                                                          strict=True) if ok])
     result.damage.sort(key=lambda d: d.line)
     return result
+
+
+def _epsilon(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _observations(record: dict[str, Any]) -> list[tuple[str, float, str]]:
+    """(site, ε, where) that a record reports: a coordinator's round or run-end record, or a site's release."""
+    data, kind = record.get("data"), record.get("kind")
+    if not isinstance(data, dict):
+        return []
+    if kind == "release":  # a site's own log: its cumulative ε after the release, in any run
+        eps = _epsilon(data.get("epsilon"))
+        site = str(record.get("writer", "")).removeprefix("site:")
+        where = f"run {data.get('run')!r} round {data.get('round')}"
+        return [(site, eps, where)] if eps is not None else []
+    if kind == "round" or kind == "run-end":
+        epsilons = data.get("site_epsilon")
+        where = f"round {data.get('round')}" if kind == "round" else "the run-end record"
+        if isinstance(epsilons, dict):
+            return [(str(site), eps, where) for site, value in epsilons.items()
+                    if (eps := _epsilon(value)) is not None]
+    return []
+
+
+def epsilon_decreases(records: list[tuple[int, dict[str, Any]]]) -> list[Damage]:
+    """``epsilon decreased`` for every record (line, record) that reports a site's ε below the largest ε an earlier
+    record reported for that site: a site's cumulative ε never goes down."""
+    highest: dict[str, tuple[float, str, int]] = {}
+    found = []
+    for number, record in records:
+        for site, eps, where in _observations(record):
+            before = highest.get(site)
+            if before is not None and eps < before[0] * (1.0 - EPSILON_TOLERANCE):
+                seq = record.get("seq")
+                found.append(Damage(EPSILON_DECREASED, number, seq if isinstance(seq, int) else None,
+                                    f"site {site}'s ε {eps:.6g} at {where} is below its ε {before[0]:.6g} at "
+                                    f"{before[1]} (line {before[2]}): its privacy ledger was reset, cut or edited, "
+                                    "and the privacy it has spent is under-reported"))
+            elif before is None or eps > before[0]:
+                highest[site] = (eps, where, number)
+    return found
 
 
 def _walk(parsed: list[tuple[int, bytes, dict[str, Any]]], genuine: list[bool], result: Verification) -> None:

@@ -60,6 +60,10 @@ def train(msg: Message, context: Context) -> Message:
             raise SecAggError(f"round {server_round}: the message {'lacks' if secure else 'carries'} secure-"
                               "aggregation stages, which the run's federation.secure_aggregation = "
                               f"{str(secure).lower()} does not; the site sends nothing this round")
+        if secure:  # this site's keys serve the round (else it refuses before training: nothing is spent)
+            from fedpeft.secagg.client import ready
+
+            ready(config, context)
         local = site.train_round(_received_adapter(msg), server_round, dict(config))
     except (PrivacyError, SecAggError) as err:  # policy, budget, a mismatched mode: an answer, not a crash
         audit.refusal(site.cfg.run.name, server_round, str(err))
@@ -100,10 +104,26 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(RecordDict({wire.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
+def release_site_metrics(msg: Message, context: Context, call_next) -> Message:
+    """Client mod: the reply's metrics leave the site only as ``privacy.site_metrics`` and its policy allow
+    (fedpeft.privacy.release); the site's own audit log keeps them exact."""
+    from fedpeft.privacy.release import release_metrics
+
+    reply = call_next(msg, context)
+    if reply.has_error() or wire.METRICS not in reply.content.metric_records:
+        return reply
+    mode = _site(context).metrics_mode()
+    if mode != "exact":
+        released = release_metrics(dict(reply.content.metric_records[wire.METRICS]), mode)
+        reply.content.metric_records[wire.METRICS] = MetricRecord(released)
+    return reply
+
+
 def build_client_app(mods: list[Mod] | None = None) -> ClientApp:
     from fedpeft.secagg.client import handle_keys, handle_shares, handle_unmask
 
-    client_app = ClientApp(mods=list(mods or []))
+    # innermost: every reply's metrics pass through the release rule, whatever mods the caller adds
+    client_app = ClientApp(mods=[*(mods or []), release_site_metrics])
     client_app.train()(train)
     client_app.evaluate()(evaluate)
     for stage, handler in ((wire.SECAGG_KEYS, handle_keys), (wire.SECAGG_SHARES, handle_shares),

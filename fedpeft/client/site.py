@@ -30,7 +30,8 @@ from fedpeft.models.task_heads import attach_task_heads
 from fedpeft.privacy.accounting import planned_steps
 from fedpeft.privacy.client_dp import add_gaussian, clip_update, noise_share_std
 from fedpeft.privacy.dp_sgd import DpSettings, train_private
-from fedpeft.privacy.site_budget import SiteBudget, site_ledger_path, site_policy
+from fedpeft.privacy.release import stricter
+from fedpeft.privacy.site_budget import SiteBudget, run_site_dir, site_ledger_path, site_policy
 from fedpeft.strategies import registered_rules
 from fedpeft.training.batches import EncodedData, encode_classification, encode_prompt_response
 from fedpeft.training.probe import feature_settings
@@ -107,38 +108,45 @@ class Site:
         if self.local_head:
             state = {**state, **self.own_head()}
         set_adapter_state(self.model, state, source=f"global adapter received by site {self.partition_id}"
-                          + (f" with its own head {self.site_dir() / HEAD_FILE}" if self.local_head else ""))
+                          + (f" with its own head {self.head_dir() / HEAD_FILE}" if self.local_head else ""))
 
     def own_head(self) -> AdapterState:
         from safetensors.torch import load_file
 
-        path = self.site_dir() / HEAD_FILE
+        path = self.head_dir() / HEAD_FILE
         return load_file(str(path)) if path.is_file() else self.shared.initial_head
 
     def save_local_head(self) -> None:
         """Atomically: a crash leaves the previous round's head, never a torn file."""
         from safetensors.torch import save
 
-        write_bytes_atomic(self.site_dir() / HEAD_FILE, save(get_head_state(self.model)))
+        write_bytes_atomic(self.head_dir() / HEAD_FILE, save(get_head_state(self.model)))
 
     def ledger_file(self) -> Path:
         return Path(self.ledger_path) if self.ledger_path else site_ledger_path(self.cfg, str(self.partition_id))
 
     def site_dir(self) -> Path:
-        """The site's own files (ledger, audit log, local head): beside its ledger."""
+        """The site's own files (ledger, audit log, feature cache): beside its ledger."""
         return self.ledger_file().parent
+
+    def head_dir(self) -> Path:
+        """A local head: beside a deployed site's ledger; a simulated site's belongs to the run (<run dir>/sites)."""
+        return self.site_dir() if self.ledger_path else run_site_dir(self.cfg, str(self.partition_id))
 
     def evaluate(self, global_state: AdapterState) -> EvalResult:
         self.load_global(global_state)
         return self.method.local_evaluate(self.model, self.eval_data, self.cfg.train)
 
-    def audit(self) -> SiteAudit:
-        """The site's own signed log of what left it (and its Ed25519 key, created on first use)."""
+    def audit_paths(self) -> tuple[Path, Path]:
+        """The site's signed log and its key: the node's, else beside the ledger."""
         if self.audit_files is not None:
             log, key = (Path(p) for p in self.audit_files)
-        else:
-            log, key = self.site_dir() / "audit.jsonl", self.site_dir() / "audit.key"
-        return SiteAudit(log, key, str(self.partition_id))
+            return log, key
+        return self.site_dir() / "audit.jsonl", self.site_dir() / "audit.key"
+
+    def audit(self) -> SiteAudit:
+        """The site's own signed log of what left it (and its Ed25519 key, created on first use)."""
+        return SiteAudit(*self.audit_paths(), str(self.partition_id))
 
     def budget(self) -> SiteBudget | None:
         """The site's privacy gate, or None when neither DP nor a site policy is in play."""
@@ -146,7 +154,12 @@ class Site:
         policy = site_policy(self.cfg, site, self.policy_file)
         if policy is None and not self.cfg.privacy.dp:
             return None
-        return SiteBudget(self.cfg, site, policy, self.ledger_file())
+        return SiteBudget(self.cfg, site, policy, self.ledger_file(), audit_log=self.audit_paths()[0])
+
+    def metrics_mode(self) -> str:
+        """How this site's reply metrics leave it: the stricter of the run's and its own policy's choice."""
+        policy = site_policy(self.cfg, str(self.partition_id), self.policy_file)
+        return stricter(self.cfg.privacy.site_metrics, policy.site_metrics if policy else "exact")
 
     def train_round(self, global_state: AdapterState, server_round: int,
                     instructions: dict[str, Any] | None = None) -> LocalRound:
@@ -181,12 +194,13 @@ class Site:
                           instructions: dict[str, Any]) -> LocalRound:
         """One DP step across the sites: this site's noisy integer clipped-gradient sum (see client/distributed)."""
         self.load_global(global_state)
-        dim = sum(t.numel() for t in self.method.upload_template(global_state).values())
+        dim = sum(t.numel() for t in self.method.gradient_template(global_state, server_round).values())
         plan = distributed.checked_plan(self.cfg, instructions, dim=dim, policy=budget.policy)
         needed_mu, planned = distributed.site_round(budget=budget, server_round=server_round, plan=plan)
         accepts = budget.policy.accept_distributed_noise if budget.policy else True
         share = distributed.noise_share(plan, needed_mu=needed_mu, accepts_shares=accepts)
-        values = distributed.release(self.method, self.model, self.train_data, plan, share=share)
+        with self.method.training(self.model, instructions):  # e.g. probe-lora: which tensors this round trains
+            values = distributed.release(self.method, self.model, self.train_data, plan, share=share)
         spent = budget.commit_distributed(server_round, planned)
         rows = self.method.num_rows(self.train_data)
         privacy = {wire.EPSILON: spent, wire.SAMPLE_RATE: plan.sample_rate, "noise-share": share,

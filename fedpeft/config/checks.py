@@ -15,6 +15,7 @@ from fedpeft.config.types import (
     GRAD_SAMPLE_MODES,
     HEAD_MODES,
     QUANTIZATIONS,
+    SITE_METRICS,
     TASKS,
     WEIGHTINGS,
     RunConfig,
@@ -22,6 +23,7 @@ from fedpeft.config.types import (
 from fedpeft.errors import ConfigError
 
 Rule = tuple[str, Any, bool, str]  # (key, value, holds, fix)
+MAX_RUN_NAME_BYTES = 200
 
 
 def fail(origin: str, key: str, value: Any, rule: str) -> None:
@@ -87,7 +89,9 @@ def _train_rules(cfg: RunConfig) -> list[Rule]:
 
 def _federation_rules(cfg: RunConfig) -> list[Rule]:
     return [
-        ("federation.rounds", cfg.federation.rounds, cfg.federation.rounds >= 1, "use 1 or more rounds"),
+        ("federation.rounds", cfg.federation.rounds, cfg.federation.rounds >= 1 or (
+            cfg.federation.rounds == 0 and cfg.privacy.dp and cfg.privacy.dp_mode == "distributed"),
+         "use 1 or more rounds (0 derives them from the budget, with privacy.dp_mode = 'distributed')"),
         ("federation.num_sites", cfg.federation.num_sites, cfg.federation.num_sites >= 1, "use 1 or more sites"),
         ("federation.fraction_train", cfg.federation.fraction_train, 0 < cfg.federation.fraction_train <= 1,
          "use a fraction in (0, 1]"),
@@ -100,6 +104,11 @@ def _federation_rules(cfg: RunConfig) -> list[Rule]:
          "use a positive number of seconds"),
         ("federation.eval_every", cfg.federation.eval_every, cfg.federation.eval_every >= 1,
          "evaluate every round (1) or every k rounds (the last round is always evaluated)"),
+        ("federation.max_examples", cfg.federation.max_examples, cfg.federation.max_examples >= 1,
+         "use at least 1: the largest example count a site may claim (larger claims are clipped to it)"),
+        ("federation.max_update_norm", cfg.federation.max_update_norm,
+         cfg.federation.max_update_norm >= 0 and cfg.federation.max_update_norm != float("inf"),
+         "use 0 (no server-side clipping) or a positive L2 norm (e.g. 100) each site's update is clipped to"),
         ("federation.weighting", cfg.federation.weighting,
          cfg.privacy.client_dp == "off" or cfg.federation.weighting == "uniform",
          "client-level DP bounds each site's influence by privacy.client_clip only if weights are public and "
@@ -147,6 +156,10 @@ def _privacy_rules(cfg: RunConfig) -> list[Rule]:
          "use a probability in (0, 1], or 0 for 1 (every row in every round's batch)"),
         ("privacy.min_cohort", cfg.privacy.min_cohort, 0 <= cfg.privacy.min_cohort <= cfg.federation.num_sites,
          f"use 0 (the secure-aggregation threshold) or at most federation.num_sites ({cfg.federation.num_sites})"),
+        ("privacy.expected_rows", cfg.privacy.expected_rows, cfg.privacy.expected_rows >= 0,
+         "use the sites' total training rows, or 0 (a simulation counts them)"),
+        ("privacy.site_metrics", cfg.privacy.site_metrics, cfg.privacy.site_metrics in SITE_METRICS,
+         f"use one of {list(SITE_METRICS)} (exact: as computed; coarse: rounded; none: no scores or losses)"),
         ("privacy.client_noise_multiplier", cfg.privacy.client_noise_multiplier,
          cfg.privacy.client_noise_multiplier >= 0, "use 0 or a positive noise multiplier"),
     ]
@@ -175,6 +188,8 @@ def _secagg_rules(cfg: RunConfig) -> list[Rule]:
         ("secagg.clip_range", cfg.secagg.clip_range, cfg.secagg.clip_range > 0, "use a positive range (e.g. 8.0)"),
         ("secagg.max_weight", cfg.secagg.max_weight, cfg.secagg.max_weight >= 1, "use at least 1"),
         ("secagg.bits", cfg.secagg.bits, cfg.secagg.bits in (32, 64), "use 32 (4 bytes per value) or 64"),
+        ("secagg.rekey_every", cfg.secagg.rekey_every, cfg.secagg.rekey_every >= 0,
+         "use 0 (keys set up once per run) or a positive number of rounds per key set-up"),
     ]
 
 
@@ -182,4 +197,7 @@ def _run_rules(cfg: RunConfig) -> list[Rule]:
     return [
         ("run.name", cfg.run.name, bool(cfg.run.name) and "/" not in cfg.run.name and cfg.run.name not in (".", ".."),
          "use a plain directory name without '/'"),
+        # It names the run directory (and, resumed or numbered, e.g. name-2): file systems allow 255 bytes a name.
+        ("run.name", cfg.run.name, len(cfg.run.name.encode("utf-8")) <= MAX_RUN_NAME_BYTES,
+         f"use a name of at most {MAX_RUN_NAME_BYTES} bytes (it names the run directory)"),
     ]

@@ -19,6 +19,7 @@ WEIGHTINGS = ("num-examples", "uniform")
 GRAD_SAMPLE_MODES = ("auto", "hooks", "functorch", "ghost")
 CLIENT_DP_MODES = ("off", "central", "distributed")
 DP_MODES = ("local", "distributed")
+SITE_METRICS = ("exact", "coarse", "none")  # how a site's reply metrics leave it, least to most withheld
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class PeftConfig:
     adalora_warmup_rounds: int = 1  # adalora: rounds at the initial rank budget before pruning starts
     adalora_final_rounds: int = 1  # adalora: rounds at the final budget (r per module) after pruning ends
     adalora_orth_reg: float = 0.5  # adalora: weight of the orthogonality penalty on A and B (not applied under DP)
+    probe_rounds: int = 0  # probe-lora: the first rounds train only the head (then LoRA too); 0: half the rounds
 
     def rank_list(self) -> list[int]:
         return [int(x) for x in self.site_ranks.split(",") if x.strip()] if self.site_ranks.strip() else []
@@ -82,6 +84,8 @@ class FederationConfig:
     round_timeout: float = 600.0
     eval_every: int = 1  # evaluate the global adapter on the sites every k rounds (and after the last round)
     secure_aggregation: bool = False  # the server learns only the sum of the sites' updates (SecAgg+)
+    max_examples: int = 10000  # plain: a site's claimed example count (its weight) is clipped to this many
+    max_update_norm: float = 100.0  # plain: each site's update is clipped to this L2 norm on the server; 0: off
 
 
 @dataclass(frozen=True)
@@ -136,7 +140,12 @@ class PrivacyConfig:
     sample_rate: float = 0.0  # distributed: each row's probability of being in a round's batch (0: 1, every row)
     min_cohort: int = 0  # distributed: the fewest sites whose noise shares must be in a sum (0: the secagg threshold)
     policy_file: str = ""  # the site's own policy (TOML); it wins over this run config
-    ledger_dir: str = ""  # where site ledgers live; "": <run dir>/sites
+    policy_optional: bool = False  # true: a site whose policy_file does not exist trains under this config alone
+    ledger_dir: str = ""  # where site ledgers live; "": <out_dir>/sites/<data key> (site_budget.site_ledger_path)
+    expected_rows: int = 0  # distributed DP with federation.rounds = 0: the sites' total training rows the schedule
+    # is derived from (fedpeft.privacy.defaults; a simulation counts them)
+    site_metrics: str = "exact"  # exact | coarse | none: the sites' held-out scores, losses and counts
+    # (fedpeft.privacy.release; a site's policy key site_metrics can only tighten it)
 
 
 @dataclass(frozen=True)
@@ -146,6 +155,8 @@ class SecAggConfig:
     clip_range: float = 8.0  # each update value is clipped to [-clip_range, clip_range] before fixed-point encoding
     max_weight: float = 10000.0  # the largest site weight (example count); weights travel normalised by it
     bits: int = 32  # ring Z_2^bits of the masked values
+    rekey_every: int = 0  # rounds one key set-up serves (then the two set-up exchanges again); 0: the whole run
+    accept_two_sites: bool = False  # true: run a secure sum of 2 sites, where each can derive the other's update
 
 
 @dataclass(frozen=True)

@@ -198,10 +198,33 @@ def _encode_labels(
                     f"data file '{table.path}' {location}: label {value} in column '{column}' is "
                     "negative; use integer ids 0..K-1 or string label names"
                 )
+        _check_contiguous(table, ids, column)
         return ids, tuple(str(i) for i in range(max(ids) + 1))
     names = tuple(sorted(set(raw)))
     index = {name: i for i, name in enumerate(names)}
     return [index[value] for value in raw], names
+
+
+def _check_contiguous(table: _Table, ids: list[int], column: str) -> None:
+    """Integer labels are class ids 0..K-1: a gap would silently add a class for every id no row has (a 1001-class
+    head for the labels 0, 1, 1000)."""
+    used = sorted(set(ids))
+    if used == list(range(len(used))):
+        return
+    missing = sorted(set(range(used[-1] + 1)) - set(used))
+    shown = ", ".join(map(str, used[:8])) + (", ..." if len(used) > 8 else "")
+    gap = ", ".join(map(str, missing[:5])) + (f", ... ({len(missing)} ids)" if len(missing) > 5 else "")
+    raise DataError(
+        f"data file '{table.path}': the integer labels in column '{column}' are {{{shown}}}, not 0..K-1: no row has "
+        f"id {gap}, so the model would get a {used[-1] + 1}-class head for {len(used)} classes. Renumber the labels "
+        f"0..{len(used) - 1}, write them as names (e.g. 'urgent'), or list every class in data.label_names (name i "
+        "is id i; needed anyway when a site's file lacks a class)"
+    )
+
+
+def count_rows(path: str | Path) -> int:
+    """The number of data rows of a .csv or .jsonl file (DataError when it cannot be read as one)."""
+    return len(_read_table(path).rows)
 
 
 def _labels_by_name(table: _Table, raw: list[str], column: str, names: tuple[str, ...]) -> list[int]:

@@ -57,8 +57,30 @@ def site_split(cfg: RunConfig, partition_id: int, num_partitions: int) -> SiteSp
         raise DataError(f"partition id {partition_id} is outside 0..{num_partitions - 1}")
     dataset = load_dataset(cfg.data, cfg.model.task, cfg.run.seed)
     rows = partition_rows(dataset, cfg.data, num_partitions, cfg.run.seed)[partition_id]
-    train_rows, eval_rows = train_eval_split(rows, cfg.data.eval_fraction, cfg.run.seed + partition_id)
+    try:
+        train_rows, eval_rows = train_eval_split(rows, cfg.data.eval_fraction, cfg.run.seed + partition_id)
+    except DataError:  # no training row left
+        raise _too_few_rows(cfg, partition_id, num_partitions, rows=len(rows), part="training row") from None
+    if not eval_rows:
+        raise _too_few_rows(cfg, partition_id, num_partitions, rows=len(rows), part="held-out row")
     return SiteSplit(dataset.subset(train_rows), dataset.subset(eval_rows))
+
+
+def _too_few_rows(cfg: RunConfig, partition_id: int, num_partitions: int, *, rows: int, part: str) -> DataError:
+    """A site needs a row to train on and a held-out row to be evaluated on (an empty split fails every round)."""
+    fraction = cfg.data.eval_fraction
+    if num_partitions == 1:  # a deployed site reads its own whole file
+        who = f"this site (data file '{cfg.data.source}')"
+        fix = "give the site's data file more rows"
+    else:
+        who = f"site {partition_id} of {num_partitions}"
+        fix = (f"give the federation more data (data.source / data.synthetic_examples), fewer sites "
+               f"(federation.num_sites = {num_partitions}), or a partitioner that gives every site rows")
+    return DataError(
+        f"{who} holds {rows} row(s): with data.eval_fraction = {fraction:g} that leaves it no {part} "
+        f"(a site needs at least one row to train on and one held out to be evaluated on, so at least 2); {fix}, "
+        "or set data.eval_fraction so that both parts keep a row"
+    )
 
 
 def is_multitask(data: DataConfig) -> bool:

@@ -8,11 +8,16 @@ a wrong CA, an unknown key or an unreachable coordinator are terse, so the agent
 from __future__ import annotations
 
 import itertools
+import queue
+import re
+import shutil
+import threading
 import time
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fedpeft import wire
 from fedpeft.deploy import preflight
@@ -26,6 +31,13 @@ _KEYS = {"name": str, "index": int, "coordinator": str, "root_certificates": str
 _OPTIONAL = {"base_model": "", "policy_file": "", "state_dir": "agent-state", "local_port": 9094,
              "audit_log": "audit.jsonl", "audit_key": "audit.key"}
 _ACTIVATION_FAILED = "Failed to activate SuperNode"
+# A traceback through flower-supernode's own entry point: its main thread died. The process may linger (a server
+# thread keeps it alive) while it does nothing, so the agent stops it and reports (e.g. `flower-superexec` missing).
+_MAIN_THREAD_DIED = ('flower-supernode", line', "in <module>")
+_SUPEREXEC = "flower-superexec"
+AUDIT_KEY_FIX = ("restore the site's audit.key from its bundle (its audit.pub is what the site's auditors hold), or "
+                 "set audit_key in site.toml to it")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # What Flower prints for each failure, and what it means for the site's IT team.
 _DIAGNOSES = (
     ("CERTIFICATE_VERIFY_FAILED", "the coordinator's TLS certificate does not verify against root_certificates "
@@ -95,7 +107,9 @@ def check_site(site: SiteSettings, reach_coordinator: bool = True) -> tuple[str,
     ca = preflight.load_certificate(site.root_certificates, "root_certificates (the federation's CA)", BUNDLE_FIX)
     preflight.check_validity(ca, site.root_certificates, "root_certificates (the federation's CA)", fix=BUNDLE_FIX)
     preflight.check_node_key(site.node_key)
+    preflight.check_audit_key(site.audit_key, "audit_key (the site's audit signing key)", AUDIT_KEY_FIX)
     preflight.check_data_file(site.data_path)
+    preflight.check_data_rows(site.data_path)
     if site.policy_file is not None:
         from fedpeft.privacy.policy import load_policy
 
@@ -149,8 +163,10 @@ def _backoff(attempt: int) -> float:
 
 def run_agent(site: SiteSettings, echo: Callable[[str], None] = print, attempts: int | None = None) -> int:
     """Run the SuperNode until it ends. The coordinator not being up yet, or not having registered this site's key
-    yet, is waited out (``attempts`` retries; None: for ever); a wrong CA or key raises DeployError with the cause."""
+    yet, is waited out (``attempts`` retries; None: for ever); a wrong CA or key, or a SuperNode that dies, raises
+    DeployError with the cause and the SuperNode's last log lines (so a service manager restarts or reports it)."""
     check_site(site, reach_coordinator=False)
+    check_flower_commands(runtime_env(site.state_dir / "flwr"))
     site.state_dir.mkdir(parents=True, exist_ok=True)
     site.ledger_path.parent.mkdir(parents=True, exist_ok=True)
     echo(f"site '{site.name}': checks passed; connecting to {site.coordinator}; log: {site.state_dir / 'agent.log'}")
@@ -164,31 +180,81 @@ def run_agent(site: SiteSettings, echo: Callable[[str], None] = print, attempts:
             echo(f"site '{site.name}': {meaning}; trying again in {_backoff(attempt):.0f} s")
             time.sleep(_backoff(attempt))
             continue
-        detail = meaning or f"exit code {code}"
+        if meaning is None and _main_thread_died(output):
+            meaning = "flower-supernode failed (its main thread died with the error below), so the agent stopped it"
+        detail = meaning or f"flower-supernode ended with exit code {code}"
         log = site.state_dir / "agent.log"
-        raise DeployError(f"site '{site.name}': the agent stopped: {detail} (details in {log})")
+        raise DeployError(f"site '{site.name}': the agent stopped: {detail}. The SuperNode's last log lines:\n"
+                          f"{last_lines(output)}\n(full log: {log})")
     return 1  # unreachable: the loop returns or raises
 
 
-def _run_supernode(site: SiteSettings, echo: Callable[[str], None]) -> tuple[int, str]:
-    """One SuperNode process; stops it as soon as Flower reports a fatal exit (its retry loop would linger)."""
+def check_flower_commands(env: dict[str, str]) -> None:
+    """The SuperNode starts ``flower-superexec`` by name from its PATH; without it the SuperNode is useless."""
+    if shutil.which(_SUPEREXEC, path=env.get("PATH", "")) is None:
+        raise DeployError(f"Flower's `{_SUPEREXEC}` command is not on the PATH the SuperNode gets "
+                          f"({env.get('PATH', '')!r}), so the SuperNode could not run the ClientApp; install fedpeft "
+                          "(it brings flwr) in the environment `fedpeft client` runs from, or add its bin directory "
+                          "to PATH (e.g. Environment=PATH=... in the systemd unit)")
+
+
+def last_lines(output: str, count: int = 12) -> str:
+    lines = [_ANSI.sub("", line).rstrip() for line in output.splitlines()]
+    return "\n".join(f"    {line}" for line in [line for line in lines if line.strip()][-count:])
+
+
+def _main_thread_died(line: str) -> bool:
+    return all(marker in line for marker in _MAIN_THREAD_DIED)
+
+
+def _pump(stream: Any, lines: queue.Queue[str | None]) -> None:
+    for line in stream:
+        lines.put(line)
+    lines.put(None)
+
+
+def _run_supernode(site: SiteSettings, echo: Callable[[str], None], *, grace: float = 5.0,
+                   poll: float = 0.5) -> tuple[int, str]:
+    """One SuperNode process, until it ends. It is stopped as soon as Flower reports a fatal exit (its retry loop
+    would linger), when its main thread dies (``grace`` seconds later, for the rest of the traceback), or when it
+    exits while something it started still holds its output open."""
     log_file = site.state_dir / "agent.log"
     process = start(supernode_command(site), log_file, runtime_env(site.state_dir / "flwr"), cwd=site.state_dir,
                     pipe=True)
+    lines: queue.Queue[str | None] = queue.Queue()
+    threading.Thread(target=_pump, args=(process.stdout, lines), daemon=True, name="supernode-output").start()
     recent: list[str] = []
+    died_at: float | None = None
+    fatal_lines = 0  # lines still to read after Flower's "Exit Code:" (its explanation)
     try:
-        assert process.stdout is not None  # started with pipe=True
         with log_file.open("a", encoding="utf-8") as log:
-            for line in process.stdout:
-                log.write(line)
-                log.flush()
-                recent = (recent + [line])[-200:]
-                if "Exit Code:" in line:
-                    recent += [next(process.stdout, ""), next(process.stdout, ""), next(process.stdout, "")]
+            while True:
+                try:
+                    line = lines.get(timeout=poll)
+                except queue.Empty:
+                    line = ""
+                if line is None:  # end of output
                     break
-                if "Received successfully" in line or "Sent successfully" in line:
-                    echo(line.rstrip())
+                if line:
+                    log.write(line)
+                    log.flush()
+                    recent = (recent + [line])[-200:]
+                    if "Received successfully" in line or "Sent successfully" in line:
+                        echo(line.rstrip())
+                    if died_at is None and _main_thread_died(line):
+                        died_at = time.monotonic()
+                    if fatal_lines:
+                        fatal_lines -= 1
+                        if fatal_lines == 0:
+                            break
+                    if "Exit Code:" in line:
+                        fatal_lines = 3
+                elif fatal_lines or process.poll() is not None:
+                    break  # no more output for now, and the process is gone (or said why it ends)
+                if died_at is not None and time.monotonic() - died_at > grace:
+                    break
     finally:
         stop(process)
     output = "".join(recent)
-    return (1 if "Exit Code:" in output else process.returncode or 0), output
+    failed = "Exit Code:" in output or died_at is not None
+    return (1 if failed else process.returncode or 0), output

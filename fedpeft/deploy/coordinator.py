@@ -29,7 +29,8 @@ from fedpeft.deploy.processes import (
 )
 from fedpeft.deploy.superlink import GUARD_ANNOUNCEMENT
 from fedpeft.errors import DeployError
-from fedpeft.io.atomic import write_json_atomic
+from fedpeft.io.atomic import complete_lines, write_json_atomic
+from fedpeft.privacy.release import score_text
 
 CONNECTION = "fedpeft"  # the name of the SuperLink connection in the coordinator's own Flower config
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -140,6 +141,28 @@ class Coordinator:
             write_json_atomic(book_file, book)  # after each site: a crash keeps what was done
         return {name: entry["node-id"] for name, entry in book.items() if name in keys}
 
+    def write_site_nodes(self, registered: dict[str, str]) -> None:
+        """The ServerApp's node id -> site index map, from the keys the SuperLink registered and the indices in the
+        PKI's own copy of each site.toml: a reply is filed under the site whose key its node authenticated with,
+        never under the index the reply names (``fedpeft.server.collect.SiteIdentities``)."""
+        import tomllib
+
+        from fedpeft.server.collect import SITE_NODES_FILE
+
+        table = {}
+        for name, node in registered.items():
+            bundle = self.s.pki_dir / "sites" / name / "site.toml"
+            try:
+                table[node] = int(tomllib.loads(bundle.read_text(encoding="utf-8"))["site"]["index"])
+            except (OSError, KeyError, TypeError, ValueError, tomllib.TOMLDecodeError) as err:
+                raise DeployError(f"site '{name}': no index in {bundle} ({err}); recreate the site with "
+                                  "`fedpeft pki add-site`") from None
+        if len(set(table.values())) != len(table):
+            raise DeployError(f"two sites under {self.s.pki_dir / 'sites'} share an index; give each its own")
+        run_dir = Path(self.s.config.run.out_dir).expanduser() / self.s.config.run.name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(run_dir / SITE_NODES_FILE, table)
+
     def _unregister(self, name: str, entry: dict, why: str) -> None:
         reply = self.flwr("supernode", "unregister", entry["node-id"])
         if not reply.get("success") and "not found" not in reply.get("error-message", "").lower():
@@ -177,6 +200,7 @@ class Coordinator:
                       f"log: {self.log_file}")
             registered = self.register_sites()
             self.echo(f"sites registered: {', '.join(sorted(registered))}")
+            self.write_site_nodes(registered)
             self.stop_unfinished_runs()
             run_id = self.submit()
             write_json_atomic(self.s.state_dir / "current_run.json", {"run-id": run_id})
@@ -210,9 +234,9 @@ class Coordinator:
         return status
 
     def _show_new_rounds(self, metrics: Path, shown: int) -> int:
-        lines = metrics.read_text(encoding="utf-8").splitlines() if metrics.is_file() else []
+        lines = complete_lines(metrics)  # not a line the ServerApp is writing, nor one a crash left torn
         for line in lines[shown:]:
             record = json.loads(line)
-            self.echo(f"round {record['round']}: accuracy {record.get('global_accuracy', float('nan')):.3f}, "
+            self.echo(f"round {record['round']}: accuracy {score_text(record.get('global_accuracy'))}, "
                       f"sites returned {record.get('sites_returned', '-')}, failures {record.get('failures') or {}}")
         return len(lines)

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from fedpeft.errors import PkiError
+from fedpeft.io.atomic import write_bytes_atomic
 
 CA_DAYS = 3650
 SERVER_DAYS = 825
@@ -37,10 +37,9 @@ class SiteBundle:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    """Create the file with mode 0600 from the start (no window where another user could read it)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
+    """Create the file with mode 0600 from the start (no window where another user could read it), atomically and
+    fsync'd; never over an existing file."""
+    write_bytes_atomic(path, data, mode=0o600, overwrite=False)
 
 
 def _name(common_name: str):
@@ -76,6 +75,7 @@ def init_pki(directory: str | Path, hosts: list[str]) -> Path:
     if not hosts:
         raise PkiError("give the host names/IPs the coordinator serves, e.g. --host coordinator.example.org "
                        "--host 10.0.0.5")
+    _check_hosts(hosts)
     directory.mkdir(parents=True, exist_ok=True)
     now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP384R1())
@@ -97,8 +97,8 @@ def init_pki(directory: str | Path, hosts: list[str]) -> Path:
               .sign(ca_key, hashes.SHA384()))
     pem = serialization.Encoding.PEM
     plain = serialization.NoEncryption()
-    (directory / "ca.pem").write_bytes(ca.public_bytes(pem))
-    (directory / "server.pem").write_bytes(server.public_bytes(pem))
+    write_bytes_atomic(directory / "ca.pem", ca.public_bytes(pem), mode=0o644)
+    write_bytes_atomic(directory / "server.pem", server.public_bytes(pem), mode=0o644)
     _write_private(directory / "ca.key", ca_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, plain))
     _write_private(directory / "server.key",
                    server_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, plain))
@@ -113,6 +113,7 @@ def add_site(directory: str | Path, name: str, coordinator: str) -> SiteBundle:
         raise PkiError(f"'{directory}' has no ca.pem; run `fedpeft pki init --dir {directory} --host ...` first")
     if not SITE_NAME.match(name):
         raise PkiError(f"site name {name!r} must be 1-63 letters, digits, '.', '_' or '-' (it names a directory)")
+    _check_coordinator(coordinator)
     bundle = directory / "sites" / name
     if bundle.exists():
         raise PkiError(f"site '{name}' already exists in '{bundle}'; to give it a new key use "
@@ -120,11 +121,36 @@ def add_site(directory: str | Path, name: str, coordinator: str) -> SiteBundle:
     bundle.mkdir(parents=True)
     _new_node_key(bundle)
     _new_audit_key(bundle / "audit.key")
-    (bundle / "ca.pem").write_bytes((directory / "ca.pem").read_bytes())
+    write_bytes_atomic(bundle / "ca.pem", (directory / "ca.pem").read_bytes(), mode=0o644)
     index = _next_site_index(directory)
-    (bundle / "site.toml").write_text(_site_template(name, index, coordinator), encoding="utf-8")
-    (bundle / "policy.toml").write_text(POLICY_TEMPLATE, encoding="utf-8")
+    write_bytes_atomic(bundle / "site.toml", _site_template(name, index, coordinator).encode("utf-8"), mode=0o644)
+    write_bytes_atomic(bundle / "policy.toml", POLICY_TEMPLATE.encode("utf-8"), mode=0o644)
     return SiteBundle(bundle, bundle / "node.pub")
+
+
+def _check_hosts(hosts: list[str]) -> None:
+    """Each --host is an IP address or a DNS name: the certificate names exactly these, and sites verify them."""
+    from fedpeft.deploy.preflight import host_problem
+
+    for host in hosts:
+        problem = host_problem(host)
+        if problem is not None:
+            raise PkiError(f"--host {host!r} {problem}; give a DNS name the sites use to reach the coordinator "
+                           "(e.g. coordinator.example.org) or an IP address (e.g. 10.0.0.5), one per --host")
+    repeated = sorted({host for host in hosts if hosts.count(host) > 1})
+    if repeated:
+        raise PkiError(f"--host {', '.join(map(repr, repeated))} is given more than once; give each name once")
+
+
+def _check_coordinator(coordinator: str) -> None:
+    """The address written into every site's bundle: host:port, as the site's agent will dial it."""
+    from fedpeft.deploy.preflight import parse_address
+    from fedpeft.errors import DeployError
+
+    try:
+        parse_address(coordinator, "--coordinator")
+    except DeployError as err:
+        raise PkiError(str(err)) from None
 
 
 def _new_audit_key(path: Path) -> None:
@@ -155,8 +181,9 @@ def _new_node_key(bundle: Path) -> None:
     _write_private(bundle / "node.key", key.private_bytes(serialization.Encoding.PEM,
                                                           serialization.PrivateFormat.OpenSSH,
                                                           serialization.NoEncryption()))
-    (bundle / "node.pub").write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                                    serialization.PublicFormat.OpenSSH) + b"\n")
+    write_bytes_atomic(bundle / "node.pub", key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                                         serialization.PublicFormat.OpenSSH) + b"\n",
+                       mode=0o644)
 
 
 def _existing_bundle(directory: str | Path, name: str) -> Path:

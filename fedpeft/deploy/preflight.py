@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import ipaddress
+import re
 import socket
 import ssl
 import stat
@@ -26,6 +28,7 @@ BUNDLE_FIX = "ask the coordinator's operators for a new bundle (`fedpeft pki add
 ADDRESS_FIX = "write it as host:port, e.g. coordinator.example.org:9092 (IPv6 in brackets: [2001:db8::1]:9092)"
 DATA_FIX = "set data_path in site.toml to this site's .csv or .jsonl data file"
 _TIME = "%Y-%m-%d %H:%M:%S UTC"
+_HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9_-]{1,63}(?<!-)$")
 
 
 def check_readable_file(path: str | Path, what: str, fix: str) -> Path:
@@ -124,6 +127,7 @@ def _check_key_matches(cert: x509.Certificate, cert_path: str | Path, key_path: 
                           f"needs an unencrypted key; {PKI_FIX}") from err
     except (ValueError, UnsupportedAlgorithm) as err:
         raise DeployError(f"coordinator private key '{key_path}' is not a PEM private key; {PKI_FIX}") from err
+    check_private_mode(file, "coordinator private key")
     der, spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     ours, theirs = key.public_key().public_bytes(der, spki), cert.public_key().public_bytes(der, spki)
     if ours != theirs:
@@ -165,10 +169,7 @@ def check_node_key(key_path: str | Path) -> str:
     from cryptography.hazmat.primitives.asymmetric import ec
 
     file = check_readable_file(key_path, "site node key", BUNDLE_FIX)
-    mode = stat.S_IMODE(file.stat().st_mode)
-    if mode & 0o077:
-        raise DeployError(f"site node key '{key_path}' has mode {mode:04o}, so other users of this machine can "
-                          f"access it; restrict it with `chmod 600 {key_path}`")
+    check_private_mode(file, "site node key")
     data = file.read_bytes()
     try:
         key = serialization.load_ssh_private_key(data, password=None)
@@ -208,14 +209,84 @@ def parse_address(text: str, what: str) -> tuple[str, int]:
             raise bad("has an IPv6 address without brackets")
     if not host:
         raise bad("has no host")
-    if any(ch.isspace() or ch in "/[]" for ch in host):
-        raise bad(f"has an invalid host '{host}'")
+    problem = host_problem(host)
+    if problem is not None:
+        raise bad(f"has an invalid host '{host}' (it {problem})")
     if not (port.isascii() and port.isdigit()):
         raise bad(f"has a port '{port}' that is not a whole number")
     number = int(port)
     if not 1 <= number <= 65535:
         raise bad(f"has port {number}, outside 1-65535")
     return host, number
+
+
+def host_problem(host: str) -> str | None:
+    """Why ``host`` is neither an IP address nor a DNS host name, or None when it is one."""
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    name = host.removesuffix(".")
+    if not 1 <= len(name) <= 253:
+        return "is not 1-253 characters long"
+    odd = sorted({ch for ch in name if not (ch.isascii() and (ch.isalnum() or ch in "-._"))})
+    if odd:
+        return f"holds {', '.join(map(repr, odd))}; a host name has only letters, digits, '-' and '.'"
+    labels = name.split(".")
+    if all(label.isdigit() for label in labels):
+        return "is not a valid IP address"
+    for label in labels:
+        if not _HOST_LABEL.match(label):
+            return (f"has the part {label!r}; each dot-separated part is 1-63 letters, digits or '-', and neither "
+                    "starts nor ends with '-'")
+    return None
+
+
+def check_host(host: str, what: str, fix: str) -> str:
+    """``host`` when it is an IP address or a DNS host name; DeployError naming it otherwise."""
+    problem = host_problem(host)
+    if problem is not None:
+        raise DeployError(f"{what} '{host}' {problem}; {fix}")
+    return host
+
+
+def check_private_mode(path: Path, what: str) -> None:
+    """A private key must not be readable or writable by other users of the machine."""
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        raise DeployError(f"{what} '{path}' has mode {mode:04o}, so other users of this machine can access it; "
+                          f"restrict it with `chmod 600 {path}`")
+
+
+def check_audit_key(path: str | Path, what: str, fix: str) -> str:
+    """An Ed25519 audit signing key: present, mode 0600, loadable; returns its public key (base64)."""
+    from fedpeft.audit.keys import load_private_key, public_key_b64
+    from fedpeft.errors import AuditError
+
+    file = check_readable_file(path, what, fix)
+    check_private_mode(file, what)
+    try:
+        return public_key_b64(load_private_key(file))
+    except AuditError:
+        raise DeployError(f"{what} '{path}' is not an Ed25519 private key (PEM) ({_first_line(file.read_bytes())}); "
+                          f"{fix}") from None
+
+
+def check_data_rows(path: str | Path, minimum: int = 2) -> int:
+    """The number of data rows of the site's data file; DeployError when it cannot be read or has too few."""
+    from fedpeft.data.loaders import count_rows
+    from fedpeft.errors import DataError
+
+    try:
+        rows = count_rows(path)
+    except DataError as err:
+        raise DeployError(f"{err}; {DATA_FIX}") from None
+    if rows < minimum:
+        raise DeployError(f"data file '{path}' holds {rows} data row(s), but a site needs at least {minimum} (one to "
+                          "train on and one held out to be evaluated on); add rows to it, or point data_path at the "
+                          "site's full data file")
+    return rows
 
 
 def check_data_file(path: str | Path) -> Path:

@@ -6,7 +6,16 @@ from pathlib import Path
 from typing import Any
 
 from fedpeft.config import PeftConfig
-from fedpeft.methods import adalora, bottleneck, ia3, lora, partial, probe, prompt  # noqa: F401  (registers them)
+from fedpeft.methods import (  # noqa: F401  (registers them)
+    adalora,
+    bottleneck,
+    ia3,
+    lora,
+    partial,
+    probe,
+    probe_lora,
+    prompt,
+)
 from fedpeft.methods.base import (
     FederatedMethod,
     build_method,

@@ -139,6 +139,11 @@ class FederatedMethod:
         """What one upload looks like (names and shapes), to check and decode uploads against."""
         return dict(global_state)
 
+    def gradient_template(self, global_state: Mapping[str, Any], server_round: int) -> AdapterState:
+        """What round ``server_round``'s clipped-gradient sum covers (distributed DP), from the run config and the
+        round alone: server and sites derive the same length (e.g. probe-lora: the head alone in its probe rounds)."""
+        return self.upload_template(global_state)
+
     def round_instructions(self, global_state: Mapping[str, Any], completed_round: int) -> dict[str, Any]:
         """Extra instructions for the round after ``completed_round`` (ConfigRecord values)."""
         return {}

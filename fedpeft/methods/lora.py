@@ -37,8 +37,8 @@ class Lora(FederatedMethod):
              f"comma-separated, each between 1 and peft.r ({p.r}), for federation.num_sites "
              f"({cfg.federation.num_sites}) sites; not with peft.lora_mode = 'ffa' (a frozen A of another rank is "
              "another A)"),
-            ("peft.lora_mode", p.lora_mode, p.method == cls.name or p.lora_mode == "fedit",
-             "lora_mode 'ffa' freezes LoRA's A matrices; use it with peft.method = 'lora'"),
+            ("peft.lora_mode", p.lora_mode, p.method in (cls.name, "probe-lora") or p.lora_mode == "fedit",
+             "lora_mode 'ffa' freezes LoRA's A matrices; use it with peft.method = 'lora' or 'probe-lora'"),
             ("peft.site_ranks", p.site_ranks, p.method == cls.name or not p.site_ranks.strip(),
              "per-site ranks are LoRA ranks; leave peft.site_ranks empty for other methods"),
             ("peft.use_dora", p.use_dora, p.method == cls.name or not (p.use_dora or p.use_rslora),

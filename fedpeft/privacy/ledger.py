@@ -49,6 +49,9 @@ MECHANISMS = ("gaussian", "skellam")
 GENESIS = "0" * 64
 SCHEMA_VERSION = 2  # the newest line version read and written; bump when a line's fields change meaning
 GAUSSIAN_SCHEMA_VERSION = 1  # the version of a Gaussian line: its fields are version 1's, so old readers read it
+# A recorded epsilon below its releases' recomputed epsilon by more than this (relative) is an edit. Recomputing
+# is deterministic for one accountant version; the slack absorbs an accountant's numerical drift across versions.
+EPSILON_RECOMPUTE_RTOL = 1e-3
 _NEVER_RESET = (
     "The ledger is never reset automatically: restore it from a backup or investigate; do not delete it "
     "(deleting it would forget the privacy this site has already spent)"
@@ -182,7 +185,10 @@ def _encode(entry: LedgerEntry, prev: str) -> bytes:
 
 
 class PrivacyLedger:
-    """The site's ledger at ``path``; a missing file is an empty ledger, anything unreadable is LedgerCorrupted."""
+    """The site's ledger at ``path``; a missing file is an empty ledger, anything unreadable is LedgerCorrupted.
+
+    An empty ledger is only right for a site that never released anything: a site checks that (and that no line it
+    released was cut or edited) against its signed audit log before it trains (``site_budget.SiteBudget``)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -209,6 +215,30 @@ class PrivacyLedger:
     def last_line_sha256(self) -> str | None:
         """SHA-256 of the newest line: a site's signed audit log records it, anchoring the ledger's head."""
         return _sha256(self._lines[-1]) if self._lines else None
+
+    def line_sha256s(self) -> list[str]:
+        """SHA-256 of every line, oldest first (what a site's audit log records as ``ledger_line_sha256``)."""
+        return [_sha256(line) for line in self._lines]
+
+    def check_recorded_epsilon(self) -> float:
+        """Recompute the cumulative epsilon of every recorded release and check that the newest line records at
+        least that much; returns the recomputed epsilon. LedgerCorrupted when it records less: a line's noise,
+        sampling rate, steps or epsilon was edited (the hash chain cannot see an edit of the last line; the
+        site's audit log anchors it, this check catches an edit that lowers the recorded epsilon below what the
+        recorded releases spend). A recorded epsilon may exceed the recomputed one (``cumulative_epsilon`` never
+        lets it decrease), never fall below it."""
+        if not self._entries:
+            return 0.0
+        last = self._entries[-1]
+        recomputed = accounting.history_epsilon(self.history(), last.delta, last.accountant)
+        if recomputed > last.epsilon * (1.0 + EPSILON_RECOMPUTE_RTOL) + 1e-12:
+            raise _corrupted(
+                self.path, len(self._entries),
+                f"it records cumulative epsilon {last.epsilon:.6g} (run {last.run!r}, round {last.round}), but the "
+                f"{len(self._entries)} release(s) the ledger records compose to epsilon {recomputed:.6g} "
+                f"(delta={last.delta:g}, {last.accountant}): a line's noise multiplier, sampling rate, steps or "
+                "epsilon was edited")
+        return recomputed
 
     def epsilon_spent(self) -> float:
         """The cumulative epsilon recorded on the newest line (what ``cumulative_epsilon`` returned when it was

@@ -12,6 +12,7 @@ The file is TOML with one ``[policy]`` table, e.g.::
     client_dp_requires_secure_aggregation = true
     accept_distributed_noise = true  # distributed DP: add a 1/m share of the noise (false: the whole noise)
     min_cohort = 3                   # distributed DP: reveal unmasking shares only when >= 3 sites are in a sum
+    site_metrics = "coarse"          # how held-out scores, losses and counts leave: exact | coarse | none
 """
 
 from __future__ import annotations
@@ -20,11 +21,17 @@ import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from fedpeft.config.types import SITE_METRICS
 from fedpeft.errors import PolicyViolation, PrivacyError
 
+if TYPE_CHECKING:
+    from fedpeft.config import RunConfig
+
 POLICY_FILE_KEY = "privacy.policy_file"
+POLICY_OPTIONAL_KEY = "privacy.policy_optional"
+POLICY_FILE_RULE = "policy_file"  # the rule a refusal names when the site's own policy file is missing or broken
 CLIENT_DP_MODES = ("off", "central", "distributed")
 
 
@@ -41,6 +48,7 @@ class SitePolicy:
     # it adds the whole noise itself), and the fewest sites it accepts in a decoded sum.
     accept_distributed_noise: bool = True
     min_cohort: int = 0
+    site_metrics: str = "exact"  # fedpeft.privacy.release: the stricter of this and the run's privacy.site_metrics
     source: str = ""  # the file it was read from, for messages
 
 
@@ -56,44 +64,66 @@ class PrivacyRequest:
     client_dp: str  # "off" | "central" | "distributed"
     secure_aggregation: bool
 
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> PrivacyRequest:
+        """What a run config asks of every site."""
+        p = cfg.privacy
+        return cls(dp=p.dp, noise_multiplier=p.noise_multiplier, max_grad_norm=p.max_grad_norm, delta=p.delta,
+                   peft_method=cfg.peft.method, client_dp=p.client_dp,
+                   secure_aggregation=cfg.federation.secure_aggregation)
+
 
 _BOOL_KEYS = ("require_dp", "client_dp_requires_secure_aggregation", "accept_distributed_noise")
 _FLOAT_KEYS = ("max_epsilon", "delta", "min_noise_multiplier", "max_grad_norm")
 _INT_KEYS = ("min_cohort",)
-_KEYS = _FLOAT_KEYS + _BOOL_KEYS + _INT_KEYS + ("allowed_peft_methods",)
+_KEYS = _FLOAT_KEYS + _BOOL_KEYS + _INT_KEYS + ("allowed_peft_methods", "site_metrics")
 
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _policy_error(path: Path, problem: str) -> PrivacyError:
+    """A broken policy file: the site's own message names the file; what may leave the site (``public``) names only
+    the problem, never the site's path (``fedpeft.messaging.Refusal``)."""
+    return PrivacyError(f"site policy {path}{problem}", rule=POLICY_FILE_RULE,
+                        public=f"site policy file{problem}; the site trains nothing until its operators fix it")
+
+
 def _bad(path: Path, key: str, value: Any, fix: str) -> PrivacyError:
-    return PrivacyError(f"site policy {path}: [policy] {key} = {value!r} is invalid; {fix}")
+    return _policy_error(path, f": [policy] {key} = {value!r} is invalid; {fix}")
+
+
+def missing_policy(path: Path, *, templated: bool = False) -> PrivacyError:
+    """The error for a policy file that does not exist (a typo must never turn a site's policy off)."""
+    per_site = (f" (from '{POLICY_FILE_KEY}' with '{{site}}' replaced by the site's id)" if templated else "")
+    return PrivacyError(
+        f"site policy file {path}{per_site} does not exist; create it, fix the path in '{POLICY_FILE_KEY}' (or the "
+        f"site's policy_file), or set {POLICY_OPTIONAL_KEY} = true if sites without a policy file may train under "
+        "the run config alone", rule=POLICY_FILE_RULE,
+        public="the site's policy file does not exist; the site trains nothing until its operators fix the path")
 
 
 def _read_table(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise PrivacyError(
-            f"site policy file {path} does not exist; create it, or point the config key '{POLICY_FILE_KEY}' "
-            "at the site's policy file"
-        )
+        raise missing_policy(path)
     try:
         document = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise PrivacyError(f"site policy {path} cannot be read as TOML ({exc}); fix the file") from None
+    except OSError as exc:  # its strerror only: the exception's own text repeats the path
+        raise _policy_error(path, f" cannot be read ({exc.strerror}); check its permissions") from None
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise _policy_error(path, f" cannot be read as TOML ({exc}); fix the file") from None
     extra = sorted(set(document) - {"policy"})
     if extra:
-        raise PrivacyError(f"site policy {path}: unknown top-level key(s) {extra}; put every setting in [policy]")
+        raise _policy_error(path, f": unknown top-level key(s) {extra}; put every setting in [policy]")
     table = document.get("policy")
     if not isinstance(table, dict):
-        raise PrivacyError(f"site policy {path} has no [policy] table; add one with at least max_epsilon = <budget>")
+        raise _policy_error(path, " has no [policy] table; add one with at least max_epsilon = <budget>")
     unknown = sorted(set(table) - set(_KEYS))
     if unknown:
-        raise PrivacyError(
-            f"site policy {path}: unknown key(s) {unknown} in [policy]; the known keys are {', '.join(_KEYS)}"
-        )
+        raise _policy_error(path, f": unknown key(s) {unknown} in [policy]; the known keys are {', '.join(_KEYS)}")
     if "max_epsilon" not in table:
-        raise PrivacyError(f"site policy {path}: [policy] max_epsilon is missing; set the site's total budget")
+        raise _policy_error(path, ": [policy] max_epsilon is missing; set the site's total budget")
     return table
 
 
@@ -105,6 +135,8 @@ def _check_types(path: Path, table: dict[str, Any]) -> None:
             raise _bad(path, key, value, "it must be true or false")
         if key in _INT_KEYS and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
             raise _bad(path, key, value, "it must be a whole number >= 0 (0: the run's cohort)")
+        if key == "site_metrics" and value not in SITE_METRICS:
+            raise _bad(path, key, value, f"use one of {list(SITE_METRICS)}")
         if key == "allowed_peft_methods" and (
             not isinstance(value, list) or not all(isinstance(m, str) and m for m in value)
         ):
@@ -133,6 +165,8 @@ def load_policy(path: str | Path) -> SitePolicy:
     values.update({key: table[key] for key in _BOOL_KEYS + _INT_KEYS if key in table})
     if "allowed_peft_methods" in table:
         values["allowed_peft_methods"] = tuple(table["allowed_peft_methods"])
+    if "site_metrics" in table:
+        values["site_metrics"] = table["site_metrics"]
     policy = SitePolicy(**values, source=str(path))
     _check_values(path, policy)
     return policy

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fedpeft.io.atomic import write_bytes_atomic, write_dir_atomic
+from fedpeft.io.atomic import settled_dir, write_bytes_atomic, write_dir_atomic
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -16,8 +16,14 @@ def round_dir(run_dir: Path, server_round: int) -> Path:
     return run_dir / "adapters" / f"round-{server_round:04d}"
 
 
+def find_round_dir(run_dir: Path, server_round: int) -> Path | None:
+    """The round's adapter directory; mid-replacement (a crash while it was rewritten), its complete copy."""
+    return settled_dir(round_dir(run_dir, server_round))
+
+
 def save_global_adapter(run_dir: Path, server_round: int, state: dict[str, Any], peft_config: Any) -> Path:
-    """Write the adapter atomically, then point ``adapters/LATEST`` at it."""
+    """Write the adapter atomically (a rerun round's directory is replaced as a whole: ``write_dir_atomic``), then
+    point ``adapters/LATEST`` at it."""
     from safetensors.torch import save_file
 
     from fedpeft.models.saved import write_method_marker
@@ -35,7 +41,9 @@ def save_global_adapter(run_dir: Path, server_round: int, state: dict[str, Any],
 
 
 def latest_adapter(run_dir: Path) -> Path | None:
+    """The directory ``adapters/LATEST`` names (its complete copy, mid-replacement); None before the first."""
     pointer = run_dir / "adapters" / LATEST_POINTER
     if not pointer.is_file():
         return None
-    return run_dir / "adapters" / pointer.read_text(encoding="utf-8").strip()
+    named = run_dir / "adapters" / pointer.read_text(encoding="utf-8").strip()
+    return settled_dir(named) or named

@@ -11,7 +11,7 @@ from typing import Any
 from fedpeft.composition import from_mapping
 from fedpeft.errors import ModelError
 from fedpeft.models.adapter_state import is_partial
-from fedpeft.runs.checkpoint import latest_adapter, round_dir
+from fedpeft.runs.checkpoint import find_round_dir, latest_adapter
 from fedpeft.runs.run_dir import CONFIG_FILE
 
 
@@ -48,7 +48,7 @@ def export_run(run_dir: str | Path, out: str | Path, server_round: int | None = 
     config_path = run_dir / CONFIG_FILE
     if not config_path.is_file():
         raise ModelError(f"'{run_dir}' is not a fedpeft run directory (no {CONFIG_FILE}); pass runs/<name>")
-    adapter = round_dir(run_dir, server_round) if server_round else latest_adapter(run_dir)
+    adapter = find_round_dir(run_dir, server_round) if server_round else latest_adapter(run_dir)
     if adapter is None or not adapter.is_dir():
         raise ModelError(f"no global adapter for round {server_round or 'latest'} in '{run_dir}/adapters'")
     if not merge:

@@ -36,7 +36,7 @@ class ServerState:
     rule_state: dict[str, Any] = field(default_factory=dict)
     client_dp_releases: list[tuple[float, float, int]] = field(default_factory=list)
     site_epsilon: dict[str, float] = field(default_factory=dict)
-    accuracy_by_round: list[float] = field(default_factory=list)
+    accuracy_by_round: list[float | None] = field(default_factory=list)  # None: no site released a score
     last_site_accuracy: dict[str, float] = field(default_factory=dict)
     last_record: dict[str, Any] = field(default_factory=dict)  # the completed round's metrics.jsonl record
     config: dict[str, Any] = field(default_factory=dict)  # the run config (flat) the state belongs to
@@ -57,8 +57,12 @@ def save_server_state(run_dir: Path, state: ServerState) -> Path:
     return path
 
 
-def load_server_state(run_dir: Path) -> ServerState | None:
-    """The last completed round's state, or None for a fresh run directory."""
+def load_server_state(run_dir: Path, *, tensors: bool = True) -> ServerState | None:
+    """The last completed round's state, or None for a fresh run directory.
+
+    ``tensors=False`` reads the header only (round, config, history), for checks before a run is accepted: the
+    global adapter and the rule's tensors are then empty.
+    """
     from safetensors import safe_open
 
     path = run_dir / STATE_FILE
@@ -69,19 +73,19 @@ def load_server_state(run_dir: Path) -> ServerState | None:
             header = handle.metadata() or {}
             _check_version(path, header)  # before anything else is interpreted
             meta = json.loads(header[_META_KEY])
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            loaded = {name: handle.get_tensor(name) for name in handle.keys()} if tensors else {}
+        return ServerState(
+            completed_round=int(meta["completed_round"]),
+            global_state={k.removeprefix("global/"): v for k, v in loaded.items() if k.startswith("global/")},
+            rule_state={k.removeprefix("rule/"): v for k, v in loaded.items() if k.startswith("rule/")},
+            client_dp_releases=[tuple(r) for r in meta["client_dp_releases"]],
+            site_epsilon=meta["site_epsilon"], accuracy_by_round=meta["accuracy_by_round"],
+            last_site_accuracy=meta["last_site_accuracy"], last_record=meta["last_record"], config=meta["config"])
     except FedpeftError:
         raise
     except Exception as err:  # any damage reads the same to the operator
         raise FederationError(f"{path} cannot be read ({err}); restore it from a backup, or start the run under a "
                               "new run.name (the adapters of completed rounds are in adapters/)") from err
-    return ServerState(
-        completed_round=int(meta["completed_round"]),
-        global_state={k.removeprefix("global/"): v for k, v in tensors.items() if k.startswith("global/")},
-        rule_state={k.removeprefix("rule/"): v for k, v in tensors.items() if k.startswith("rule/")},
-        client_dp_releases=[tuple(r) for r in meta["client_dp_releases"]],
-        site_epsilon=meta["site_epsilon"], accuracy_by_round=meta["accuracy_by_round"],
-        last_site_accuracy=meta["last_site_accuracy"], last_record=meta["last_record"], config=meta["config"])
 
 
 def _check_version(path: Path, header: dict[str, str]) -> None:
@@ -100,3 +104,21 @@ def check_resumable(state: ServerState, cfg: RunConfig, run_dir: Path) -> None:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in changed[:5])
         raise ConfigError(f"{run_dir} holds a run (completed round {state.completed_round}) with a different run "
                           f"config ({details}); resume it with the same config, or choose a new run.name")
+
+
+def check_state_matches_log(state: ServerState, logged: list[int], run_dir: Path, metrics_file: str) -> None:
+    """Refuse a state that does not continue the metrics log: the log must count 0, 1, ... and end at the state's
+    round (or one before it: a crash between the state write and the metrics line, which resume repairs)."""
+    path, done = run_dir / metrics_file, state.completed_round
+    last = logged[-1] if logged else -1
+    if last > done:
+        raise FederationError(
+            f"{run_dir / STATE_FILE} holds completed round {done}, but {path} already logs round {last}: the state is "
+            f"older than the log (restored from a backup?), and resuming would run and log rounds {done + 1}-{last} "
+            f"twice. Restore the server_state.safetensors written after round {last}, or start a new run (another "
+            "run.name / --name; fedpeft simulate without --resume picks a free one)")
+    if last < done - 1:
+        raise FederationError(
+            f"{run_dir / STATE_FILE} holds completed round {done}, but {path} ends at round {last}: the lines of "
+            f"rounds {last + 1}-{done - 1} are missing. Restore {metrics_file} from a backup, or start a new run "
+            "(another run.name / --name)")

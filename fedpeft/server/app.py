@@ -10,17 +10,17 @@ from flwr.serverapp import Grid, ServerApp
 
 def main(grid: Grid, context: Context) -> None:
     from fedpeft.composition import run_config
-    from fedpeft.runs.run_dir import prepare_run_dir
+    from fedpeft.runs.run_dir import open_run_dir
     from fedpeft.server.federation import Federation
     from fedpeft.server.initial import initial_adapter
     from fedpeft.server.progress import ConsoleProgress
 
     cfg = run_config(context.run_config)
-    run_dir = prepare_run_dir(cfg)
-    initial = initial_adapter(cfg)
-    progress = ConsoleProgress(cfg.federation.rounds)
-    progress.start(str(run_dir), cfg.federation.num_sites, sum(t.numel() for t in initial.wire.values()))
-    Federation(grid, cfg, run_dir, initial, progress=progress).run()
+    with open_run_dir(cfg) as run_dir:  # one run per directory; refused before anything is written
+        initial = initial_adapter(cfg)
+        progress = ConsoleProgress(cfg.federation.rounds)
+        progress.start(str(run_dir), cfg.federation.num_sites, sum(t.numel() for t in initial.wire.values()))
+        Federation(grid, cfg, run_dir, initial, progress=progress).run()
 
 
 def build_server_app(run_config: Mapping[str, bool | int | float | str] | None = None) -> ServerApp:

@@ -7,6 +7,7 @@ clipped-gradient sum with the expected batch as its weight (the rule ``server-sg
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,7 @@ from fedpeft.privacy import distributed, skellam
 from fedpeft.secagg.graph import default_degree, default_threshold
 from fedpeft.secagg.server import SecureSum
 from fedpeft.secagg.vector import unflatten
-from fedpeft.server.collect import RoundCollection, secure_metrics
+from fedpeft.server.collect import RoundCollection, SiteIdentities, secure_metrics, weight_sum_integrity
 
 
 def cohort(cfg: RunConfig, sampled: int) -> int:
@@ -42,11 +43,18 @@ def instructions(plan: distributed.DistributedPlan) -> dict[str, Any]:
             wire.DDP_MU: plan.mu}
 
 
-def collect(secure: SecureSum, template: dict[str, Any], plan: distributed.DistributedPlan) -> RoundCollection:
-    """The decoded noisy gradient sum, weighted by the expected batch of the sites in it."""
+def collect(secure: SecureSum, template: dict[str, Any], plan: distributed.DistributedPlan, *,
+            max_rows: float = math.inf, identities: SiteIdentities | None = None) -> RoundCollection:
+    """The decoded noisy gradient sum, weighted by the expected batch of the sites in it. A decoded row count that
+    honest sites cannot produce (1 to ``max_rows`` rows each; a site does not refuse more rows than
+    ``secagg.max_weight``, so by default only the lower bound holds) fails the round as an integrity failure."""
     assert secure.ring is not None, "a distributed-DP round decodes an integer sum"
     gradient_sum, expected_batch = distributed.decode(np.asarray(secure.ring), plan)
-    out = secure_metrics(secure)
+    out = secure_metrics(secure, identities=identities)
+    rows = expected_batch / plan.sample_rate if plan.sample_rate > 0 else math.nan
+    out.integrity = weight_sum_integrity(rows, sites=len(secure.survivors), least_each=1.0, most_each=max_rows)
+    if out.integrity:
+        return out
     out.total.update_sum = unflatten(gradient_sum, template)
     out.total.weight_sum = expected_batch
     out.total.count = len(secure.survivors)

@@ -18,7 +18,7 @@ from fedpeft.audit.trail import CoordinatorAudit
 from fedpeft.config import RunConfig
 from fedpeft.errors import FederationError, SecAggAbort
 from fedpeft.io.atomic import append_jsonl, write_json_atomic
-from fedpeft.messaging import EVALUATE, TRAIN, as_float, as_int, broadcast
+from fedpeft.messaging import EVALUATE, TRAIN, as_float, broadcast
 from fedpeft.methods import build_method
 from fedpeft.models.adapter_state import AdapterState
 from fedpeft.runs.checkpoint import (
@@ -38,11 +38,20 @@ from fedpeft.runs.state import (
     load_server_state,
     save_server_state,
 )
-from fedpeft.secagg.server import SecAggRound
+from fedpeft.secagg.session import SecAggSession
 from fedpeft.secagg.vector import weight_scale
 from fedpeft.server import distributed
 from fedpeft.server.client_dp import ServerClientDp
-from fedpeft.server.collect import RoundCollection, collect_secure, collect_updates
+from fedpeft.server.collect import (
+    RoundCollection,
+    SiteIdentities,
+    UpdateLimits,
+    checked_examples,
+    claimed_partitions,
+    collect_secure,
+    collect_updates,
+    registered_sites,
+)
 from fedpeft.server.initial import InitialAdapter
 from fedpeft.server.pipeline import AggregationPipeline
 from fedpeft.server.progress import ConsoleProgress
@@ -62,7 +71,7 @@ class Applied:
 
 @dataclass(frozen=True)
 class Evaluation:
-    global_accuracy: float
+    global_accuracy: float | None  # None: no site released its held-out scores (privacy.site_metrics)
     global_loss: float | None
     site_accuracy: dict[str, float]
     evaluated: bool = True  # False: a round between evaluations (federation.eval_every), the last one's values
@@ -85,12 +94,18 @@ class Federation:
         self.aggregate = AggregationPipeline(method=self.method, rule=self.rule, client_dp=self.client_dp)
         self.distributed = cfg.privacy.dp and cfg.privacy.dp_mode == "distributed"  # one DP step per round
         self.site_epsilon: dict[str, float] = {}
-        self.accuracy_by_round: list[float] = []
-        self.site_of_node: dict[int, str] = {}  # learnt from the sites' evaluation replies
+        self.accuracy_by_round: list[float | None] = []
+        # node -> site: the deployment's registered nodes (its PKI), else bound at a node's first reply
+        self.identities = SiteIdentities(registered_sites(run_dir))
+        self.limits = UpdateLimits(max_examples=cfg.federation.max_examples,
+                                   max_update_norm=cfg.federation.max_update_norm, bookkeeping=self.method.bookkeeping)
+        self.unchanged_because: dict[int, str] = {}  # round -> why it left the global adapter as it was
         self.audit = CoordinatorAudit(cfg, run_dir)
         self.last_site_accuracy: dict[str, float] = {}
         self.timeout = cfg.federation.round_timeout
         self.warned_whole_batch: set[str] = set()
+        # secure rounds: keys set up once per key epoch, then two exchanges a round (fedpeft/secagg/session.py)
+        self.secagg = SecAggSession(grid, cfg.secagg, timeout=self.timeout, last_round=cfg.federation.rounds)
 
     def run(self) -> dict[str, Any]:
         nodes = self.wait_for_sites()
@@ -110,7 +125,19 @@ class Federation:
         write_json_atomic(self.run_dir / SUMMARY_FILE, summary)
         final = summary["final_adapter"]
         self.audit.run_end(final, file_digest(Path(final) / ADAPTER_WEIGHTS) if final else None, summary)
+        if summary["unchanged_reason"]:  # `fedpeft simulate` / `server` then exit non-zero (cli._trained_or_why)
+            self.progress.message(f"[red]{summary['unchanged_reason']}[/red]")
         return summary
+
+    def unchanged_reason(self) -> str | None:
+        """Why the global adapter is still the initial one after every round, or None when it changed."""
+        initial = self.initial.wire
+        if set(initial) != set(self.global_state) or any(
+                not bool((self.global_state[name] == tensor).all()) for name, tensor in initial.items()):
+            return None
+        why = "; ".join(f"round {r}: {reason}" for r, reason in sorted(self.unchanged_because.items())[-3:])
+        return (f"the global adapter never changed in {self.cfg.federation.rounds} rounds: no round's aggregate was "
+                f"applied ({why or 'see the rounds in ' + METRICS_FILE}); nothing was learnt, see {self.run_dir}")
 
     def resume(self) -> int:
         """Restore the last completed round's state, if the run directory has one; returns the next round."""
@@ -147,7 +174,7 @@ class Federation:
         self.progress.round_done(record)
 
     def site_name(self, node: int) -> str:
-        return self.site_of_node.get(node, f"node-{node}")
+        return self.identities.name(node)
 
     def wait_for_sites(self) -> list[int]:
         wanted, deadline = self.cfg.federation.num_sites, time.monotonic() + self.timeout
@@ -191,18 +218,38 @@ class Federation:
             "site_epsilon": got.site_epsilon, "client_dp_epsilon": applied.client_epsilon,
             "train_loss": _weighted_mean(got.losses),
             "bytes_per_client": sum(got.sizes) / len(got.sizes) if got.sizes else 0,
+            "clipped_update_norms": got.clipped_norms, "clipped_examples": got.clipped_examples,
+            "integrity": got.integrity or None, "unchanged_because": self.unchanged_because.get(server_round),
             "aggregated": applied.state is not None}, audit
+
+    def note_clipping(self, got: RoundCollection, server_round: int) -> None:
+        """Name each site whose update or example count the server clipped (they stay in the round)."""
+        for site, norm in sorted(got.clipped_norms.items()):
+            self.progress.message(f"[yellow]round {server_round}: site {site}'s update has L2 norm {norm:.4g}; "
+                                  f"clipped to federation.max_update_norm = {self.cfg.federation.max_update_norm:g}"
+                                  "[/yellow]")
+        for site, examples in sorted(got.clipped_examples.items()):
+            self.progress.message(f"[yellow]round {server_round}: site {site} claims {examples:.6g} training examples;"
+                                  f" its weight is clipped to federation.max_examples = "
+                                  f"{self.cfg.federation.max_examples}[/yellow]")
 
     def apply_round(self, got: RoundCollection, server_round: int, *, sampled_fraction: float) -> Applied:
         """Aggregate what arrived (when enough did) and checkpoint the new global adapter."""
+        self.note_clipping(got, server_round)
+        if got.integrity:
+            self.unchanged_because[server_round] = got.integrity
+            self.progress.message(f"[red]round {server_round}: {got.integrity}[/red]")
+            return Applied(None)
         if got.total.count < self.cfg.federation.min_sites:
-            self.progress.message(f"round {server_round}: only {got.total.count} usable updates (< "
-                                  f"federation.min_sites = {self.cfg.federation.min_sites}); the global adapter "
+            self.unchanged_because[server_round] = (f"only {got.total.count} usable updates (< federation.min_sites "
+                                                    f"= {self.cfg.federation.min_sites})")
+            self.progress.message(f"round {server_round}: {self.unchanged_because[server_round]}; the global adapter "
                                   "is unchanged")
             return Applied(None)
         result = self.aggregate(self.global_state, got.total, server_round=server_round,
                                 sampled_fraction=sampled_fraction)
         if result.state is None:
+            self.unchanged_because[server_round] = result.rejected
             self.progress.message(f"[yellow]round {server_round}: {result.rejected}[/yellow]")
             return Applied(None, result.update_norm, result.client_epsilon)
         self.global_state = result.state
@@ -217,7 +264,8 @@ class Federation:
             replies = broadcast(self.grid, sampled, TRAIN, self.global_state, config=self.train_config(server_round),
                                 timeout=self.timeout)
             got = collect_updates(replies, self.template, self.cfg.federation.weighting,
-                                  keep_updates=self.aggregate.keeps_updates)
+                                  keep_updates=self.aggregate.keeps_updates, limits=self.limits,
+                                  identities=self.identities)
         if got.first_record is not None:
             self.record_manifest(got.first_record)
         return got
@@ -225,22 +273,22 @@ class Federation:
     def secure_train_round(self, sampled: list[int], server_round: int) -> RoundCollection:
         import torch  # noqa: F401  (ArrayRecord needs torch imported to accept a state dict)
 
-        length = sum(t.numel() for t in self.template.values())
+        # a distributed round's sum covers what the method trains in this round (e.g. probe-lora's head alone)
+        template = self.method.gradient_template(self.global_state, server_round) if self.distributed else self.template
+        length = sum(t.numel() for t in template.values())
         plan = distributed.round_plan(self.cfg, dim=length, sampled=len(sampled)) if self.distributed else None
         config = ConfigRecord({**self.train_config(server_round), **(distributed.instructions(plan) if plan else {})})
         content = RecordDict({wire.ADAPTER: ArrayRecord(self.global_state), wire.CONFIG: config})
-        secure_round = SecAggRound(self.grid, sampled, server_round, self.cfg.secagg, timeout=self.timeout,
-                                   integer_bits=plan.bits if plan else None)
         try:
-            secure = secure_round.run(content, length)
+            secure = self.secagg.run(sampled, server_round, content, length, integer_bits=plan.bits if plan else None)
         except SecAggAbort as abort:  # nothing decoded; the sites' refusals still go on the record
             self.progress.message(f"[yellow]{abort}[/yellow]")
             return RoundCollection(failures={"secagg": str(abort)},
-                                   refusals={str(node): r for node, r in secure_round.refusals.items()})
+                                   refusals={str(node): r for node, r in self.secagg.refusals.items()})
         if plan is not None:
-            return distributed.collect(secure, self.template, plan)
+            return distributed.collect(secure, template, plan, identities=self.identities)
         scale = weight_scale(weighting=self.cfg.federation.weighting, max_weight=self.cfg.secagg.max_weight)
-        return collect_secure(secure, self.template, scale)
+        return collect_secure(secure, self.template, scale, identities=self.identities)
 
     def warn_whole_batch(self, sites: list[str]) -> None:
         """Once per site: a DP site with no more rows than train.batch_size gets no privacy amplification by
@@ -270,6 +318,8 @@ class Federation:
         """Every ``federation.eval_every`` rounds and after the last one (a distributed-DP run has hundreds of
         one-step rounds); in between, the last evaluation stands, marked as not re-evaluated."""
         every, last = self.cfg.federation.eval_every, self.cfg.federation.rounds
+        if self.cfg.privacy.site_metrics == "none":  # no site would release a score: ask none of them
+            return Evaluation(None, None, {}, evaluated=False)
         if server_round % every and server_round != last and self.accuracy_by_round:
             return Evaluation(self.accuracy_by_round[-1], None, dict(self.last_site_accuracy), evaluated=False)
         with self.progress.stage(f"round {server_round}: evaluating on {len(nodes)} sites"):
@@ -278,14 +328,36 @@ class Federation:
     def evaluate(self, nodes: list[int], server_round: int) -> Evaluation:
         replies = broadcast(self.grid, nodes, EVALUATE, self.global_state, config={wire.SERVER_ROUND: server_round},
                             timeout=self.timeout)
-        site_accuracy, accuracies, losses = {}, [], []
+        site_accuracy, accuracies, losses, withheld = {}, [], [], []
+        sites, refused = self.identities.resolve(claimed_partitions(replies.ok))
+        for reason in refused.values():
+            self.progress.message(f"[yellow]round {server_round}: evaluation reply left out: {reason}[/yellow]")
         for reply in replies.ok:
-            metrics = reply.content[wire.METRICS]
-            examples = as_float(metrics[wire.NUM_EXAMPLES])
-            self.site_of_node[reply.metadata.src_node_id] = str(as_int(metrics[wire.PARTITION_ID]))
-            site_accuracy[str(as_int(metrics[wire.PARTITION_ID]))] = as_float(metrics[wire.EVAL_ACCURACY])
-            accuracies.append((as_float(metrics[wire.EVAL_ACCURACY]), examples))
-            losses.append((as_float(metrics[wire.EVAL_LOSS]), examples))
+            if reply.metadata.src_node_id not in sites:
+                continue
+            site = sites[reply.metadata.src_node_id]
+            try:
+                metrics = reply.content[wire.METRICS]
+                if wire.EVAL_ACCURACY not in metrics:  # its policy says site_metrics = "none": not a failure
+                    withheld.append(site)
+                    continue
+                examples = checked_examples(metrics[wire.NUM_EXAMPLES], site, self.limits, RoundCollection())
+                site_acc, site_loss = as_float(metrics[wire.EVAL_ACCURACY]), as_float(metrics[wire.EVAL_LOSS])
+                if not (0.0 <= site_acc <= 1.0 and math.isfinite(site_loss)):
+                    raise ValueError(f"accuracy {site_acc!r} / loss {site_loss!r} is not a result (accuracy in "
+                                     "[0, 1], a finite loss)")
+            except (KeyError, TypeError, ValueError) as err:
+                self.progress.message(f"[yellow]round {server_round}: site {site}'s evaluation left out: {err}"
+                                      "[/yellow]")
+                continue
+            site_accuracy[site] = site_acc
+            accuracies.append((site_acc, examples))
+            losses.append((site_loss, examples))
+        if withheld:
+            self.progress.message(f"round {server_round}: sites {sorted(withheld)} release no held-out scores "
+                                  "(their policy: site_metrics = none)")
+        if not accuracies and withheld:
+            return Evaluation(None, None, {})
         if not accuracies:
             raise FederationError(f"round {server_round}: no site could evaluate ({replies.failed})")
         accuracy, loss = _weighted_mean(accuracies), _weighted_mean(losses)
@@ -299,7 +371,8 @@ class Federation:
                 "initial_accuracy": self.accuracy_by_round[0], "final_accuracy": self.accuracy_by_round[-1],
                 "final_site_accuracy": self.last_site_accuracy, "site_epsilon": self.site_epsilon,
                 "client_dp_epsilon": self.client_dp.epsilon(), "accuracy_by_round": self.accuracy_by_round,
-                "final_adapter": str(final) if final else None, "config": self.cfg.to_nested()}
+                "final_adapter": str(final) if final else None, "unchanged_reason": self.unchanged_reason(),
+                "config": self.cfg.to_nested()}
 
 
 def _eval_fields(evaluation: Evaluation) -> dict[str, Any]:

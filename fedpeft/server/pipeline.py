@@ -12,6 +12,7 @@ aggregation, so no individual update is ever asked of a secure sum.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +30,7 @@ class Aggregated:
     state: AdapterState | None
     update_norm: float | None = None  # L2 norm of the mean update (of the aggregate only: never one site's)
     client_epsilon: float | None = None  # user-level epsilon after this round (client-level DP), else None
-    rejected: str = ""  # why an aggregate was not applied (non-finite values), empty when it was
+    rejected: str = ""  # why an aggregate was not applied (non-finite values, no usable weight), empty when it was
 
 
 class AggregationPipeline:
@@ -43,6 +44,9 @@ class AggregationPipeline:
 
     def __call__(self, global_state: Mapping[str, Any], total: WeightedSum, *, server_round: int,
                  sampled_fraction: float) -> Aggregated:
+        if not (math.isfinite(total.weight_sum) and total.weight_sum > 0):  # the round's failure, not the run's
+            return Aggregated(None, rejected=f"the weight sum {total.weight_sum!r} is not a positive finite number; "
+                              "the global adapter is unchanged")
         update_sum = dict(total.update_sum)
         bookkeeping = {key: update_sum.pop(key) for key in self.method.bookkeeping if key in update_sum}
         update_sum, client_epsilon = self.client_dp.apply(update_sum, sampled_fraction)

@@ -8,6 +8,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from fedpeft.privacy.release import score_text
+
 
 def plain_console() -> Console:
     """A terminal gets rich's own layout; a log file or pipe gets each line whole (rich would wrap at 80 columns,
@@ -39,7 +41,7 @@ class ConsoleProgress:
             return
         sites = " ".join(f"s{pid}={acc:.3f}" for pid, acc in sorted(record["site_accuracy"].items(),
                                                                       key=lambda kv: int(kv[0])))
-        head = f"round {record['round']:>3}/{self.total_rounds} | global acc {record['global_accuracy']:.3f}"
+        head = f"round {record['round']:>3}/{self.total_rounds} | global acc {score_text(record['global_accuracy'])}"
         if record["round"] == 0:
             line = f"{head} | untrained adapter (round 0) | {record['seconds']:.1f}s"
         else:

@@ -15,7 +15,7 @@ from fedpeft.server.collect import RoundCollection
 
 def round_audit_record(*, server_round: int, sampled: list[str], got: RoundCollection, aggregated: bool,
                        cfg: RunConfig, update_norm: float | None, client_epsilon: float | None,
-                       adapter_sha256: str | None, global_accuracy: float,
+                       adapter_sha256: str | None, global_accuracy: float | None,
                        site_name: Callable[[int], str]) -> dict[str, Any]:
     p = cfg.privacy
     noise_std = central_noise_std(p.client_noise_multiplier, p.client_clip) if p.client_dp != "off" else 0.0

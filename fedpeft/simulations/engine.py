@@ -11,7 +11,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,8 @@ from fedpeft.config import RunConfig
 from fedpeft.data.records import ClassificationData
 from fedpeft.data.sites import SiteSplit, site_split
 from fedpeft.errors import ConfigError
-from fedpeft.runs.run_dir import SUMMARY_FILE, free_run_name
+from fedpeft.privacy.defaults import derive_schedule
+from fedpeft.runs.run_dir import SUMMARY_FILE, claim_run_dir
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,11 @@ class SimulationResult:
 
 
 def check_sites(cfg: RunConfig) -> list[SiteSplit]:
-    """Build every site's split once in the driver: raises DataError (missing file, empty partition, ...) early."""
+    """Build every site's split once in the driver: raises DataError (missing file, empty partition, ...) early;
+    and every site's policy file (PrivacyError; FederationError when the sites' policies leave no round to train)."""
+    from fedpeft.composition import site_policy_refusals
+
+    site_policy_refusals(cfg)
     return [site_split(cfg, pid, cfg.federation.num_sites) for pid in range(cfg.federation.num_sites)]
 
 
@@ -61,23 +66,37 @@ def simulate(cfg: RunConfig, *, verbose: bool = False, cpus_per_site: float = 1.
     from fedpeft.client.mods import run_config_mod
     from fedpeft.server.app import build_server_app
 
-    if not resume:
-        cfg = replace(cfg, run=replace(cfg.run, name=free_run_name(cfg.run.out_dir, cfg.run.name)))
-    baseline = majority_baseline(check_sites(cfg))
-    flat = cfg.to_flat()
-    started = time.monotonic()
-    with _quiet_flower(verbose):
-        run_simulation(server_app=build_server_app(flat), client_app=build_client_app([run_config_mod(flat)]),
-                       num_supernodes=cfg.federation.num_sites, backend_name="ray",
-                       backend_config=_backend_config(cpus_per_site, verbose, gpus_per_site, ray_address),
-                       verbose_logging=verbose)
-    run_dir = Path(cfg.run.out_dir).expanduser() / cfg.run.name
-    summary_path = run_dir / SUMMARY_FILE
-    if not summary_path.is_file():
+    # One run per directory: held from here to the end (the ServerApp, a thread of this process, shares the hold).
+    # A new run takes the first free name; --resume is refused here, before Ray starts and before anything is
+    # written, when the named directory is missing, held by another process, or cannot be continued.
+    if not cfg.federation.rounds:  # distributed DP, rounds derived from the budget and the rows the sites hold
+        cfg = derive_schedule(cfg, total_rows=sum(len(split.train) for split in check_sites(cfg)))
+    with claim_run_dir(cfg, resume=resume) as cfg:
+        summary_path = Path(cfg.run.out_dir).expanduser() / cfg.run.name / SUMMARY_FILE
+        earlier = _file_identity(summary_path)  # a resumed run's directory holds the summary of its first part
+        baseline = majority_baseline(check_sites(cfg))
+        flat = cfg.to_flat()
+        started = time.monotonic()
+        with _quiet_flower(verbose):
+            run_simulation(server_app=build_server_app(flat), client_app=build_client_app([run_config_mod(flat)]),
+                           num_supernodes=cfg.federation.num_sites, backend_name="ray",
+                           backend_config=_backend_config(cpus_per_site, verbose, gpus_per_site, ray_address),
+                           verbose_logging=verbose)
+    run_dir = summary_path.parent
+    if not summary_path.is_file() or _file_identity(summary_path) == earlier:
         raise RuntimeError(f"the simulation ended without writing {summary_path}; rerun with --verbose to see "
                            "Flower's log")
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
     return SimulationResult(run_dir, summary, baseline, time.monotonic() - started)
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    """(inode, mtime) of ``path``, None if absent: an atomic rewrite changes it."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
 
 
 def _backend_config(cpus_per_site: float, verbose: bool, gpus_per_site: float = 0.0,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from fedpeft.privacy.release import score_text
 from fedpeft.runs.run_dir import METRICS_FILE
 from fedpeft.server.progress import ConsoleProgress
 from fedpeft.simulations.engine import SimulationResult
@@ -22,8 +23,8 @@ def print_result(result: SimulationResult) -> None:
             ("upload per client per round", f"{bytes_per_client(result) / 1024:,.1f} KiB (adapter tensors only)")]
     if result.majority_baseline is not None:
         rows.append(("majority-class baseline", f"{result.majority_baseline:.3f}"))
-    rows += [("round 0 (untrained adapter)", f"{summary['initial_accuracy']:.3f}"),
-             ("final global accuracy", f"{summary['final_accuracy']:.3f}"),
+    rows += [("round 0 (untrained adapter)", score_text(summary["initial_accuracy"])),
+             ("final global accuracy", score_text(summary["final_accuracy"])),
              ("final adapter", str(summary["final_adapter"]))]
     if summary.get("site_epsilon"):
         spent = summary["site_epsilon"]

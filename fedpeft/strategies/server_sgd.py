@@ -29,9 +29,11 @@ class ServerSgd(AggregationRule):
 
     def aggregate(self, global_state: Mapping[str, Any], update_sum: Mapping[str, Any], weight_sum: float) -> State:
         gradient = mean_update(update_sum, weight_sum)
-        self.velocity = {k: self.momentum * self.velocity[k] + g if k in self.velocity else g
-                         for k, g in gradient.items()}
-        return {k: global_state[k] - self.lr * self.velocity[k] for k in global_state}
+        self.velocity = {**self.velocity, **{k: self.momentum * self.velocity[k] + g if k in self.velocity else g
+                                             for k, g in gradient.items()}}
+        # a tensor the round's sum does not cover stays (e.g. probe-lora's LoRA in its head-only rounds)
+        return {k: global_state[k] - self.lr * self.velocity[k] if k in gradient else global_state[k]
+                for k in global_state}
 
     def state_dict(self) -> State:
         return prefixed({"velocity": self.velocity})

@@ -47,13 +47,22 @@ def compute_features(model: Any, data: EncodedData) -> Features:
     rows = []
     with torch.no_grad():
         for batch in iterate_batches(data, FEATURE_BATCH):
-            device = next(encoder.parameters()).device
-            mask = batch["attention_mask"].to(device)
-            hidden = encoder(input_ids=batch["input_ids"].to(device), attention_mask=mask).last_hidden_state.float()
-            pooled = (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
-            rows.append(torch.nn.functional.normalize(pooled, dim=-1).cpu())
-    x = torch.cat(rows) if rows else torch.zeros(0, int(model.config.hidden_size))
-    return Features(torch.cat([x, torch.ones(len(x), 1)], dim=1), data.labels.clone())
+            rows.append(pooled_features(encoder, batch["input_ids"], batch["attention_mask"]).cpu())
+    x = torch.cat(rows) if rows else torch.zeros(0, int(model.config.hidden_size) + 1)
+    return Features(x, data.labels.clone())
+
+
+def pooled_features(encoder: Any, input_ids: Any, attention_mask: Any) -> Any:
+    """The rows' features (mean-pooled, L2-normalised last hidden state, then a constant 1), differentiable: the
+    one formula for cached features and for LoRA's forward pass under the head (``fedpeft.training.per_example``)."""
+    import torch
+
+    device = next(encoder.parameters()).device
+    mask = attention_mask.to(device)
+    hidden = encoder(input_ids=input_ids.to(device), attention_mask=mask).last_hidden_state.float()
+    pooled = (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+    x = torch.nn.functional.normalize(pooled, dim=-1)
+    return torch.cat([x, torch.ones(len(x), 1, device=x.device)], dim=1)
 
 
 def data_digest(data: EncodedData) -> str:

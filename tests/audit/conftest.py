@@ -15,7 +15,8 @@ def audited_run(tmp_path_factory):
     cfg = from_mapping({
         "model": {"name": "tiny-llama", "max_length": 32},
         "federation": {"rounds": 2, "num_sites": 3, "fraction_train": 0.67},
-        "privacy": {"dp": True, "target_epsilon": 8.0},
+        # A ledger per run, on purpose (privacy.ledger_dir with {run}): each site's files are in <run dir>/sites.
+        "privacy": {"dp": True, "target_epsilon": 8.0, "ledger_dir": str(out / "{run}" / "sites")},
         "data": {"synthetic_examples": 90},
         "run": {"name": "audited", "out_dir": str(out)},
     })

@@ -44,9 +44,9 @@ def test_fixed_label_names_keep_ids_stable_when_a_site_lacks_a_class(tmp_path: P
 
 
 def test_csv_int_labels_kept_as_ids(tmp_path: Path) -> None:
-    path = _write(tmp_path / "d.csv", "text,label\na,2\nb,0\nc,2\n")
+    path = _write(tmp_path / "d.csv", "text,label\na,2\nb,0\nc,1\n")
     data = load_classification(path)
-    assert data.labels == (2, 0, 2)
+    assert data.labels == (2, 0, 1)
     assert data.label_names == ("0", "1", "2")
 
 

@@ -15,7 +15,7 @@ from fedpeft.errors import DeployError, PrivacyError
 def bundle(tmp_path):
     pki = init_pki(tmp_path / "pki", ["127.0.0.1"])
     site = add_site(pki, "hospital-a", "127.0.0.1:9092").directory
-    (site / "data.csv").write_text("text,label\nchest pain,urgent\n")
+    (site / "data.csv").write_text("text,label\nchest pain,urgent\nrepeat prescription,routine\n")
     config = site / "site.toml"
     config.write_text(config.read_text().replace('"/path/to/local/data.csv"', '"data.csv"'))
     return site

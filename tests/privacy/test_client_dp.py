@@ -37,7 +37,8 @@ def test_central_mode_adds_noise_of_std_z_s_and_accounts_each_round():
 
 
 def test_distributed_mode_adds_nothing_at_the_server_but_still_accounts():
-    cfg = from_mapping({"privacy": {"client_dp": "distributed"}, "federation": {"weighting": "uniform"}})
+    cfg = from_mapping({"privacy": {"client_dp": "distributed"},
+                        "federation": {"weighting": "uniform", "secure_aggregation": True}})
     total, eps = ServerClientDp(cfg).apply({"x": torch.ones(5)}, 1.0)
     assert torch.equal(total["x"], torch.ones(5)) and eps > 0
     assert ServerClientDp(from_mapping({})).apply({"x": torch.ones(2)}, 1.0)[1] is None

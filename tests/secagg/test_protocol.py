@@ -1,7 +1,9 @@
 """SecAgg+ through Flower's simulation engine: real ClientApp/ServerApp, real Ray, real cryptography.
 
 Each site's input is a known vector (so the plaintext sum is known); one simulation runs several scenarios as
-rounds: different n, weights and sizes, a sparse neighbour graph, dropouts at each stage, and too few survivors.
+rounds: different n, weights and sizes, a sparse neighbour graph, dropouts at each stage, and too few survivors; then
+rounds of one run's SecAggSession (keys set up once, two exchanges a round, a dropout, a re-key), counting the
+messages the server sends through Flower.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from fedpeft.privacy.skellam import unwrap
 from fedpeft.secagg.client import handle_keys, handle_shares, handle_unmask, masked_integers, masked_upload
 from fedpeft.secagg.encoding import ring_encoding
 from fedpeft.secagg.server import SecAggRound
+from fedpeft.secagg.session import SecAggSession
 
 pytestmark = pytest.mark.slow
 CLIP = 4.0
@@ -38,6 +41,13 @@ SCENARIOS = {
 }
 # round -> (bits of the integer ring, the cohort each site asks of a sum before it unmasks)
 INTEGER_ROUNDS = {8: (20, 8), 9: (20, 10)}
+# rounds of one SecAggSession over all sites: round -> {message type: partition ids that vanish}
+SESSION = {10: {}, 11: {}, 12: {"train": {6}}, 13: {}, 14: {}}
+SESSION_LENGTH = 64
+
+
+def _length(server_round: int) -> int:
+    return SCENARIOS[server_round][1] if server_round in SCENARIOS else SESSION_LENGTH
 
 
 def site_integers(pid: int, server_round: int, length: int) -> np.ndarray:
@@ -51,7 +61,8 @@ def site_input(pid: int, server_round: int, length: int) -> tuple[np.ndarray, fl
 
 def dropout_mod(msg: Message, context: Context, call_next):
     server_round = int(msg.content[wire.CONFIG][wire.SERVER_ROUND])
-    vanish = SCENARIOS[server_round][3].get(msg.metadata.message_type, set())
+    vanish = (SCENARIOS[server_round][3] if server_round in SCENARIOS else SESSION[server_round]).get(
+        msg.metadata.message_type, set())
     if int(context.node_config["partition-id"]) in vanish:
         raise ConnectionError("simulated dropout")
     return call_next(msg, context)
@@ -70,7 +81,7 @@ def _client_app() -> ClientApp:
             masked = masked_integers(config, context, site_integers(pid, server_round, SCENARIOS[server_round][1]),
                                      bits=bits, min_cohort=cohort)
         else:
-            values, weight = site_input(pid, server_round, SCENARIOS[server_round][1])
+            values, weight = site_input(pid, server_round, _length(server_round))
             masked = masked_upload(config, context, values, weight, clip_range=CLIP, bits=32)
         metrics = MetricRecord({wire.PARTITION_ID: pid, wire.TRAIN_LOSS: 0.0})
         return Message(RecordDict({wire.SA_MASKED: masked, wire.METRICS: metrics}), reply_to=msg)
@@ -100,8 +111,27 @@ def _server_app(results: dict) -> ServerApp:
                 results[server_round] = secagg.run(content, length)
             except SecAggAbort as abort:
                 results[server_round] = abort
+        counting = CountingGrid(grid)
+        session = SecAggSession(counting, SecAggConfig(clip_range=CLIP), timeout=60, last_round=max(SESSION))
+        for server_round in SESSION:
+            content = RecordDict({wire.ADAPTER: ArrayRecord([np.zeros(1, dtype=np.float32)]),
+                                  wire.CONFIG: ConfigRecord({wire.SERVER_ROUND: server_round})})
+            results[server_round] = session.run(nodes, server_round, content, SESSION_LENGTH)
+        results["sent"] = counting.sent
 
     return app
+
+
+class CountingGrid:
+    """The real Grid, with every message the server sends recorded as (round, message type)."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid, self.sent = grid, []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        self.sent.extend((int(m.content[wire.CONFIG][wire.SERVER_ROUND]), m.metadata.message_type) for m in messages)
+        return self.grid.send_and_receive(messages, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +143,7 @@ def results() -> dict:
 
 
 def _expected(result, server_round: int) -> tuple[np.ndarray, float, set[int]]:
-    length = SCENARIOS[server_round][1]
+    length = _length(server_round)
     pids = {int(r.content[wire.METRICS][wire.PARTITION_ID]) for r in result.train_replies}
     inputs = [site_input(pid, server_round, length) for pid in sorted(pids)]
     total = sum(w * np.clip(x, -CLIP, CLIP) for x, w in inputs)
@@ -165,3 +195,22 @@ def test_integer_uploads_sum_exactly_in_their_packed_sub_ring(results):
 def test_a_site_refuses_to_unmask_a_sum_with_fewer_sites_than_its_cohort(results):
     assert isinstance(results[9], SecAggAbort), "9 survivors, every site asks for 10: no share is revealed"
     assert "shares of site" in str(results[9]), "the masked inputs arrived; the unmasking shares did not"
+
+
+def test_a_run_sets_keys_up_once_and_then_sends_two_messages_per_site_a_round_through_flower(results):
+    from flwr.app import MessageType
+
+    sent = results["sent"]
+    kinds = {r: sorted({kind for rr, kind in sent if rr == r}) for r in SESSION}
+    counts = {r: sum(1 for rr, _ in sent if rr == r) for r in SESSION}
+    setup = sorted([wire.SECAGG_KEYS, wire.SECAGG_SHARES, MessageType.TRAIN, wire.SECAGG_UNMASK])
+    steady = sorted([MessageType.TRAIN, wire.SECAGG_UNMASK])
+    assert kinds == {10: setup, 11: steady, 12: steady, 13: setup, 14: steady}, "re-keyed after round 12's dropout"
+    assert counts[10] == 4 * NUM_NODES and counts[11] == 2 * NUM_NODES and counts[14] == 2 * NUM_NODES
+    assert counts[12] == NUM_NODES + (NUM_NODES - 1), "unmasking goes to the 9 sites that sent a masked input"
+    for server_round in SESSION:
+        result = results[server_round]
+        expected, weight_sum, pids = _expected(result, server_round)
+        assert pids == (set(range(NUM_NODES)) - {6} if server_round == 12 else set(range(NUM_NODES)))
+        bound = ring_encoding(CLIP, NUM_NODES).sum_error_bound(len(pids))
+        assert np.max(np.abs(result.values - expected)) <= bound and abs(result.weight_sum - weight_sum) <= bound

@@ -41,9 +41,9 @@ def test_a_distributed_dp_federation_releases_only_the_noisy_sum_and_accounts_ea
         uploads.append(original_vector(reply))
         return uploads[-1]
 
-    def recording_collect(secure, template, plan):
+    def recording_collect(secure, template, plan, **kwargs):
         sums.append((secure.ring.copy(), plan))
-        return original_collect(secure, template, plan)
+        return original_collect(secure, template, plan, **kwargs)
 
     monkeypatch.setattr(secagg_server, "masked_vector", recording_vector)
     monkeypatch.setattr(server_distributed, "collect", recording_collect)

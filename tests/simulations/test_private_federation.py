@@ -36,7 +36,7 @@ def test_budget_exhaustion_stops_one_site_and_the_federation_carries_on(tmp_path
     release = (1.0, *planned_steps(train_rows, 16, 1))
     one_round, two_rounds = (epsilon([release] * k, 1e-5, "prv") for k in (1, 2))
     (tmp_path / "site-0.toml").write_text(f"[policy]\nmax_epsilon = {(one_round + two_rounds) / 2}\n")
-    cfg = _config(tmp_path, policy_file=str(tmp_path / "site-{site}.toml"))
+    cfg = _config(tmp_path, policy_file=str(tmp_path / "site-{site}.toml"), policy_optional=True)  # 1 and 2: none
 
     result = simulate(cfg)
     rounds = [json.loads(line) for line in (result.run_dir / METRICS_FILE).read_text().splitlines()]
@@ -70,13 +70,15 @@ def test_budget_exhaustion_stops_one_site_and_the_federation_carries_on(tmp_path
 def test_client_level_dp_with_noise_shares_reports_a_user_level_epsilon(tmp_path):
     cfg = from_mapping({
         "model": {"name": "tiny-llama", "max_length": 32},
-        "federation": {"rounds": 2, "num_sites": 3, "min_sites": 2, "weighting": "uniform", "fraction_train": 0.67},
-        "data": {"synthetic_examples": 180},
+        # Noise shares only under secure aggregation, of 3 or more sites per round (composition.distributed_rules).
+        "federation": {"rounds": 2, "num_sites": 4, "min_sites": 3, "weighting": "uniform", "fraction_train": 0.75,
+                       "secure_aggregation": True},
+        "data": {"synthetic_examples": 240},
         "privacy": {"client_dp": "distributed", "client_clip": 0.5, "client_noise_multiplier": 1.0},
         "run": {"name": "cdp", "out_dir": str(tmp_path)},
     })
     result = simulate(cfg)
     rounds = [json.loads(line) for line in (result.run_dir / METRICS_FILE).read_text().splitlines()]
-    assert [r["sites_sampled"] for r in rounds[1:]] == [2, 2]
+    assert [r["sites_sampled"] for r in rounds[1:]] == [3, 3]
     assert 0 < rounds[1]["client_dp_epsilon"] < rounds[2]["client_dp_epsilon"] < math.inf
     assert result.summary["client_dp_epsilon"] == rounds[2]["client_dp_epsilon"]

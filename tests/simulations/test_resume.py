@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from fedpeft.composition import from_mapping
+from fedpeft.io.lock import held_here
 from fedpeft.runs.checkpoint import ADAPTER_WEIGHTS, round_dir
 from fedpeft.runs.run_dir import METRICS_FILE
 from fedpeft.runs.state import load_server_state
@@ -29,11 +30,15 @@ def test_a_resumed_run_continues_after_its_last_round(tmp_path):
     after_one = load_server_state(first.run_dir)
     assert after_one.completed_round == 1 and after_one.rule_state, "fedadam's moments are part of the state"
 
+    with open(first.run_dir / METRICS_FILE, "ab") as metrics:  # a crash mid-write left a partial line
+        metrics.write(b'{"round": 2, "seco')
     longer = replace(cfg, federation=replace(cfg.federation, rounds=2))
     second = simulate(longer, resume=True)
     assert second.run_dir == first.run_dir
     rounds = [json.loads(line)["round"] for line in (second.run_dir / METRICS_FILE).read_text().splitlines()]
     assert rounds == [0, 1, 2], "round 0 and 1 are not run again"
+    assert (second.run_dir / f"{METRICS_FILE}.torn").read_bytes() == b'{"round": 2, "seco\n'
+    assert not held_here(second.run_dir / "run.lock"), "the run directory is free again once the run ended"
     assert second.summary["accuracy_by_round"][:2] == first.summary["accuracy_by_round"]
     saved = load_file(str(round_dir(second.run_dir, 2) / ADAPTER_WEIGHTS))
     state = load_server_state(second.run_dir)

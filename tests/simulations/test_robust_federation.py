@@ -20,11 +20,11 @@ from fedpeft.simulations.engine import simulate
 pytestmark = pytest.mark.slow
 
 
-def _config(tmp_path, name: str, aggregation: str, rounds: int = 1):
+def _config(tmp_path, name: str, aggregation: str, rounds: int = 1, **federation):
     return from_mapping({
         "model": {"name": "tiny-llama", "max_length": 32},
         "train": {"learning_rate": 5e-3},
-        "federation": {"rounds": rounds, "num_sites": 3, "aggregation": aggregation},
+        "federation": {"rounds": rounds, "num_sites": 3, "aggregation": aggregation, **federation},
         "data": {"synthetic_examples": 240},
         "run": {"name": name, "out_dir": str(tmp_path)},
     })
@@ -59,11 +59,15 @@ def test_a_median_keeps_the_global_adapter_in_the_honest_range(tmp_path, monkeyp
 
 def test_an_overflowing_mean_is_never_applied_or_saved(tmp_path, monkeypatch):
     _one_site_sends(lambda t: torch.full_like(t, 3e38), monkeypatch)  # finite; times its weight: inf
-    result = simulate(_config(tmp_path, "overflow", "fedavg", rounds=2))
-    rounds = [json.loads(line) for line in (result.run_dir / METRICS_FILE).read_text().splitlines()]
+    # the server's update clipping (federation.max_update_norm, tests/server/test_malicious_sites.py) would stop it
+    # first: switched off, the finite guard behind it is what this test shows
+    run_dir = simulate(_config(tmp_path, "overflow", "fedavg", rounds=2, max_update_norm=0.0)).run_dir
+    rounds = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
     assert [r["aggregated"] for r in rounds[1:]] == [False, False]
-    assert not (result.run_dir / "adapters" / "round-0001").exists()
+    assert not (run_dir / "adapters" / "round-0001").exists()
     assert all(r["sites_returned"] == 3 and not r["failures"] for r in rounds[1:]), "honest sites keep working"
+    assert all("non-finite" in r["unchanged_because"] for r in rounds[1:])
+    assert "never changed in 2 rounds" in json.loads((run_dir / "summary.json").read_text())["unchanged_reason"]
 
 
 def test_a_rule_that_needs_individual_updates_is_refused_with_secure_aggregation():
