@@ -18,13 +18,14 @@ import numpy as np
 
 from fedpeft import wire
 from fedpeft.config import RunConfig
-from fedpeft.errors import PolicyViolation, PrivacyError
+from fedpeft.errors import PolicyViolation, PrivacyBudgetExceeded, PrivacyError
 from fedpeft.messaging import as_float, as_int
 from fedpeft.privacy import distributed
 from fedpeft.privacy.policy import SitePolicy
 from fedpeft.privacy.site_budget import SiteBudget
 
 RELATIVE_TOLERANCE = 1e-9
+MAX_NOISE_FACTOR = 4.0  # a site needing more than 4x the round's variance (2x its noise) refuses
 
 
 def checked_plan(cfg: RunConfig, instructions: dict[str, Any], *, dim: int, policy: SitePolicy | None) -> \
@@ -65,7 +66,20 @@ def release(model_method: Any, model: Any, data: Any, plan: distributed.Distribu
 
 
 def site_round(*, budget: SiteBudget, server_round: int, plan: distributed.DistributedPlan) -> tuple[float, Any]:
-    """The noise variance this round needs at this site (its ledger's remaining budget), checked before release."""
+    """The noise variance this round needs at this site (its ledger's remaining budget), checked before release.
+
+    A site whose remaining budget needs far more noise than the round is planned for refuses instead of joining:
+    its extra noise would be in everyone's sum (a nearly spent budget needs unbounded noise), drowning the other
+    sites' signal while its own data teaches nothing. ``MAX_NOISE_FACTOR`` leaves room for a site whose policy
+    budget is lower than the run's (epsilon 4 in an epsilon-8 run needs about 3.3 times the variance)."""
     planned = budget.plan_distributed(server_round, sample_rate=plan.sample_rate, l1=plan.l1, l2=plan.l2,
                                       scale=plan.scale, cohort=plan.cohort)
+    if plan.mu > 0 and planned.mu > MAX_NOISE_FACTOR * plan.mu:
+        spent = budget.ledger.epsilon_spent()
+        raise PrivacyBudgetExceeded(
+            f"site {budget.site}: its remaining budget (epsilon {spent:.3g} of {budget.budget:g} spent) needs "
+            f"{planned.mu / plan.mu:.3g} times the noise this round is planned for (at most {MAX_NOISE_FACTOR:g}); "
+            "joining would drown the other sites' signal, so the site releases nothing. Its budget is its own across "
+            "runs on the same data: to start afresh on purpose in a simulation, set privacy.ledger_dir to a new "
+            "directory (e.g. runs/{run}/sites); a deployed site raises max_epsilon in its policy or stops")
     return planned.mu, planned

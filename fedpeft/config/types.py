@@ -136,7 +136,8 @@ class PrivacyConfig:
     client_clip: float = 1.0  # S: each site's whole update is clipped to this L2 norm
     client_noise_multiplier: float = 1.0  # z: noise std on the sum is z * S
     dp_mode: str = "local"  # local: DP-SGD at each site with the full noise; distributed: one DP step per round
-    # across the sites, each adding a share of the noise, under secure aggregation (peft.method = "probe")
+    # across the sites, each adding a share of the noise, under secure aggregation (peft.method = "probe" or
+    # "probe-lora")
     sample_rate: float = 0.0  # distributed: each row's probability of being in a round's batch (0: 1, every row)
     min_cohort: int = 0  # distributed: the fewest sites whose noise shares must be in a sum (0: the secagg threshold)
     policy_file: str = ""  # the site's own policy (TOML); it wins over this run config

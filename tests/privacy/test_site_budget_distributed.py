@@ -139,3 +139,4 @@ def test_invalid_round_parameters_are_refused(tmp_path, changes, shown):
     with pytest.raises(PrivacyError) as info:
         budget.plan_distributed(1, **{**ROUND, **changes})
     assert shown in str(info.value) and not isinstance(info.value, PrivacyBudgetExceeded)
+
