@@ -1,4 +1,5 @@
-"""The `fedpeft` command: one entry with sub-commands (simulate, export, pki, server, client, audit)."""
+"""The `fedpeft` command: one entry with sub-commands (simulate, export, predict, evaluate, pki, server, client,
+audit)."""
 
 from __future__ import annotations
 
@@ -144,6 +145,7 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--round", type=int, default=None, help="which round's adapter (default: the latest)")
     p.add_argument("--merge", action="store_true",
                    help="merge the adapter into a full-precision copy of the base and save the whole model")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists (default: refuse)")
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -151,8 +153,44 @@ def _cmd_export(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from fedpeft.runs.export import export_run
 
-    out = export_run(args.run_dir, args.out, args.round, args.merge)
-    print(f"exported {'merged model' if args.merge else 'adapter'} to {out}")
+    out = export_run(args.run_dir, args.out, args.round, merge=args.merge, force=args.force)
+    print(f"exported {'merged model' if args.merge else 'adapter'} to {out} (labels and how to load it: "
+          f"{out}/README.md)")
+    return 0
+
+
+def _predict_parsers(sub: argparse._SubParsersAction) -> None:
+    for name, text in (("predict", "classify texts with an exported model (merged or adapter), offline"),
+                       ("evaluate", "score an exported model on a labelled .csv/.jsonl: accuracy, macro-F1, per "
+                                    "class")):
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("model", help="the directory `fedpeft export` wrote")
+        p.add_argument("--input", default="-", help=".csv or .jsonl file; '-' (default): stdin, one text per line")
+        p.add_argument("--text-column", default="text", help="column holding the text (default: text)")
+        if name == "predict":
+            p.add_argument("--out", help=".csv or .jsonl to write: each row with its prediction (default: one label "
+                                         "per line on stdout)")
+        else:
+            p.add_argument("--label-column", default="label", help="column holding the true label (default: label)")
+            p.add_argument("--json", action="store_true", help="print the scores as JSON")
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import json
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from fedpeft.runs.predict import evaluate_rows, load_exported, predict_texts, read_rows, write_predictions
+
+    rows = read_rows(args.input, args.text_column)
+    exported = load_exported(args.model)
+    if args.command == "predict":
+        write_predictions(rows, predict_texts(exported, [row[args.text_column] for row in rows]), args.out)
+        if args.out:
+            print(f"{len(rows)} predictions written to {args.out}", file=sys.stderr)
+        return 0
+    scores = evaluate_rows(exported, rows, text_column=args.text_column,
+                           label_column=args.label_column, source=args.input)
+    print(json.dumps(scores.to_dict(), indent=2) if args.json else "\n".join(scores.lines()))
     return 0
 
 
@@ -425,6 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _simulate_parser(sub)
     _export_parser(sub)
+    _predict_parsers(sub)
     _pki_parser(sub)
     _server_parser(sub)
     _client_parser(sub)
@@ -435,7 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        commands = {"simulate": _cmd_simulate, "export": _cmd_export, "pki": _cmd_pki, "server": _cmd_server,
+        commands = {"simulate": _cmd_simulate, "export": _cmd_export, "predict": _cmd_predict,
+                    "evaluate": _cmd_predict, "pki": _cmd_pki, "server": _cmd_server,
                     "client": _cmd_client, "audit": _cmd_audit}
         return commands[args.command](args)
     except FedpeftError as err:

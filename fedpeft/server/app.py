@@ -10,6 +10,7 @@ from flwr.serverapp import Grid, ServerApp
 
 def main(grid: Grid, context: Context) -> None:
     from fedpeft.composition import run_config
+    from fedpeft.runs.export import write_model_info
     from fedpeft.runs.run_dir import open_run_dir
     from fedpeft.server.federation import Federation
     from fedpeft.server.initial import initial_adapter
@@ -18,6 +19,7 @@ def main(grid: Grid, context: Context) -> None:
     cfg = run_config(context.run_config)
     with open_run_dir(cfg) as run_dir:  # one run per directory; refused before anything is written
         initial = initial_adapter(cfg)
+        write_model_info(run_dir, cfg)  # the labels and the base, by name: what an export will say it predicts
         progress = ConsoleProgress(cfg.federation.rounds)
         progress.start(str(run_dir), cfg.federation.num_sites, sum(t.numel() for t in initial.wire.values()))
         Federation(grid, cfg, run_dir, initial, progress=progress).run()
