@@ -16,7 +16,7 @@ from fedpeft import wire
 from fedpeft.audit.payload import file_digest, payload_bytes
 from fedpeft.audit.trail import CoordinatorAudit
 from fedpeft.config import RunConfig
-from fedpeft.errors import FederationError, SecAggAbort
+from fedpeft.errors import FederationError, PrivacyBudgetExceeded, SecAggAbort
 from fedpeft.io.atomic import append_jsonl, write_json_atomic
 from fedpeft.messaging import EVALUATE, TRAIN, as_float, broadcast
 from fedpeft.methods import build_method
@@ -58,6 +58,8 @@ from fedpeft.server.progress import ConsoleProgress
 from fedpeft.server.round_audit import round_audit_record
 from fedpeft.strategies import build_rule
 
+BUDGET_RULE = PrivacyBudgetExceeded.default_rule  # a refusal that no later round of the run can lift
+
 
 @dataclass(frozen=True)
 class Applied:
@@ -95,6 +97,7 @@ class Federation:
         self.distributed = cfg.privacy.dp and cfg.privacy.dp_mode == "distributed"  # one DP step per round
         self.site_epsilon: dict[str, float] = {}
         self.accuracy_by_round: list[float | None] = []
+        self.spent_sites: set[str] = set()  # sites that refused a round because their privacy budget is spent
         # node -> site: the deployment's registered nodes (its PKI), else bound at a node's first reply
         self.identities = SiteIdentities(registered_sites(run_dir))
         self.limits = UpdateLimits(max_examples=cfg.federation.max_examples,
@@ -121,6 +124,10 @@ class Federation:
             self.complete_round(0, initial, {"round": 0, "seconds": time.monotonic() - started}, audit)
         for server_round in range(first_round, self.cfg.federation.rounds + 1):
             self.complete_round(server_round, *self.run_round(nodes, server_round))
+            if len(self.spent_sites) >= len(nodes):  # a spent budget never grows back: later rounds are refused too
+                self.progress.message(f"[red]round {server_round}: every site has refused because its privacy budget "
+                                      f"is spent ({', '.join(sorted(self.spent_sites))}); the run stops here[/red]")
+                break
         summary = self.summary(time.monotonic() - started)
         write_json_atomic(self.run_dir / SUMMARY_FILE, summary)
         final = summary["final_adapter"]
@@ -201,6 +208,8 @@ class Federation:
             got = self.train_round(sampled, server_round)
         for site, refusal in got.refusals.items():  # signed before the round's record that counts them
             self.audit.refusal(server_round, site, rule=refusal.rule, reason=refusal.reason)
+            if refusal.rule == BUDGET_RULE:
+                self.spent_sites.add(site)
         applied = self.apply_round(got, server_round, sampled_fraction=len(sampled) / len(nodes))
         self.site_epsilon.update(got.site_epsilon)
         if not self.distributed:  # a distributed round's full batch (q = 1) is the plan, not a mistake

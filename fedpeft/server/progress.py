@@ -22,6 +22,7 @@ class ConsoleProgress:
     def __init__(self, total_rounds: int, console: Console | None = None) -> None:
         self.console = console or plain_console()
         self.total_rounds = total_rounds
+        self.last_said: dict[str, str] = {}  # who -> the last refusal or failure reason shown
 
     def stage(self, text: str) -> AbstractContextManager[Any]:
         if self.console.is_terminal:
@@ -38,6 +39,7 @@ class ConsoleProgress:
             self.console.print(f"round {record['round']:>3}/{self.total_rounds} | "
                                f"{record.get('sites_returned', 0)}/{record.get('sites_sampled', 0)} sites | "
                                f"{record['seconds']:.1f}s", highlight=False)
+            self.refusals_and_failures(record, only_new=True)
             return
         sites = " ".join(f"s{pid}={acc:.3f}" for pid, acc in sorted(record["site_accuracy"].items(),
                                                                       key=lambda kv: int(kv[0])))
@@ -59,10 +61,18 @@ class ConsoleProgress:
             self.console.print(f"            epsilon per site (cumulative): {eps}", highlight=False)
         if record.get("client_dp_epsilon") is not None:
             self.console.print(f"            client-level epsilon: {record['client_dp_epsilon']:.2f}", highlight=False)
-        for site, reason in (record.get("refusals") or {}).items():
-            self.console.print(f"            [yellow]site {site} refused:[/yellow] {reason}", highlight=False)
-        for node, reason in (record.get("failures") or {}).items():
-            self.console.print(f"            [yellow]site node {node} failed:[/yellow] {reason}", highlight=False)
+        self.refusals_and_failures(record, only_new=False)
+
+    def refusals_and_failures(self, record: dict[str, Any], *, only_new: bool) -> None:
+        """Each refusal and failure as it happens; between evaluations only a reason a site has not given before
+        (a site refusing every round for the same reason would otherwise fill the console)."""
+        lines = [(f"site {site} refused", reason) for site, reason in (record.get("refusals") or {}).items()]
+        lines += [(f"site node {node} failed", reason) for node, reason in (record.get("failures") or {}).items()]
+        for who, reason in lines:
+            if only_new and self.last_said.get(who) == reason:
+                continue
+            self.last_said[who] = reason
+            self.console.print(f"            [yellow]{who}:[/yellow] {reason}", highlight=False)
 
     def message(self, text: str) -> None:
         self.console.print(text)

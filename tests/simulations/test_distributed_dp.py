@@ -5,6 +5,7 @@ round as a subsampled Skellam release with its cohort."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -66,6 +67,15 @@ def test_a_distributed_dp_federation_releases_only_the_noisy_sum_and_accounts_ea
         assert all(e.cohort == plan.cohort and abs(e.mu / plan.mu - 1) < 0.01 for e in entries)
     adapters = sorted(a.name for a in (result.run_dir / "adapters").glob("round-*"))
     assert adapters == ["round-0001", "round-0002", "round-0003", "round-0004"]
+
+    # the same sites (their ledgers belong to them, not to the run) asked for a longer run: their budget is spent,
+    # each refuses rather than adding unbounded noise to the sum, and the run stops instead of refusing 40 rounds
+    again = simulate(replace(cfg, run=replace(cfg.run, name="again"),
+                             federation=replace(cfg.federation, rounds=40)))
+    lines = [json.loads(line) for line in (again.run_dir / METRICS_FILE).read_text().splitlines()]
+    assert [r["round"] for r in lines] == [0, 1] and not lines[1]["aggregated"]
+    assert again.summary["unchanged_reason"] and all(
+        "privacy budget" in r or "times the noise" in r for r in lines[1]["refusals"].values())
 
 
 def test_a_site_refuses_when_the_cohort_is_below_its_minimum(tmp_path):
