@@ -49,7 +49,8 @@ def parse_toml(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
     only: ``fedpeft.composition.load_toml`` is the full check a run starts from)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file '{path}' does not exist; pass an existing TOML file to --config")
+        problem = "is a directory, not a file" if path.is_dir() else "does not exist"
+        raise ConfigError(f"config file '{path}' {problem}; pass an existing TOML file to --config")
     try:
         nested = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:

@@ -71,9 +71,9 @@ def load_prompt_response(
 def _read_table(path: str | Path) -> _Table:
     file = Path(path)
     if not file.is_file():
+        problem = "is a directory, not a file" if file.is_dir() else "does not exist"
         raise DataError(
-            f"data file '{file}' does not exist; set data.source to an existing "
-            ".csv/.jsonl file or to 'synthetic'"
+            f"data file '{file}' {problem}; set data.source to an existing .csv/.jsonl file or to 'synthetic'"
         )
     suffix = file.suffix.lower()
     if suffix not in SUPPORTED_SUFFIXES:

@@ -38,3 +38,14 @@ def test_a_one_row_site_is_refused_before_training_naming_the_site_rows_and_fix(
     cfg = from_mapping({"data": {"source": str(tmp_path / "one.csv"), "partitioner": "iid"}})
     with pytest.raises(DataError, match=r"this site \(data file '.*one\.csv'\) holds 1 row\(s\)"):
         site_split(cfg, 0, 1)
+
+
+def test_a_directory_given_as_the_data_file_or_the_config_says_so(tmp_path):
+    from fedpeft.config import parse_toml
+    from fedpeft.data.loaders import _read_table
+    from fedpeft.errors import ConfigError, DataError
+
+    with pytest.raises(DataError, match="is a directory, not a file"):
+        _read_table(tmp_path)
+    with pytest.raises(ConfigError, match="is a directory, not a file"):
+        parse_toml(tmp_path)
