@@ -107,9 +107,11 @@ def _backend_config(cpus_per_site: float, verbose: bool, gpus_per_site: float = 
         raise ConfigError(f"cpus_per_site = {cpus_per_site}, gpus_per_site = {gpus_per_site}: each site's actor "
                           "needs a positive number of CPUs and zero or more GPUs (e.g. 1 and 0.25)")
     address = ray_address or os.environ.get("RAY_ADDRESS") or "local"
-    return {"client_resources": {"num_cpus": cpus_per_site, "num_gpus": gpus_per_site},
-            "init_args": {"address": address, "log_to_driver": verbose,
-                          "logging_level": logging.INFO if verbose else logging.ERROR}}
+    init_args: dict[str, Any] = {"address": address, "log_to_driver": verbose,
+                                 "logging_level": logging.INFO if verbose else logging.ERROR}
+    if address == "local":  # a fresh instance: no dashboard (seconds at every start, and a web port nobody asked for)
+        init_args["include_dashboard"] = False
+    return {"client_resources": {"num_cpus": cpus_per_site, "num_gpus": gpus_per_site}, "init_args": init_args}
 
 
 @contextlib.contextmanager

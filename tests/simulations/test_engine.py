@@ -14,6 +14,9 @@ def test_a_fresh_local_ray_unless_a_cluster_is_named(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.5:6379")
     assert _backend_config(1.0, False)["init_args"]["address"] == "10.0.0.5:6379"
     assert _backend_config(1.0, False, ray_address="auto")["init_args"]["address"] == "auto"
+    # a fresh local Ray starts no dashboard (a web port nobody asked for); a cluster's own settings are its own
+    assert _backend_config(1.0, False, ray_address="local")["init_args"]["include_dashboard"] is False
+    assert "include_dashboard" not in _backend_config(1.0, False, ray_address="auto")["init_args"]
 
 
 def test_site_resources_reach_the_actors_and_bad_ones_are_refused():
