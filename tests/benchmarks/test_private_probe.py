@@ -3,30 +3,15 @@ through a real Flower simulation, a results log that a second invocation reuses.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 from fedpeft.privacy.defaults import probe_schedule
+from tests.benchmarks.scripts import load_script
 from tests.benchmarks.test_real_data import _write_fake_banking77
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load_script():
-    if str(ROOT / "benchmarks") not in sys.path:
-        sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("private_probe", ROOT / "benchmarks" / "private_probe.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-private_probe = _load_script()
+private_probe = load_script("private_probe")
 
 
 def test_rounds_per_epsilon():

@@ -4,7 +4,6 @@ banking77's format (slow: a real MiniLM, a 2-site Flower simulation)."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import random
 import sys
@@ -14,21 +13,9 @@ from pathlib import Path
 import pytest
 
 from fedpeft.data.records import ClassificationData
+from tests.benchmarks.scripts import load_script
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load_script():
-    if str(ROOT / "benchmarks") not in sys.path:  # as when run as a script: its helper module sits beside it
-        sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("real_data", ROOT / "benchmarks" / "real_data.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
-
-
-real_data = _load_script()
+real_data = load_script("real_data")
 real_data_sets = sys.modules["real_data_sets"]
 real_data_results = sys.modules["real_data_results"]
 

@@ -3,31 +3,16 @@ the sites' held-out rows, resumable from its log, and the noise it uses is the a
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
 from fedpeft.privacy import defaults
+from tests.benchmarks.scripts import load_script
 from tests.benchmarks.test_real_data import _write_fake_banking77
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load_script():
-    if str(ROOT / "benchmarks") not in sys.path:
-        sys.path.insert(0, str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("tune_private_probe", ROOT / "benchmarks" / "tune_private_probe.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-tune = _load_script()
+tune = load_script("tune_private_probe")
 
 
 def test_the_noise_is_the_accountants_and_does_not_depend_on_the_dimension():
