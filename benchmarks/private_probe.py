@@ -306,23 +306,17 @@ def print_table(rows: list[Row]) -> None:
                   f"(sites alone: {min(alone.site_accuracy.values()):.3f}..{max(alone.site_accuracy.values()):.3f})")
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_site_arguments(p: argparse.ArgumentParser) -> None:
+    """The dataset, its split over the sites and the features: what ``run_config`` and ``prepare`` read (shared with
+    benchmarks/tune_private_probe.py, which scores the same sites' rows)."""
     p.add_argument("--dataset", choices=DATASETS, default="banking77")
     p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
     p.add_argument("--model", default="minilm")
     p.add_argument("--sites", type=int)
     p.add_argument("--alpha", type=float, default=0.5)
-    p.add_argument("--rounds", default="auto",
-                   help="DP rounds (one DP step each): 'auto' (derived from epsilon and the sites' rows, with the "
-                        "server's learning rate: fedpeft.privacy.defaults), 'eps:rounds,...', or one number for all")
     p.add_argument("--sample-rate", type=float, default=0.0, help="Poisson rate per round (0: 1, full batch)")
-    p.add_argument("--epsilons", default="1,4,8")
     p.add_argument("--lr", type=float, default=1e-3, help="unused by the DP rows (the server steps)")
-    p.add_argument("--probe-lr", type=float, default=0.5, help="the non-private probes' SGD rate")
     p.add_argument("--local-epochs", type=int, default=1)
-    p.add_argument("--epochs-alone", type=int, default=200,
-                   help="at most this many epochs for the non-private probes (chosen on held-out rows)")
     p.add_argument("--max-train", type=int, default=0)
     p.add_argument("--max-test", type=int, default=0)
     p.add_argument("--max-length", type=int)
@@ -330,6 +324,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "fedpeft-feature-cache"),
                    help="where features are cached (keyed by base, settings and data)")
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_site_arguments(p)
+    p.add_argument("--rounds", default="auto",
+                   help="DP rounds (one DP step each): 'auto' (derived from epsilon and the sites' rows, with the "
+                        "server's learning rate: fedpeft.privacy.defaults), 'eps:rounds,...', or one number for all")
+    p.add_argument("--epsilons", default="1,4,8")
+    p.add_argument("--probe-lr", type=float, default=0.5, help="the non-private probes' SGD rate")
+    p.add_argument("--epochs-alone", type=int, default=200,
+                   help="at most this many epochs for the non-private probes (chosen on held-out rows)")
     p.add_argument("--results", help="append-only JSONL of finished rows (resume)")
     p.add_argument("--plot", help="write a PNG: accuracy vs epsilon")
     p.add_argument("--local-dp", help="'eps:accuracy,...' of local-noise DP rows to draw (from RESULTS.md)")

@@ -25,16 +25,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from private_probe import DEFAULT_MAX_LENGTH, DEFAULT_SITES, features_of, fingerprint_of, run_config
-from real_data_sets import DATASETS, prepare, write_csv
+from private_probe import (
+    DEFAULT_MAX_LENGTH,
+    DEFAULT_SITES,
+    add_site_arguments,
+    features_of,
+    fingerprint_of,
+    run_config,
+)
+from real_data_sets import prepare, write_csv
 
 from fedpeft.data.sites import site_split
 from fedpeft.io.atomic import append_jsonl
 from fedpeft.models.loader import load_base_model
 from fedpeft.privacy import defaults, distributed, skellam
 from fedpeft.training import probe
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def pooled_parts(args: argparse.Namespace) -> tuple[probe.Features, probe.Features]:
@@ -152,24 +157,11 @@ def _done(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--dataset", choices=DATASETS, default="banking77")
-    p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
-    p.add_argument("--model", default="minilm")
-    p.add_argument("--sites", type=int)
-    p.add_argument("--alpha", type=float, default=0.5)
+    add_site_arguments(p)  # the same sites, rows and features as benchmarks/private_probe.py
     p.add_argument("--epsilons", default="1,4,8")
     p.add_argument("--rounds", default="25,50,100,200,300,500")
     p.add_argument("--lrs", default="1,2,4,8,16")
     p.add_argument("--seeds", type=int, default=2)
-    p.add_argument("--max-train", type=int, default=0)
-    p.add_argument("--max-test", type=int, default=0)
-    p.add_argument("--max-length", type=int)
-    p.add_argument("--eval-fraction", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sample-rate", type=float, default=0.0)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--local-epochs", type=int, default=1)
-    p.add_argument("--cache", default=str(Path("/tmp") / "fedpeft-feature-cache"))
     p.add_argument("--results", help="append-only JSONL of finished grid points (resume)")
     return p.parse_args(argv)
 
