@@ -135,3 +135,13 @@ def build(root: Path, sites: tuple[str, ...] = ("a", "b", "c"), examples_per_sit
     labels = json.dumps(list(SUPPORT_LABELS))
     (root / "run.toml").write_text(RUN_TOML.format(labels=labels, name=RUN_NAME, out=root / "runs"))
     return Deployment(root, port, list(sites))
+
+
+def site_bundle(tmp_path: Path, coordinator: str) -> Path:
+    """A PKI with one site, ``hospital-a``, whose bundle holds a two-row data file its site.toml points at."""
+    pki = init_pki(tmp_path / "pki", ["127.0.0.1"])
+    site = add_site(pki, "hospital-a", coordinator).directory
+    (site / "data.csv").write_text("text,label\nchest pain,urgent\nrepeat prescription,routine\n")
+    config = site / "site.toml"
+    config.write_text(config.read_text().replace('"/path/to/local/data.csv"', '"data.csv"'))
+    return site

@@ -7,18 +7,13 @@ from flwr.common.config import parse_config_args
 
 from fedpeft import wire
 from fedpeft.deploy.agent import check_site, diagnose, load_site_settings, node_config
-from fedpeft.deploy.pki import add_site, init_pki
 from fedpeft.errors import DeployError, PrivacyError
+from tests.deploy.federation import site_bundle
 
 
 @pytest.fixture
 def bundle(tmp_path):
-    pki = init_pki(tmp_path / "pki", ["127.0.0.1"])
-    site = add_site(pki, "hospital-a", "127.0.0.1:9092").directory
-    (site / "data.csv").write_text("text,label\nchest pain,urgent\nrepeat prescription,routine\n")
-    config = site / "site.toml"
-    config.write_text(config.read_text().replace('"/path/to/local/data.csv"', '"data.csv"'))
-    return site
+    return site_bundle(tmp_path, "127.0.0.1:9092")
 
 
 def test_bundle_settings_resolve_relative_to_the_file_and_pass_the_checks(bundle):

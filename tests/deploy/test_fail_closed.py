@@ -15,23 +15,19 @@ from fedpeft.cli import main as cli_main
 from fedpeft.composition import from_mapping
 from fedpeft.deploy import agent
 from fedpeft.deploy.agent import check_site, load_site_settings
-from fedpeft.deploy.pki import add_site, init_pki
+from fedpeft.deploy.pki import init_pki
 from fedpeft.deploy.preflight import check_audit_key, check_server_certificate
 from fedpeft.deploy.processes import runtime_env
 from fedpeft.errors import DeployError, PrivacyError
 from fedpeft.messaging import Refusal
 from fedpeft.privacy.policy import PrivacyRequest, check_request
 from fedpeft.privacy.site_budget import site_policy
+from tests.deploy.federation import site_bundle
 
 
 @pytest.fixture
 def bundle(tmp_path):
-    pki = init_pki(tmp_path / "pki", ["127.0.0.1"])
-    site = add_site(pki, "hospital-a", "127.0.0.1:9").directory
-    (site / "data.csv").write_text("text,label\nchest pain,urgent\nrepeat prescription,routine\n")
-    config = site / "site.toml"
-    config.write_text(config.read_text().replace('"/path/to/local/data.csv"', '"data.csv"'))
-    return site
+    return site_bundle(tmp_path, "127.0.0.1:9")
 
 
 # ---- 4: a SuperNode that died is noticed (a real flower-supernode process) ----------------------------------------
