@@ -364,7 +364,7 @@ class Federation:
             losses.append((site_loss, examples))
         if withheld:
             self.progress.message(f"round {server_round}: sites {sorted(withheld)} release no held-out scores "
-                                  "(their policy: site_metrics = none)")
+                                  "(privacy.site_metrics or their policy says none)")
         if not accuracies and withheld:
             return Evaluation(None, None, {})
         if not accuracies:
