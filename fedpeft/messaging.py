@@ -152,7 +152,7 @@ def exchange(grid: Grid, contents: dict[int, RecordDict], message_type: str, gro
     replies = Replies()
     answered: set[int] = set()
     for reply in grid.send_and_receive(messages, timeout=timeout):
-        node = reply.metadata.src_node_id
+        node = _addressee(reply, messages)
         answered.add(node)
         if reply.has_error():
             replies.failed[node] = short_reason(reply.error.reason or f"error code {reply.error.code}")
@@ -162,6 +162,14 @@ def exchange(grid: Grid, contents: dict[int, RecordDict], message_type: str, gro
         if node not in answered:
             replies.failed[node] = f"no reply within {timeout:.0f} s"
     return replies
+
+
+def _addressee(reply: Message, sent: list[Message]) -> int:
+    """The node a reply answers for. An error the SuperLink writes itself (the node stopped sending heartbeats)
+    comes from the SuperLink's own node id, not the site's: match it to the message it replies to, or the site
+    would count as silent and the error as a phantom node."""
+    by_id = {message.metadata.message_id: message.metadata.dst_node_id for message in sent}
+    return by_id.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
 
 def short_reason(reason: str, limit: int = 300) -> str:

@@ -71,6 +71,22 @@ def test_a_site_error_without_a_reason_is_a_failure_with_its_code(task_identity)
     assert replies.failed == {5: "error code 7"} and not replies.ok
 
 
+def test_an_error_the_superlink_writes_is_filed_under_the_lost_site_not_the_superlink(task_identity):
+    """For a node whose heartbeats stopped the SuperLink writes the error reply itself (Flower's own function),
+    from its own node id; it is the lost site's failure, and the site is not also reported silent."""
+    from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+
+    def reply(msg):
+        msg.metadata.__dict__["_message_id"] = f"m{msg.metadata.dst_node_id}"  # what Grid.push_messages sets
+        if msg.metadata.dst_node_id == 7:
+            return create_message_error_unavailable_res_message(msg.metadata, "node_unavail")
+        return Message(RecordDict({}), reply_to=msg)
+
+    replies = exchange(_Grid(reply), {7: RecordDict({}), 8: RecordDict({})}, "query.x", "1", timeout=5)
+    assert [r.metadata.src_node_id for r in replies.ok] == [8]
+    assert list(replies.failed) == [7] and "heartbeat" in replies.failed[7], replies.failed
+
+
 def test_an_update_in_the_wrong_kind_of_record_is_rejected_not_a_crash(task_identity):
     sent = Message(content=RecordDict({}), dst_node_id=5, message_type="train", group_id="1")
     reply = Message(RecordDict({wire.ADAPTER: ConfigRecord({"w": 1.0}),
