@@ -37,8 +37,33 @@ def from_flat(flat: Mapping[str, Any], origin: str = "run config") -> RunConfig:
 
 
 def load_toml(path: str | Path, overrides: Mapping[str, Any] | None = None) -> RunConfig:
-    """A TOML run config file with flat ``section.key`` overrides on top, every rule checked."""
-    return checked(parse_toml(path, overrides), str(path))
+    """A TOML run config file with flat ``section.key`` overrides on top, every rule checked. With
+    ``data.partitioner = "column"`` and no ``federation.num_sites`` in the file or the overrides, the number of sites
+    is the number of distinct values in the data's partition column."""
+    cfg = parse_toml(path, overrides)
+    if cfg.data.partitioner == "column" and not _given(path, overrides, "federation", "num_sites"):
+        cfg = _sites_from_column(cfg)
+    return checked(cfg, str(path))
+
+
+def _given(path: str | Path, overrides: Mapping[str, Any] | None, section: str, key: str) -> bool:
+    import tomllib
+
+    table = tomllib.loads(Path(path).read_text(encoding="utf-8")).get(section, {})
+    return key in table or f"{section}.{key}" in (overrides or {})
+
+
+def _sites_from_column(cfg: RunConfig) -> RunConfig:
+    """One site per value of the partition column (when the data file is here: a coordinator may hold none)."""
+    from dataclasses import replace
+
+    from fedpeft.data.sites import column_site_names
+
+    sites = len(column_site_names(cfg))
+    if not sites:
+        return cfg  # the partitioner names the empty column when the run builds its sites
+    federation = replace(cfg.federation, num_sites=sites, min_sites=min(cfg.federation.min_sites, sites))
+    return replace(cfg, federation=federation)
 
 
 def run_config(flat: Mapping[str, Any]) -> RunConfig:

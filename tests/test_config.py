@@ -92,3 +92,32 @@ def test_missing_and_malformed_config_files(tmp_path):
     bad.write_text("[model\nname = 1")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_toml(bad)
+
+
+def test_a_relative_data_source_in_a_file_is_read_beside_it_and_an_override_beside_the_shell(tmp_path, monkeypatch):
+    folder = tmp_path / "configs"
+    (folder / "data").mkdir(parents=True)
+    (folder / "data" / "sites.csv").write_text("text,label\nhello,a\n")
+    (folder / "run.toml").write_text('[data]\nsource = "data/sites.csv"\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert load_toml(folder / "run.toml").data.source == str(folder / "data" / "sites.csv")
+    assert load_toml(folder / "run.toml", {"data.source": "mine.csv"}).data.source == "mine.csv"
+    (folder / "run.toml").write_text('[data]\nsource = "only-here.csv"\n')  # not beside the config: left as written
+    assert load_toml(folder / "run.toml").data.source == "only-here.csv"
+
+
+def test_the_column_partitioner_takes_its_number_of_sites_from_the_column(tmp_path):
+    sites = ["clinic-b", "clinic-a", "clinic-c"] * 4
+    rows = "".join(f"ticket {i},{'ab'[i % 2]},{site}\n" for i, site in enumerate(sites))
+    (tmp_path / "rows.csv").write_text("text,label,hospital\n" + rows)
+    body = '[data]\nsource = "rows.csv"\npartitioner = "column"\npartition_column = "hospital"\n'
+    (tmp_path / "run.toml").write_text(body + "[federation]\nmin_sites = 2\n")
+    cfg = load_toml(tmp_path / "run.toml")
+    assert (cfg.federation.num_sites, cfg.federation.min_sites) == (3, 2)
+    from fedpeft.data.sites import column_site_names
+
+    assert column_site_names(cfg) == {"0": "clinic-a", "1": "clinic-b", "2": "clinic-c"}
+    assert load_toml(tmp_path / "run.toml", {"federation.num_sites": 4}).federation.num_sites == 4, \
+        "a number the user gives is kept (and the partitioner then names both numbers)"

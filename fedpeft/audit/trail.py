@@ -55,7 +55,9 @@ class CoordinatorAudit:
         self.log = AuditLog(audit_dir(run_dir) / COORDINATOR_LOG, key, "coordinator")
         self.cfg = cfg
 
-    def run_start(self, base_fingerprint: str, peft_config: Any, resumed_after: int | None) -> None:
+    def run_start(self, base_fingerprint: str, peft_config: Any, resumed_after: int | None, *,
+                  site_names: dict[str, str] | None = None) -> None:
+        """``site_names``: site index -> the name people know it by, for the report."""
         if resumed_after is not None:
             self.log.append("run-resumed", {"after_round": resumed_after, "config_sha256": config_sha256(self.cfg)})
             return
@@ -68,7 +70,8 @@ class CoordinatorAudit:
             "aggregation": c.federation.aggregation, "weighting": c.federation.weighting,
             "dp": {k: v for k, v in c.to_nested()["privacy"].items() if k not in ("policy_file", "ledger_dir")},
             "secure_aggregation": c.federation.secure_aggregation, "secagg": c.to_nested()["secagg"],
-            "expected_sites": c.federation.num_sites, "min_sites": c.federation.min_sites})
+            "expected_sites": c.federation.num_sites, "min_sites": c.federation.min_sites,
+            "site_names": dict(site_names or {})})
 
     def round(self, data: dict[str, Any]) -> None:
         self.log.append("round", _json_safe(data))

@@ -55,8 +55,24 @@ def parse_toml(path: str | Path, overrides: Mapping[str, Any] | None = None) -> 
         nested = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"config file '{path}' is not valid TOML: {err}") from err
-    merged = _merge(nested, unflatten(overrides or {}))
+    merged = _merge(_sources_beside(nested, path.parent), unflatten(overrides or {}))
     return parse_mapping(merged, origin=str(path))
+
+
+def _sources_beside(nested: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """A relative ``data.source`` written in a config file names a file next to that config, wherever the command
+    runs; one that exists only under the working directory (older configs) is left as it is. A ``--set`` override
+    is the shell's, so it stays relative to the working directory."""
+    data = nested.get("data")
+    if not isinstance(data, Mapping):
+        return nested
+    source = data.get("source")
+    if not isinstance(source, str) or not source or Path(source).expanduser().is_absolute():
+        return nested
+    beside = folder / source
+    if not beside.exists() or folder.resolve() == Path.cwd().resolve():
+        return nested
+    return {**nested, "data": {**data, "source": str(beside)}}
 
 
 def parse_flat(flat: Mapping[str, Any], origin: str = "run config") -> RunConfig:

@@ -169,7 +169,7 @@ def partition_by_column(groups: Sequence[str], num_partitions: int | None = None
     """One partition per distinct group value (e.g. hospital id), in sorted order of the values."""
     if len(groups) == 0:
         raise DataError(
-            "the group column is empty; set data.group_column to a column with one site id per row"
+            "the partition column is empty; set data.partition_column to a column with one site id per row"
         )
     by_value: dict[str, list[int]] = {}
     for row, value in enumerate(groups):
@@ -179,7 +179,8 @@ def partition_by_column(groups: Sequence[str], num_partitions: int | None = None
         shown = ", ".join(repr(v) for v in values[:10]) + (", ..." if len(values) > 10 else "")
         raise DataError(
             f"the group column has {len(values)} distinct values ({shown}) but num_partitions is "
-            f"{num_partitions}; set federation.num_sites to {len(values)} or use another data.partitioner"
+            f"{num_partitions}; set federation.num_sites to {len(values)}, or leave it out of the config file "
+            "(the column's values then decide it), or use another data.partitioner"
         )
     return [by_value[v] for v in values]
 

@@ -47,6 +47,17 @@ def _load_dataset_cached(data: DataConfig, task: str, seed: int) -> SiteData:
     return load_prompt_response(path, data.prompt_column, data.response_column, group_column)
 
 
+def column_site_names(cfg: RunConfig) -> dict[str, str]:
+    """Site index -> the partition column's value it stands for (the column partitioner's sites are the column's
+    distinct values in sorted order); {} for any other partitioner, or when the data file is not here."""
+    if not partitioner_class(cfg.data.partitioner).needs_group_column or cfg.data.source in SYNTHETIC_SOURCES:
+        return {}
+    if not Path(cfg.data.source).expanduser().is_file():
+        return {}
+    values = sorted({str(v) for v in load_dataset(cfg.data, cfg.model.task, cfg.run.seed).groups or ()})
+    return {str(index): value for index, value in enumerate(values)}
+
+
 def partition_rows(dataset: SiteData, data: DataConfig, num_partitions: int, seed: int) -> list[list[int]]:
     return build_partitioner(data.partitioner).partition(dataset, num_partitions, seed, data)
 

@@ -16,6 +16,7 @@ from fedpeft import wire
 from fedpeft.audit.payload import file_digest, payload_bytes
 from fedpeft.audit.trail import CoordinatorAudit
 from fedpeft.config import RunConfig
+from fedpeft.data.sites import column_site_names
 from fedpeft.errors import FederationError, PrivacyBudgetExceeded, SecAggAbort
 from fedpeft.io.atomic import append_jsonl, write_json_atomic
 from fedpeft.messaging import EVALUATE, TRAIN, as_float, broadcast
@@ -32,6 +33,7 @@ from fedpeft.runs.run_dir import (
     SUMMARY_FILE,
     last_logged_round,
 )
+from fedpeft.runs.site_names import read_site_names
 from fedpeft.runs.state import (
     ServerState,
     check_resumable,
@@ -100,6 +102,9 @@ class Federation:
         self.spent_sites: set[str] = set()  # sites that refused a round because their privacy budget is spent
         # node -> site: the deployment's registered nodes (its PKI), else bound at a node's first reply
         self.identities = SiteIdentities(registered_sites(run_dir))
+        # index -> the name people know a site by: the deployment's PKI names, else the partition column's values
+        self.site_names = read_site_names(run_dir) or column_site_names(cfg)
+        progress.show_names(self.site_names, self.site_of_node)
         self.limits = UpdateLimits(max_examples=cfg.federation.max_examples,
                                    max_update_norm=cfg.federation.max_update_norm, bookkeeping=self.method.bookkeeping)
         self.unchanged_because: dict[int, str] = {}  # round -> why it left the global adapter as it was
@@ -115,7 +120,8 @@ class Federation:
         started = time.monotonic()
         first_round = self.resume()
         resumed_after = None if first_round == 1 else first_round - 1
-        self.audit.run_start(self.initial.base_fingerprint, self.peft_config, resumed_after)
+        self.audit.run_start(self.initial.base_fingerprint, self.peft_config, resumed_after,
+                             site_names=self.site_names)
         if first_round == 1:
             with self.progress.stage("round 0: evaluating the initial (untrained) adapter"):
                 initial = self.evaluate(nodes, 0)
@@ -182,6 +188,10 @@ class Federation:
 
     def site_name(self, node: int) -> str:
         return self.identities.name(node)
+
+    def site_of_node(self, node: str) -> str | None:
+        """The site index a node id (a key of a round's failures) is known as, None if it is none."""
+        return self.identities.known.get(int(node)) if node.isdigit() else None
 
     def wait_for_sites(self) -> list[int]:
         wanted, deadline = self.cfg.federation.num_sites, time.monotonic() + self.timeout
@@ -381,6 +391,7 @@ class Federation:
                 "final_site_accuracy": self.last_site_accuracy, "site_epsilon": self.site_epsilon,
                 "client_dp_epsilon": self.client_dp.epsilon(), "accuracy_by_round": self.accuracy_by_round,
                 "final_adapter": str(final) if final else None, "unchanged_reason": self.unchanged_reason(),
+                "site_names": self.site_names,
                 "config": self.cfg.to_nested()}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -9,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedpeft.privacy.release import score_text
+from fedpeft.runs.site_names import site_label
 
 
 def plain_console() -> Console:
@@ -23,6 +25,21 @@ class ConsoleProgress:
         self.console = console or plain_console()
         self.total_rounds = total_rounds
         self.last_said: dict[str, str] = {}  # who -> the last refusal or failure reason shown
+        self.names: Mapping[str, str] = {}
+        self.site_of_node: Callable[[str], str | None] = lambda node: None
+
+    def show_names(self, names: Mapping[str, str], site_of_node: Callable[[str], str | None]) -> None:
+        """Show sites by the names people know them by (index -> name), and a failed node as its site."""
+        self.names, self.site_of_node = names, site_of_node
+
+    def per_site(self, values: Mapping[str, float], digits: int) -> str:
+        ordered = sorted(values.items(), key=lambda kv: (not kv[0].isdigit(), int(kv[0]) if kv[0].isdigit() else 0,
+                                                          kv[0]))
+        return " ".join(f"{site_label(self.names, site)}={value:.{digits}f}" for site, value in ordered)
+
+    def node_label(self, node: str) -> str:
+        site = self.site_of_node(str(node))
+        return f"site {site_label(self.names, site)}" if site is not None else f"site node {node}"
 
     def stage(self, text: str) -> AbstractContextManager[Any]:
         if self.console.is_terminal:
@@ -41,8 +58,7 @@ class ConsoleProgress:
                                f"{record['seconds']:.1f}s", highlight=False)
             self.refusals_and_failures(record, only_new=True)
             return
-        sites = " ".join(f"s{pid}={acc:.3f}" for pid, acc in sorted(record["site_accuracy"].items(),
-                                                                      key=lambda kv: int(kv[0])))
+        sites = self.per_site(record["site_accuracy"], 3)
         head = f"round {record['round']:>3}/{self.total_rounds} | global acc {score_text(record['global_accuracy'])}"
         if record["round"] == 0:
             line = f"{head} | untrained adapter (round 0) | {record['seconds']:.1f}s"
@@ -56,8 +72,7 @@ class ConsoleProgress:
         self.console.print(line, highlight=False)
         self.console.print(f"            held-out acc per site: {sites}", highlight=False)
         if record.get("site_epsilon"):
-            eps = " ".join(f"s{site}={value:.2f}" for site, value in sorted(record["site_epsilon"].items(),
-                                                                             key=lambda kv: int(kv[0])))
+            eps = self.per_site(record["site_epsilon"], 2)
             self.console.print(f"            epsilon per site (cumulative): {eps}", highlight=False)
         if record.get("client_dp_epsilon") is not None:
             self.console.print(f"            client-level epsilon: {record['client_dp_epsilon']:.2f}", highlight=False)
@@ -66,8 +81,10 @@ class ConsoleProgress:
     def refusals_and_failures(self, record: dict[str, Any], *, only_new: bool) -> None:
         """Each refusal and failure as it happens; between evaluations only a reason a site has not given before
         (a site refusing every round for the same reason would otherwise fill the console)."""
-        lines = [(f"site {site} refused", reason) for site, reason in (record.get("refusals") or {}).items()]
-        lines += [(f"site node {node} failed", reason) for node, reason in (record.get("failures") or {}).items()]
+        lines = [(f"site {site_label(self.names, site)} refused", reason)
+                 for site, reason in (record.get("refusals") or {}).items()]
+        lines += [(f"{self.node_label(node)} failed", reason)
+                  for node, reason in (record.get("failures") or {}).items()]
         for who, reason in lines:
             if only_new and self.last_said.get(who) == reason:
                 continue

@@ -28,8 +28,9 @@ def print_result(result: SimulationResult) -> None:
              ("final adapter", str(summary["final_adapter"]))]
     if summary.get("site_epsilon"):
         spent = summary["site_epsilon"]
-        rows.append(("epsilon per site (cumulative)",
-                     " ".join(f"s{k}={v:.2f}" for k, v in sorted(spent.items(), key=lambda kv: int(kv[0])))))
+        progress = ConsoleProgress(summary["rounds"])
+        progress.show_names(summary.get("site_names") or {}, lambda node: None)
+        rows.append(("epsilon per site (cumulative)", progress.per_site(spent, 2)))
     if summary.get("client_dp_epsilon") is not None:
         rows.append(("client-level epsilon", f"{summary['client_dp_epsilon']:.2f}"))
     rows.append(("metrics", str(result.run_dir / METRICS_FILE)))

@@ -117,7 +117,7 @@ def test_train_eval_split_no_train_rows() -> None:
             "min_partition_size=0",
         ),
         (lambda: partition_dirichlet([], 3, alpha=1.0, seed=0), "labels is empty"),
-        (lambda: partition_by_column([]), "group column is empty"),
+        (lambda: partition_by_column([]), "partition column is empty"),
         (lambda: label_skew(LABELS, [[0, 1], []]), "partition 1 is empty"),
     ],
 )

@@ -66,3 +66,24 @@ def test_three_sites_two_rounds_ship_only_adapter_tensors(tmp_path, task):
         assert set(get_adapter_state(served)) == set(expected)
     initial = initial_adapter(cfg).wire
     assert any(not torch.equal(state[k], initial[k]) for k in initial), "training changed the global adapter"
+
+
+def test_sites_of_a_partition_column_keep_their_names_on_the_console_in_the_summary_and_the_audit_log(
+        tmp_path, capsys):
+    from fedpeft.composition import load_toml
+
+    hospitals = ["clinic-b", "clinic-a", "clinic-c"]
+    rows = "".join(f"ticket {i} about {'ab'[i % 2]},{'ab'[i % 2]},{hospitals[i % 3]}\n" for i in range(60))
+    (tmp_path / "rows.csv").write_text("text,label,hospital\n" + rows)
+    (tmp_path / "run.toml").write_text(
+        '[model]\nname = "tiny-llama"\nmax_length = 16\n[federation]\nrounds = 1\nmin_sites = 3\n'
+        '[data]\nsource = "rows.csv"\npartitioner = "column"\npartition_column = "hospital"\n'
+        f'[run]\nname = "named"\nout_dir = "{tmp_path}"\n')
+    cfg = load_toml(tmp_path / "run.toml")  # three sites: the column's values, none given by hand
+    result = simulate(cfg)
+    names = {"0": "clinic-a", "1": "clinic-b", "2": "clinic-c"}
+    assert result.summary["site_names"] == names
+    console = capsys.readouterr().out
+    assert "clinic-a=" in console and "clinic-c=" in console and " s0=" not in console, console[-2000:]
+    start = json.loads((result.run_dir / "audit" / "coordinator.jsonl").read_text().splitlines()[0])
+    assert start["kind"] == "run-start" and start["data"]["site_names"] == names, start.keys()
