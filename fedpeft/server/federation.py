@@ -58,6 +58,7 @@ from fedpeft.server.initial import InitialAdapter
 from fedpeft.server.pipeline import AggregationPipeline
 from fedpeft.server.progress import ConsoleProgress
 from fedpeft.server.round_audit import round_audit_record
+from fedpeft.server.waiting import wait_for_sites
 from fedpeft.strategies import build_rule
 
 BUDGET_RULE = PrivacyBudgetExceeded.default_rule  # a refusal that no later round of the run can lift
@@ -194,17 +195,7 @@ class Federation:
         return self.identities.known.get(int(node)) if node.isdigit() else None
 
     def wait_for_sites(self) -> list[int]:
-        wanted, deadline = self.cfg.federation.num_sites, time.monotonic() + self.timeout
-        with self.progress.stage(f"waiting for {wanted} sites to connect"):
-            while True:
-                nodes = sorted(self.grid.get_node_ids())
-                if len(nodes) >= wanted or time.monotonic() > deadline:
-                    break
-                time.sleep(0.5)
-        if len(nodes) < self.cfg.federation.min_sites:
-            raise FederationError(f"only {len(nodes)} sites connected within {self.timeout:.0f} s; "
-                                  f"federation.min_sites = {self.cfg.federation.min_sites}")
-        return nodes
+        return wait_for_sites(self.grid, self.cfg.federation, timeout=self.timeout, progress=self.progress)
 
     def sample(self, nodes: list[int], server_round: int) -> list[int]:
         count = max(self.cfg.federation.min_sites, round(self.cfg.federation.fraction_train * len(nodes)))
