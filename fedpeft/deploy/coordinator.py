@@ -27,6 +27,7 @@ from fedpeft.deploy.processes import (
     stop,
     tail,
 )
+from fedpeft.deploy.site_keys import check_no_site_private_keys
 from fedpeft.deploy.superlink import GUARD_ANNOUNCEMENT
 from fedpeft.errors import DeployError
 from fedpeft.io.atomic import complete_lines, write_json_atomic
@@ -72,7 +73,8 @@ class Coordinator:
         missing = [name for name in wanted if name not in available]
         if missing or not wanted:
             raise DeployError(f"no site bundle with a node.pub for {missing or 'any site'} under {sites_dir}; "
-                              "create sites with `fedpeft pki add-site NAME --dir ... --coordinator ...`")
+                              "register each site from the public keys it made with `fedpeft pki add-site NAME "
+                              "--dir ... --coordinator ... --public-key node.pub --audit-public-key audit.pub`")
         return {name: sites_dir / name / "node.pub" for name in wanted}
 
     def write_flower_config(self, control_host: str) -> None:
@@ -191,6 +193,7 @@ class Coordinator:
     # -- the whole job -------------------------------------------------------------------------------------------
     def run(self, poll_seconds: float = 2.0) -> str:
         """Start, register, submit, follow; returns the run's final Flower status (e.g. 'finished:completed')."""
+        check_no_site_private_keys(self.s.pki_dir)  # before anything starts: a site's private keys are not ours
         self.s.state_dir.mkdir(parents=True, exist_ok=True)
         control_host = self.control_host()
         self.write_flower_config(control_host)

@@ -25,6 +25,9 @@ if TYPE_CHECKING:
 
 PKI_FIX = "re-issue it with `fedpeft pki init`"
 BUNDLE_FIX = "ask the coordinator's operators for a new bundle (`fedpeft pki add-site`)"
+# The node key is born at the site: a new one is made there and only its public half is registered.
+NODE_KEY_FIX = ("ask the coordinator's operators to register a new key: make it here with `fedpeft client keygen "
+                "--out DIR --force` and send them node.pub (they run `fedpeft pki add-site` or `rotate-site`)")
 ADDRESS_FIX = "write it as host:port, e.g. coordinator.example.org:9092 (IPv6 in brackets: [2001:db8::1]:9092)"
 DATA_FIX = "set data_path in site.toml to this site's .csv or .jsonl data file"
 _TIME = "%Y-%m-%d %H:%M:%S UTC"
@@ -168,21 +171,21 @@ def check_node_key(key_path: str | Path) -> str:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    file = check_readable_file(key_path, "site node key", BUNDLE_FIX)
+    file = check_readable_file(key_path, "site node key", NODE_KEY_FIX)
     check_private_mode(file, "site node key")
     data = file.read_bytes()
     try:
         key = serialization.load_ssh_private_key(data, password=None)
     except TypeError as err:
         raise DeployError(f"site node key '{key_path}' is protected by a password, but flower-supernode needs an "
-                          f"unencrypted key; {BUNDLE_FIX}") from err
+                          f"unencrypted key; {NODE_KEY_FIX}") from err
     except (ValueError, UnsupportedAlgorithm) as err:
         raise DeployError(f"site node key '{key_path}' is not an OpenSSH private key ({_first_line(data)}); "
-                          f"{BUNDLE_FIX}") from err
+                          f"{NODE_KEY_FIX}") from err
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         kind = type(key).__name__.lstrip("_").removesuffix("PrivateKey")
         raise DeployError(f"site node key '{key_path}' is a {kind} key, but Flower's node authentication needs an "
-                          f"EC key (fedpeft issues NIST P-384); {BUNDLE_FIX}")
+                          f"EC key (fedpeft issues NIST P-384); {NODE_KEY_FIX}")
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     return public.decode("ascii")
 

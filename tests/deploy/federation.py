@@ -1,10 +1,14 @@
-"""A real deployment on 127.0.0.1 for tests: PKI by fedpeft's own code, a coordinator and site agents as processes."""
+"""A real deployment on 127.0.0.1 for tests: PKI by fedpeft's own code, a coordinator and site agents as processes.
+
+Keys are born at the site, as in a real federation: each site's key pairs are made by `fedpeft client keygen`'s code
+in a directory of the site's own, and the coordinator registers only the public keys."""
 
 from __future__ import annotations
 
 import csv
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -13,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedpeft.data.synthetic import SUPPORT_LABELS, make_support_tickets
-from fedpeft.deploy.pki import add_site, init_pki
+from fedpeft.deploy.pki import add_site, init_pki, site_keygen
+from fedpeft.deploy.site_keys import AUDIT_KEY, AUDIT_PUB, NODE_KEY, NODE_PUB, SitePublicKeys
 
 RUN_NAME = "deployed"
 
@@ -116,13 +121,33 @@ out_dir = "{out}"
 """
 
 
+def site_keys(directory: Path) -> SitePublicKeys:
+    """A site's own key pairs, made at the site (`fedpeft client keygen --out DIRECTORY`); the public keys it sends."""
+    made = site_keygen(directory)
+    return SitePublicKeys(made.directory / NODE_PUB, made.directory / AUDIT_PUB)
+
+
+def _point_at_keys(site_toml: Path, key_dir: Path) -> None:
+    """site.toml names the site's private keys where the site keeps them (outside the coordinator's PKI folder)."""
+    text = site_toml.read_text()
+    for option, file in (("node_key", NODE_KEY), ("audit_key", AUDIT_KEY)):
+        text = text.replace(f'{option} = "{file}"', f"{option} = {json.dumps(str(key_dir.resolve() / file))}")
+    site_toml.write_text(text)
+
+
 def build(root: Path, sites: tuple[str, ...] = ("a", "b", "c"), examples_per_site: int = 96) -> Deployment:
-    """PKI, one data file per site (its own file, in its bundle) and the run config."""
+    """PKI, one data file per site (its own file, in its bundle) and the run config.
+
+    One machine plays every part: each site runs from the coordinator's copy of its bundle (<pki>/sites/<name>, where
+    the tests read its ledger and logs), while its private keys stay in <root>/site-keys/<name>, named by absolute
+    path in its site.toml, so the PKI folder holds no site private key and `fedpeft server` starts."""
     port = free_port()
     init_pki(root / "pki", ["127.0.0.1", "localhost"])
     data = make_support_tickets(examples_per_site * len(sites), seed=3)
     for number, name in enumerate(sites):
-        bundle = add_site(root / "pki", name, f"127.0.0.1:{port}").directory
+        key_dir = root / "site-keys" / name
+        bundle = add_site(root / "pki", name, f"127.0.0.1:{port}", site_keys(key_dir)).directory
+        _point_at_keys(bundle / "site.toml", key_dir)
         rows = range(number, len(data.texts), len(sites))
         with (bundle / "data.csv").open("w", newline="") as handle:
             writer = csv.writer(handle)
@@ -138,9 +163,14 @@ def build(root: Path, sites: tuple[str, ...] = ("a", "b", "c"), examples_per_sit
 
 
 def site_bundle(tmp_path: Path, coordinator: str) -> Path:
-    """A PKI with one site, ``hospital-a``, whose bundle holds a two-row data file its site.toml points at."""
+    """A PKI with one site, ``hospital-a``, and that site's own directory as its IT team sets it up: its keys made
+    there by keygen, the bundle's ca.pem, site.toml and policy.toml copied in, and a two-row data file site.toml
+    points at. Returns the site's directory (not the coordinator's copy of the bundle)."""
     pki = init_pki(tmp_path / "pki", ["127.0.0.1"])
-    site = add_site(pki, "hospital-a", coordinator).directory
+    site = tmp_path / "hospital-a"
+    bundle = add_site(pki, "hospital-a", coordinator, site_keys(site)).directory
+    for file in ("ca.pem", "site.toml", "policy.toml"):  # what the coordinator's operators send back
+        shutil.copy(bundle / file, site / file)
     (site / "data.csv").write_text("text,label\nchest pain,urgent\nrepeat prescription,routine\n")
     config = site / "site.toml"
     config.write_text(config.read_text().replace('"/path/to/local/data.csv"', '"data.csv"'))
