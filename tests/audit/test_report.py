@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from fedpeft.audit.keys import generate_key
+from fedpeft.audit.keys import generate_key, load_public_key
 from fedpeft.audit.log import AuditLog
 from fedpeft.audit.report import render_report
 from fedpeft.errors import AuditError
 
 pytestmark = pytest.mark.slow
 
-SECTIONS = ("summary", "participation", "epsilon", "metrics", "lineage", "verification")
+SECTIONS = ("summary", "participation", "uploads", "epsilon", "metrics", "lineage", "verification", "glossary")
 PNG = b"\x89PNG"
 
 
@@ -96,7 +96,7 @@ def _check_participation(dom: Dom, rounds: dict[int, dict]) -> None:
     assert [c["text"].split()[-1] for c in head[1:]] == [str(r) for r in sorted(rounds)]
     assert len(body) == 3, "one row per site"
     for row in body:
-        site = row[0]["text"]
+        site = row[0]["title"].removeprefix("site index ")  # the cell shows the site's name (or "site N")
         for cell, server_round in zip(row[1:], sorted(rounds), strict=True):
             assert cell["text"] == _expected_state(rounds[server_round], site), (site, server_round)
             assert cell["class"] == cell["text"].replace(" ", "-")
@@ -110,7 +110,7 @@ def test_the_html_report_matches_the_log(run_dir, tmp_path):
     text = out.read_text()
     dom = Dom(text)
     assert dom.sections == list(SECTIONS)
-    assert "ok" in dom.banner_class and "intact" in dom.banner
+    assert "unchecked" in dom.banner_class and "authorship not checked for: the coordinator's log" in dom.banner
     _check_participation(dom, _rounds(_coordinator(run_dir)))
     assert {img["alt"] for img in dom.images} == {"epsilon per site", "accuracy by round"}
     for img in dom.images:
@@ -121,6 +121,9 @@ def test_the_html_report_matches_the_log(run_dir, tmp_path):
     end = json.loads(_coordinator(run_dir).read_text().splitlines()[-1])["data"]
     assert end["final_adapter_sha256"] in text and "equals the last round" in text
     assert "audited" in text and "tiny-llama" in text and "fedavg" in text
+    keyed = Dom(render_report(_coordinator(run_dir), tmp_path / "keyed.html",
+                              public_key=load_public_key(run_dir / "audit" / "coordinator.pub")).read_text())
+    assert "ok" in keyed.banner_class.split() and "intact" in keyed.banner, "green: verified under the given key"
 
 
 def test_the_markdown_report_has_the_same_content(run_dir, tmp_path):
@@ -129,7 +132,7 @@ def test_the_markdown_report_has_the_same_content(run_dir, tmp_path):
     for section in SECTIONS:
         assert f'<a id="{section}"></a>' in text
     rounds = _rounds(_coordinator(run_dir))
-    participation = text.split('<a id="participation">')[1].split('<a id="epsilon">')[0]
+    participation = text.split('<a id="participation">')[1].split('<a id="uploads">')[0]
     rows = [line for line in participation.splitlines() if line.startswith("| ") and "round" not in line]
     assert len(rows) == 3
     assert sum(line.count("| trained ") for line in rows) == sum(len(d["sites_returned"]) for d in rounds.values())
@@ -176,7 +179,8 @@ def test_strings_from_the_log_are_escaped_and_every_state_is_shown(tmp_path):
     text = render_report(log.path, tmp_path / "r.html").read_text()
     assert "<script>" not in text and "&lt;script&gt;" in text
     dom = Dom(text)
-    states = {(row[0]["text"], i): c for row in dom.rows[1:] for i, c in enumerate(row[1:], start=1)}
+    states = {(row[0]["title"].removeprefix("site index "), i): c for row in dom.rows[1:]
+              for i, c in enumerate(row[1:], start=1)}
     assert [states[(s, 1)]["text"] for s in "abc"] == ["trained", "refused", "dropped"]
     assert states[("b", 1)]["title"] == f"no-{evil}", "the refused cell's title names the rule"
     assert [states[(s, 2)]["text"] for s in "abc"] == ["sampled", "not sampled", "not sampled"]
