@@ -201,27 +201,37 @@ def _pki_parser(sub: argparse._SubParsersAction) -> None:
     init.add_argument("--dir", required=True, help="PKI directory to create (keep it with the coordinator)")
     init.add_argument("--host", action="append", default=[], required=True,
                       help="a host name or IP the coordinator serves (repeatable)")
-    site = pki.add_parser("add-site", help="create a site's node key pair and the bundle for its IT team")
+    site = pki.add_parser("add-site", help="register a site from the public keys it made (`fedpeft client keygen`) "
+                                           "and write the bundle for its IT team (no private key)")
     site.add_argument("name", help="the site's name (letters, digits, '.', '_', '-')")
     site.add_argument("--dir", required=True, help="the PKI directory made by `fedpeft pki init`")
     site.add_argument("--coordinator", required=True, help="host:port the site's agent dials out to")
-    rotate = pki.add_parser("rotate-site", help="give a site a new node key (the coordinator swaps it at its next "
-                                                "start)")
+    _site_key_arguments(site, "the site's node.pub (from `fedpeft client keygen` at the site)")
+    rotate = pki.add_parser("rotate-site", help="register a site's new node key (the coordinator swaps it at its "
+                                                "next start)")
     rotate.add_argument("name")
     rotate.add_argument("--dir", required=True, help="the PKI directory")
+    _site_key_arguments(rotate, "the site's new node.pub (`fedpeft client keygen --node-key-only --force`)")
     remove = pki.add_parser("remove-site", help="take a site out of the federation (the coordinator unregisters "
                                                 "its key at its next start)")
     remove.add_argument("name")
     remove.add_argument("--dir", required=True, help="the PKI directory")
 
 
+def _site_key_arguments(p: argparse.ArgumentParser, node_help: str) -> None:
+    # No option makes the coordinator generate a site's keys: whoever holds a site's audit.key can forge its log.
+    p.add_argument("--public-key", metavar="NODE_PUB", help=node_help + " (required)")
+    p.add_argument("--audit-public-key", metavar="AUDIT_PUB",
+                   help="the site's audit.pub (required for add-site; with rotate-site: only for a new audit key)")
+
+
 def _cmd_pki(args: argparse.Namespace) -> int:
-    from fedpeft.deploy.pki import add_site, init_pki, remove_site, rotate_site
+    from fedpeft.deploy.pki import init_pki, remove_site
 
     if args.pki_command == "rotate-site":
-        bundle = rotate_site(args.dir, args.name)
-        print(f"site '{args.name}': new node key in {bundle.directory} (old pair kept as *.retired-*); hand node.key "
-              "to the site's IT team and restart `fedpeft server` to swap the registered key")
+        _pki_rotate(args)
+    elif args.pki_command == "add-site":
+        _pki_add_site(args)
     elif args.pki_command == "remove-site":
         moved = remove_site(args.dir, args.name)
         print(f"site '{args.name}' removed (bundle moved to {moved}); `fedpeft server` unregisters its key at its "
@@ -230,11 +240,49 @@ def _cmd_pki(args: argparse.Namespace) -> int:
         directory = init_pki(args.dir, args.host)
         print(f"created the CA and the coordinator certificate for {', '.join(args.host)} in {directory} "
               "(private keys: ca.key, server.key, mode 0600)")
-    else:
-        bundle = add_site(args.dir, args.name, args.coordinator)
-        print(f"site '{args.name}': bundle in {bundle.directory}; register its public key {bundle.public_key} "
-              "with the coordinator (see docs/deployment.md)")
     return 0
+
+
+def _pki_add_site(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from fedpeft.deploy.pki import add_site, check_new_site
+    from fedpeft.deploy.site_keys import KEYGEN_FIX, SitePublicKeys, node_fingerprint
+
+    check_new_site(args.dir, args.name, args.coordinator)  # the name and address first, as without keys
+    missing = [option for option, value in (("--public-key", args.public_key),
+                                            ("--audit-public-key", args.audit_public_key)) if not value]
+    if missing:
+        raise FedpeftError(f"pki add-site {args.name}: {' and '.join(missing)} missing; {KEYGEN_FIX}, and you pass "
+                           "them: --public-key node.pub --audit-public-key audit.pub")
+    bundle = add_site(args.dir, args.name, args.coordinator,
+                      SitePublicKeys(Path(args.public_key), Path(args.audit_public_key)))
+    node_line = bundle.public_key.read_text(encoding="ascii").strip()
+    print(f"site '{args.name}' registered from its public keys (node key {node_fingerprint(node_line)}; compare "
+          f"with what the site's keygen printed). Send these files of {bundle.directory} back to the site: ca.pem, "
+          "site.toml, policy.toml. No private key is in them, and none is needed: the site has its own. "
+          "policy.toml requires DP (require_dp = true): the run config must set privacy.dp = true, or this "
+          "site refuses every round. `fedpeft server` registers the key at its next start.")
+
+
+def _pki_rotate(args: argparse.Namespace) -> None:
+    from fedpeft.deploy.pki import existing_bundle, rotate_site
+    from fedpeft.deploy.site_keys import find_site_private_keys, node_fingerprint
+
+    existing_bundle(args.dir, args.name)  # an unknown site is named first
+    if not args.public_key:
+        raise FedpeftError(f"pki rotate-site {args.name}: --public-key missing; the site makes its new key with "
+                           "`fedpeft client keygen --out DIR --node-key-only --force` and sends node.pub")
+    bundle = rotate_site(args.dir, args.name, args.public_key, args.audit_public_key)
+    node_line = bundle.public_key.read_text(encoding="ascii").strip()
+    what = "node and audit public keys" if args.audit_public_key else "node public key"
+    print(f"site '{args.name}': new {what} registered in {bundle.directory} (node key {node_fingerprint(node_line)}; "
+          "old files kept as *.retired-*); restart `fedpeft server` to swap the registered key")
+    left = [path for path in find_site_private_keys(args.dir) if bundle.directory in path.parents]
+    if left:
+        print(f"fedpeft: warning: private keys of site '{args.name}' are still in {bundle.directory} "
+              f"({', '.join(p.name for p in left)}); delete them: `fedpeft server` will not start while they are "
+              "there", file=sys.stderr)
 
 
 def _server_parser(sub: argparse._SubParsersAction) -> None:
@@ -262,7 +310,9 @@ def _cmd_server(args: argparse.Namespace) -> int:
 
     from fedpeft.deploy.coordinator import Coordinator, CoordinatorSettings
     from fedpeft.deploy.preflight import check_audit_key
+    from fedpeft.deploy.site_keys import check_no_site_private_keys
 
+    check_no_site_private_keys(args.pki)  # first: nothing starts while the coordinator holds a site's private key
     cfg = _load_config(args.config, _parse_overrides(args.overrides))
     _warn(cfg)
     cfg = replace(cfg, run=replace(cfg.run, out_dir=str(Path(cfg.run.out_dir).expanduser().resolve())))
@@ -284,8 +334,20 @@ def _cmd_server(args: argparse.Namespace) -> int:
 def _client_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("client", help="run a site's agent: it dials out to the coordinator and trains locally",
                        description="Start this site's agent with the settings of its site.toml (from the bundle "
-                                   "of `fedpeft pki add-site`).")
-    p.add_argument("--site-config", required=True, help="the site's site.toml")
+                                   "of `fedpeft pki add-site`); `fedpeft client keygen` makes the site's keys.")
+    client = p.add_subparsers(dest="client_command")  # optional: `fedpeft client --site-config ...` runs the agent
+    keygen = client.add_parser("keygen", help="make this site's node and audit key pairs (run at the site)",
+                               description="Make the site's node key pair (Flower node authentication) and audit "
+                                           "key pair (signs the site's audit log). Send only node.pub and "
+                                           "audit.pub to the coordinator's operators; the .key files never leave "
+                                           "the site.")
+    keygen.add_argument("--out", required=True, help="directory for the keys: the site's bundle directory (site.toml "
+                                                     "names node.key and audit.key beside it) or a key directory")
+    keygen.add_argument("--force", action="store_true",
+                        help="make new keys even if some exist (the old files are kept as *.retired-<time>)")
+    keygen.add_argument("--node-key-only", action="store_true",
+                        help="only a new node key pair (a rotation); keep the audit key that signs the existing log")
+    p.add_argument("--site-config", help="the site's site.toml (required to run or --check the agent)")
     p.add_argument("--check", action="store_true",
                    help="only check the files, the keys (mode 0600), the policy and the connection to the "
                         "coordinator, then exit")
@@ -297,6 +359,11 @@ def _client_parser(sub: argparse._SubParsersAction) -> None:
 def _cmd_client(args: argparse.Namespace) -> int:
     from fedpeft.deploy.agent import check_site, load_site_settings, run_agent
 
+    if args.client_command == "keygen":
+        return _client_keygen(args)
+    if not args.site_config:
+        raise FedpeftError("give the site's settings: fedpeft client --site-config site.toml [--check]; to make the "
+                           "site's keys first: fedpeft client keygen --out DIR")
     site = load_site_settings(args.site_config)
     if args.check:
         check_site(site)
@@ -304,6 +371,34 @@ def _cmd_client(args: argparse.Namespace) -> int:
               "are in order")
         return 0
     return run_agent(site, attempts=args.attempts)
+
+
+def _client_keygen(args: argparse.Namespace) -> int:
+    from fedpeft.audit.keys import key_id, load_public_key
+    from fedpeft.deploy.pki import site_keygen
+    from fedpeft.deploy.site_keys import AUDIT_PUB, NODE_PUB, node_fingerprint
+
+    made = site_keygen(args.out, force=args.force, node_only=args.node_key_only)
+    out = made.directory
+    for path in made.retired:
+        print(f"kept the old {path.name.split('.retired-')[0]} as {path}")
+    print(f"site keys made in {out}")
+    for path in made.private:
+        print(f"  {path}  private (mode 0600): NEVER send it to anyone, the coordinator included; back it up")
+    print("Send these public keys to the coordinator's operators (e-mail is fine), and read them the fingerprints "
+          "over the phone so they know the files are yours:")
+    node_line = (out / NODE_PUB).read_text(encoding="ascii").strip()
+    print(f"  {out / NODE_PUB}  node key {node_fingerprint(node_line)}")
+    if not args.node_key_only:
+        audit = load_public_key(out / AUDIT_PUB)
+        print(f"  {out / AUDIT_PUB}  audit key id {key_id(audit)} (also give it to your auditors)")
+        print("The coordinator runs `fedpeft pki add-site NAME --public-key node.pub --audit-public-key audit.pub` "
+              "and sends back ca.pem, site.toml and policy.toml: put them in this directory (site.toml's node_key "
+              "and audit_key name the keys here), then run `fedpeft client --site-config site.toml --check`.")
+    else:
+        print("The coordinator runs `fedpeft pki rotate-site NAME --public-key node.pub` and restarts `fedpeft "
+              "server`; then restart this site's agent.")
+    return 0
 
 
 def _audit_parser(sub: argparse._SubParsersAction) -> None:
@@ -323,7 +418,9 @@ def _audit_parser(sub: argparse._SubParsersAction) -> None:
     report.add_argument("--out", required=True, help="file to write (report.html or report.md)")
     report.add_argument("--format", choices=("html", "md"), default="html")
     report.add_argument("--pubkey", help="the coordinator's trusted public key")
-    report.add_argument("--site-log", action="append", default=[], help="a site's log to cross-check (repeatable)")
+    report.add_argument("--site-log", action="append", default=[], metavar="SITE_LOG[:SITE_PUBKEY]",
+                        help="a site's log to verify and cross-check, with the site's own trusted public key after a "
+                             "colon (its audit .pub file, or base64) to check the log's authorship (repeatable)")
 
 
 def _public_key(value: str | None, option: str) -> str | None:
@@ -425,28 +522,36 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     return 0 if verification.intact else 1
 
 
+def _site_log_and_key(value: str) -> tuple[str, str | None]:
+    """``SITE_LOG`` or ``SITE_LOG:SITE_PUBKEY``: a base64 key has no colon, so the last colon splits them; a log
+    whose own path holds a colon is taken whole when it exists."""
+    from pathlib import Path
+
+    path, colon, key = value.rpartition(":")
+    if not colon or not path or not key or Path(value).expanduser().exists():
+        return _audit_log(value, "site audit log (--site-log)"), None
+    return (_audit_log(path, "site audit log (--site-log)"),
+            _public_key(key, f"the key in --site-log '{value}' (after the colon)"))
+
+
 def _audit_report(args: argparse.Namespace) -> int:
-    """Write the report whatever the log's state (it shows the damage), and exit 1 unless the log is intact and
-    every site log given cross-checks: a report of a damaged log is evidence, not a clean bill."""
-    from fedpeft.audit.report import render_report
-    from fedpeft.audit.verify import verify_log
+    """Write the report whatever the logs' state (it shows the damage), and exit 1 unless the coordinator's log is
+    intact and every site log given verifies and cross-checks: a report of a damaged log is evidence, not a clean
+    bill. Logs whose authorship no given key checked are named on stderr (exit 0: the chain is intact)."""
+    from pathlib import Path
+
+    from fedpeft.audit.report import SiteLog, write_report
 
     log, key = _audit_log(args.log, "coordinator audit log"), _public_key(args.pubkey, "--pubkey")
-    site_logs = [_audit_log(site, "site audit log (--site-log)") for site in args.site_log]
-    out = render_report(log, _report_out(args.out), fmt=args.format, public_key=key, site_logs=site_logs)
-    problems = []
-    verification = verify_log(log, key)
-    if not verification.intact:
-        problems.append(verification.summary())
-    if site_logs:
-        from fedpeft.audit.crosscheck import cross_check
-
-        problems += [check.summary() for check in (cross_check(site, log, server_key=key) for site in site_logs)
-                     if not check.ok]
-    print(f"report written to {out}")
-    for problem in problems:
+    site_logs = [SiteLog(Path(path), site_key) for path, site_key in map(_site_log_and_key, args.site_log)]
+    report = write_report(log, _report_out(args.out), fmt=args.format, public_key=key, site_logs=site_logs)
+    print(f"report written to {report.path}")
+    for problem in report.verdict.problems:
         print(f"fedpeft: audit report: {problem}", file=sys.stderr)
-    return 1 if problems else 0
+    if report.verdict.unchecked and not report.verdict.problems:
+        print(f"fedpeft: audit report: chain intact, authorship not checked for: "
+              f"{'; '.join(report.verdict.unchecked)}", file=sys.stderr)
+    return 1 if report.verdict.problems else 0
 
 
 def _load_config(path: str | None, overrides: dict[str, object]):
@@ -458,8 +563,18 @@ def _load_config(path: str | None, overrides: dict[str, object]):
     return from_mapping(unflatten(overrides), origin="command line") if overrides else RunConfig()
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"fedpeft {version('fedpeft')}"
+    except PackageNotFoundError:  # imported from a source tree that was never installed
+        return "fedpeft (version unknown: not installed; install it with pip install -e .)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedpeft", description="Federated parameter-efficient fine-tuning.")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
     _simulate_parser(sub)
     _export_parser(sub)
