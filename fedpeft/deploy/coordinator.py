@@ -149,6 +149,7 @@ class Coordinator:
         never under the index the reply names (``fedpeft.server.collect.SiteIdentities``)."""
         import tomllib
 
+        from fedpeft.runs.site_names import write_site_names
         from fedpeft.server.collect import SITE_NODES_FILE
 
         table = {}
@@ -164,6 +165,8 @@ class Coordinator:
         run_dir = Path(self.s.config.run.out_dir).expanduser() / self.s.config.run.name
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(run_dir / SITE_NODES_FILE, table)
+        names = {node: name for name, node in registered.items()}
+        write_site_names(run_dir, {str(index): names[node] for node, index in table.items()})  # for people to read
 
     def _unregister(self, name: str, entry: dict, why: str) -> None:
         reply = self.flwr("supernode", "unregister", entry["node-id"])

@@ -200,6 +200,9 @@ def test_the_coordinator_writes_the_node_map_from_its_pki(tmp_path):
     coordinator = Coordinator(CoordinatorSettings(pki_dir=tmp_path / "pki", config=cfg, state_dir=tmp_path / "s"))
     coordinator.write_site_nodes({"clinic-a": "123", "clinic-b": "456"})
     assert registered_sites(tmp_path / "runs" / "r") == {123: "4", 456: "7"}
+    from fedpeft.runs.site_names import read_site_names
+
+    assert read_site_names(tmp_path / "runs" / "r") == {"4": "clinic-a", "7": "clinic-b"}, "names for the console"
     (tmp_path / "pki" / "sites" / "clinic-b" / "site.toml").write_text('[site]\nname = "clinic-b"\nindex = 4\n')
     with pytest.raises(DeployError, match="share an index"):
         coordinator.write_site_nodes({"clinic-a": "123", "clinic-b": "456"})
