@@ -38,6 +38,7 @@ NODE_DATA_PATH = "data-path"  # deployment: the site's own data file, read whole
 NODE_AUDIT_LOG = "audit-log"  # deployment: the site's signed audit log
 NODE_AUDIT_KEY = "audit-key"  # deployment: the site's Ed25519 audit key (PEM)
 NODE_BASE_MODEL = "base-model"  # deployment: the site's local copy of the base model (name or directory)
+NODE_WORKER_SOCKET = "worker-socket"  # deployment: the site's warm worker (Unix socket); the ClientApp forwards to it
 
 # Secure aggregation (SecAgg+): message types and keys (ConfigRecord unless noted). Key set-up (two exchanges) runs
 # once per key epoch; a steady-state round is two exchanges: masked input (the TRAIN message), then unmasking.

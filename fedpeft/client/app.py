@@ -8,6 +8,7 @@ from flwr.clientapp import ClientApp
 from fedpeft import wire
 from fedpeft.audit.payload import payload_bytes, payload_digest
 from fedpeft.client.mods import Mod
+from fedpeft.client.proxy import forward_to_worker
 from fedpeft.messaging import Refusal, array_record, as_int, config_record
 
 
@@ -132,4 +133,7 @@ def build_client_app(mods: list[Mod] | None = None) -> ClientApp:
     return client_app
 
 
-app = build_client_app()  # the component that `flwr run` loads ([tool.flwr.app.components] clientapp)
+# The component that `flwr run` loads ([tool.flwr.app.components] clientapp). Outermost, it forwards each message to
+# the site's warm worker when the node config names one (a deployed site: fedpeft.client.proxy); without one it
+# passes the message on to the handlers below, unchanged.
+app = build_client_app([forward_to_worker])

@@ -11,6 +11,7 @@ import itertools
 import queue
 import re
 import shutil
+import sys
 import threading
 import time
 import tomllib
@@ -22,14 +23,21 @@ from typing import Any
 from fedpeft import wire
 from fedpeft.deploy import preflight
 from fedpeft.deploy.preflight import BUNDLE_FIX
-from fedpeft.deploy.processes import flower_executable, runtime_env, start, stop
+from fedpeft.deploy.processes import Supervised, check_port_free, flower_executable, runtime_env, start, stop
 from fedpeft.errors import CoordinatorUnreachable, DeployError
 
 _KEYS = {"name": str, "index": int, "coordinator": str, "root_certificates": str, "node_key": str,
          "data_path": str, "base_model": str, "ledger_path": str, "policy_file": str, "state_dir": str,
          "local_port": int, "audit_log": str, "audit_key": str}
-_OPTIONAL = {"base_model": "", "policy_file": "", "state_dir": "agent-state", "local_port": 9094,
+_OPTIONAL = {"base_model": "", "policy_file": "", "state_dir": "agent-state",
              "audit_log": "audit.jsonl", "audit_key": "audit.key"}
+# The SuperNode's Runtime API port (loopback only). Without local_port in site.toml each site gets its own, 9094 +
+# its index, so that several sites' agents on one host (a test bed, a shared server) do not collide.
+DEFAULT_LOCAL_PORT = 9094
+WORKER_READY_TIMEOUT = 600.0  # seconds for the warm worker to import torch and fedpeft on a busy machine
+# Flower's SuperExec polls its SuperNode for each message's ClientApp task every 1 s by default; with the model in
+# the warm worker that wait is a visible part of each of a round's 2-4 exchanges, and a local poll costs nothing.
+_FLOWER_ENV = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}
 _ACTIVATION_FAILED = "Failed to activate SuperNode"
 # A traceback through flower-supernode's own entry point: its main thread died. The process may linger (a server
 # thread keeps it alive) while it does nothing, so the agent stops it and reports (e.g. `flower-superexec` missing).
@@ -46,6 +54,8 @@ _DIAGNOSES = (
     (_ACTIVATION_FAILED, "the coordinator does not accept this site's node key (not registered, or "
                                      "removed from the federation); ask its operators to register node.pub"),
     ("Unable to parse the private key", "node_key is not a key Flower can use; " + BUNDLE_FIX),
+    ("address already in use", "the SuperNode's local port ([site] local_port in site.toml) is taken, e.g. by "
+                               "another site's agent on this host; give each site its own local_port"),
 )
 
 
@@ -77,6 +87,8 @@ def load_site_settings(path: str | Path) -> SiteSettings:
     if not isinstance(table, dict):
         raise DeployError(f"site config '{path}' has no [site] table; start from the site.toml of the bundle")
     values = {**_OPTIONAL, **table}
+    if "local_port" not in values and isinstance(values.get("index"), int):
+        values["local_port"] = DEFAULT_LOCAL_PORT + values["index"]
     for key, kind in _KEYS.items():
         if key not in values:
             raise DeployError(f"site config '{path}': [site] {key} is missing; add it (see the bundle's site.toml)")
@@ -116,6 +128,12 @@ def check_site(site: SiteSettings, reach_coordinator: bool = True) -> tuple[str,
         load_policy(site.policy_file)  # raises naming the file and the rule
     if not 1 <= site.local_port <= 65535:
         raise DeployError(f"[site] local_port = {site.local_port} is not a port; use a free port such as 9094")
+    from fedpeft.client.worker import check_socket_path
+
+    try:
+        check_socket_path(worker_socket(site))
+    except ValueError as err:
+        raise DeployError(f"site '{site.name}': {err}") from None
     if reach_coordinator:
         preflight.check_tls_endpoint(host, port, site.root_certificates)
     return host, port
@@ -130,7 +148,57 @@ def node_config(site: SiteSettings) -> str:
         items[wire.NODE_POLICY_FILE] = str(site.policy_file)
     if site.base_model:
         items[wire.NODE_BASE_MODEL] = site.base_model
+    items[wire.NODE_WORKER_SOCKET] = str(worker_socket(site))
     return " ".join(f'{k}={v}' if isinstance(v, int) else f'{k}="{v}"' for k, v in items.items())
+
+
+def worker_socket(site: SiteSettings) -> Path:
+    """The warm worker's Unix socket: in its own 0700 directory of the site's state directory."""
+    return site.state_dir / "worker" / "worker.sock"
+
+
+def worker_command(site: SiteSettings) -> list[str]:
+    return [sys.executable, "-m", "fedpeft.client.worker", "--socket", str(worker_socket(site)), "--site", site.name]
+
+
+def start_worker(site: SiteSettings, echo: Callable[[str], None]) -> Supervised:
+    """The site's warm worker (fedpeft.client.worker), ready to answer: it keeps torch, fedpeft and the base model
+    loaded across Flower's messages, which Flower's one ClientApp process per message would each load again."""
+    from fedpeft.client.proxy import WorkerUnavailable, ping
+    from fedpeft.client.worker import SUMMARY_PREFIX
+
+    def ready() -> bool:
+        try:
+            ping(str(worker_socket(site)))
+            return True
+        except WorkerUnavailable:
+            return False
+
+    log = site.state_dir / "worker.log"
+    echo(f"site '{site.name}': starting its worker (imports torch and fedpeft once; log: {log})")
+    env = runtime_env(site.state_dir / "flwr", _FLOWER_ENV)
+    worker = Supervised("site worker", worker_command(site), log, env, echo=echo, marker=SUMMARY_PREFIX,
+                        cwd=site.state_dir)
+    worker.start(ready, WORKER_READY_TIMEOUT)
+    return worker
+
+
+def check_local_port(site: SiteSettings, wait: float = 0.0) -> None:
+    """DeployError naming the port, the option that sets it and a free one, when the SuperNode could not bind it."""
+    free = next((p for p in range(DEFAULT_LOCAL_PORT, DEFAULT_LOCAL_PORT + 200) if _bindable(p)), None)
+    suggestion = f" (e.g. {free}, free now)" if free is not None else ""
+    check_port_free("127.0.0.1", site.local_port, wait=wait,
+                    fix=f"it is the SuperNode's local port of site '{site.name}': another site's agent on this host "
+                        f"(or another program) holds it. Set [site] local_port in site.toml to a free port"
+                        f"{suggestion}; each site on one host needs its own")
+
+
+def _bindable(port: int) -> bool:
+    try:
+        check_port_free("127.0.0.1", port, wait=0.0)
+        return True
+    except DeployError:
+        return False
 
 
 def supernode_command(site: SiteSettings) -> list[str]:
@@ -166,12 +234,22 @@ def run_agent(site: SiteSettings, echo: Callable[[str], None] = print, attempts:
     yet, is waited out (``attempts`` retries; None: for ever); a wrong CA or key, or a SuperNode that dies, raises
     DeployError with the cause and the SuperNode's last log lines (so a service manager restarts or reports it)."""
     check_site(site, reach_coordinator=False)
-    check_flower_commands(runtime_env(site.state_dir / "flwr"))
+    check_flower_commands(runtime_env(site.state_dir / "flwr", _FLOWER_ENV))
     site.state_dir.mkdir(parents=True, exist_ok=True)
     site.ledger_path.parent.mkdir(parents=True, exist_ok=True)
+    check_local_port(site)
+    worker = start_worker(site, echo)
+    try:
+        return _serve(site, echo, attempts)
+    finally:
+        worker.stop()
+
+
+def _serve(site: SiteSettings, echo: Callable[[str], None], attempts: int | None) -> int:
     echo(f"site '{site.name}': checks passed; connecting to {site.coordinator}; log: {site.state_dir / 'agent.log'}")
     for attempt in itertools.count(1):
         wait_for_coordinator(site, echo, attempts)
+        check_local_port(site, wait=10.0)  # a SuperNode that just ended may hold it a moment longer
         code, output = _run_supernode(site, echo)
         meaning = diagnose(output)
         if code == 0:
@@ -219,8 +297,8 @@ def _run_supernode(site: SiteSettings, echo: Callable[[str], None], *, grace: fl
     would linger), when its main thread dies (``grace`` seconds later, for the rest of the traceback), or when it
     exits while something it started still holds its output open."""
     log_file = site.state_dir / "agent.log"
-    process = start(supernode_command(site), log_file, runtime_env(site.state_dir / "flwr"), cwd=site.state_dir,
-                    pipe=True)
+    process = start(supernode_command(site), log_file, runtime_env(site.state_dir / "flwr", _FLOWER_ENV),
+                    cwd=site.state_dir, pipe=True)
     lines: queue.Queue[str | None] = queue.Queue()
     threading.Thread(target=_pump, args=(process.stdout, lines), daemon=True, name="supernode-output").start()
     recent: list[str] = []

@@ -327,7 +327,8 @@ policy_file = "policy.toml"
 state_dir = "agent-state"            # the agent's working files (installed app, logs)
 audit_log = "audit.jsonl"            # the site's signed record of what left it (fedpeft audit verify)
 audit_key = "audit.key"              # the Ed25519 key that signs it (keygen made it); audit.pub goes to auditors
-local_port = 9094                    # local-only port between the agent's processes; change if taken
+# local_port = 9094                  # loopback port between the agent's processes; default 9094 + index, so that
+                                     # sites on one host do not collide; set it if that one is taken
 """
 
 

@@ -155,7 +155,7 @@ def build(root: Path, sites: tuple[str, ...] = ("a", "b", "c"), examples_per_sit
             writer.writerows((data.texts[i], SUPPORT_LABELS[data.labels[i]]) for i in rows)
         text = (bundle / "site.toml").read_text()
         text = text.replace('data_path = "/path/to/local/data.csv"', 'data_path = "data.csv"')
-        text = text.replace("local_port = 9094", f"local_port = {free_port()}")
+        text = text.replace("# local_port = 9094", f"local_port = {free_port()}")
         (bundle / "site.toml").write_text(text)
     labels = json.dumps(list(SUPPORT_LABELS))
     (root / "run.toml").write_text(RUN_TOML.format(labels=labels, name=RUN_NAME, out=root / "runs"))

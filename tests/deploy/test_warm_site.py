@@ -1,0 +1,121 @@
+"""A site's agent with its warm worker: the worker is started before the SuperNode, restarted when it dies and
+named in the node config; a taken local port is explained before Flower's SuperNode would fail on it."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from flwr.common.config import parse_config_args
+
+from fedpeft import wire
+from fedpeft.client.proxy import WorkerUnavailable, ping
+from fedpeft.deploy.agent import (
+    DEFAULT_LOCAL_PORT,
+    check_site,
+    load_site_settings,
+    node_config,
+    start_worker,
+    worker_socket,
+)
+from fedpeft.errors import DeployError
+from tests.deploy.federation import site_bundle
+
+
+@pytest.fixture
+def bundle(tmp_path):
+    return site_bundle(tmp_path, "127.0.0.1:9092")
+
+
+def test_the_node_config_names_the_workers_socket_in_the_state_dir(bundle):
+    site = load_site_settings(bundle / "site.toml")
+    parsed = parse_config_args([node_config(site)])
+    assert parsed[wire.NODE_WORKER_SOCKET] == str(site.state_dir / "worker" / "worker.sock")
+
+
+def test_without_local_port_each_site_gets_its_own(bundle):
+    config = bundle / "site.toml"
+    text = "\n".join(line for line in config.read_text().splitlines() if not line.startswith("local_port"))
+    config.write_text(text.replace("index = 0", "index = 3"))
+    assert load_site_settings(config).local_port == DEFAULT_LOCAL_PORT + 3
+
+
+def test_a_socket_path_too_long_for_the_kernel_is_refused_naming_state_dir(bundle):
+    config = bundle / "site.toml"
+    config.write_text(config.read_text().replace('state_dir = "agent-state"', f'state_dir = "{"s" * 120}"'))
+    with pytest.raises(DeployError, match="state_dir"):
+        check_site(load_site_settings(config), reach_coordinator=False)
+
+
+def test_a_taken_local_port_is_named_with_the_option_that_sets_it(bundle, tmp_path):
+    """Two sites on one host with the same local_port: the second agent says which port and how to pick another,
+    instead of Flower's bare 'exit code 1'."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        config = bundle / "site.toml"
+        config.write_text(config.read_text().replace("# local_port = 9094", f"local_port = {port}"))
+        agent = subprocess.run([sys.executable, "-m", "fedpeft.cli", "client", "--site-config", str(config),
+                                "--attempts", "0"], capture_output=True, text=True, timeout=120,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    said = agent.stdout + agent.stderr
+    assert agent.returncode == 2, said
+    assert f"port {port} on 127.0.0.1 is in use" in said and "[site] local_port in site.toml" in said
+    assert "free now" in said
+
+
+def test_the_worker_is_restarted_when_it_dies_and_stopped_with_the_agent(bundle):
+    site = load_site_settings(bundle / "site.toml")
+    site.state_dir.mkdir(parents=True, exist_ok=True)
+    said: list[str] = []
+    worker = start_worker(site, said.append)
+    try:
+        path = str(worker_socket(site))
+        first = ping(path)["pid"]
+        os.kill(first, 9)
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                second = ping(path, wait=1.0)["pid"]
+                if second != first:
+                    break
+            except WorkerUnavailable:  # still coming back
+                pass
+            assert time.monotonic() < deadline, f"no new worker; said: {said}"
+            time.sleep(0.5)
+    finally:
+        worker.stop()
+    assert any("ended (exit code -9); starting it again" in line for line in said), said
+    assert not worker_socket(site).exists()
+    assert "listening on" in (site.state_dir / "worker.log").read_text()
+
+
+@pytest.mark.slow
+def test_a_deployed_site_answers_from_one_warm_worker_and_prints_what_left(tmp_path):
+    """A DP + secure run over real agents: every site's console shows, per message, the round, what left and ε, and
+    each site's worker loaded its base model once for all of the run's messages."""
+    from tests.deploy.federation import build
+
+    deployment = build(tmp_path, examples_per_site=48)
+    try:
+        for site in deployment.sites:
+            deployment.start_site(site)
+        deployment.start_coordinator()
+        deployment.wait_for(lambda: deployment.processes["coordinator"].poll() is not None, 600, "the run's end",
+                            coordinator_runs=False)
+        assert deployment.processes["coordinator"].returncode == 0, deployment.output("coordinator")[-3000:]
+        for site in deployment.sites:
+            status = ping(str(load_site_settings(deployment.site_config(site)).state_dir / "worker" / "worker.sock"))
+            assert status["model_loads"] == 1 and status["handled"] >= 6, (site, status)
+            console = deployment.output(site)
+            assert "round 2 train: sent masked update + metrics" in console and "epsilon" in console, console
+    finally:
+        deployment.stop_all()
+    rounds = [json.loads(line) for line in (deployment.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [0, 1, 2] and all(r["sites_returned"] == 3 for r in rounds[1:])
