@@ -12,12 +12,13 @@ from __future__ import annotations
 import tomllib
 import typing
 from collections.abc import Mapping
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
 from fedpeft.config.checks import check_values
 from fedpeft.config.types import (
+    CLASSIFIERS,
     CLIENT_DP_MODES,
     COMPUTE_DTYPES,
     DP_MODES,
@@ -103,9 +104,18 @@ def parse_mapping(nested: Mapping[str, Any], origin: str = "config") -> RunConfi
         if not isinstance(table, Mapping):
             raise ConfigError(f"{origin}: [{name}] must be a table of keys, got {table!r}")
         sections[name] = _build_section(name, SECTIONS[name], table, origin)
-    config = RunConfig(**sections)
+    config = _with_label_words(RunConfig(**sections))
     check_values(config, origin)
     return config
+
+
+def _with_label_words(config: RunConfig) -> RunConfig:
+    """Label words default to the class names of ``data.label_names``; filled in here because the loader builds
+    the classifier from ``[model]`` alone."""
+    model = config.model
+    if model.classifier != "label-words" or model.label_words or not config.data.label_names:
+        return config
+    return replace(config, model=replace(model, label_words=config.data.label_names))
 
 
 def _build_section(name: str, cls: type, table: Mapping[str, Any], origin: str) -> Any:
@@ -150,7 +160,7 @@ def _merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     return merged
 
 
-__all__ = ["CLIENT_DP_MODES", "COMPUTE_DTYPES", "DP_MODES", "FLOWER_ROUNDS_ALIAS", "GRAD_SAMPLE_MODES", "HEAD_MODES",
-           "QUANTIZATIONS", "SECTIONS", "TASKS", "WEIGHTINGS", "DataConfig", "FederationConfig", "ModelConfig",
-           "PeftConfig", "PrivacyConfig", "RunConfig", "RunSection", "SecAggConfig", "StrategyConfig", "TrainConfig",
-           "parse_flat", "parse_mapping", "parse_toml", "resolve_quantization", "unflatten"]
+__all__ = ["CLASSIFIERS", "CLIENT_DP_MODES", "COMPUTE_DTYPES", "DP_MODES", "FLOWER_ROUNDS_ALIAS", "GRAD_SAMPLE_MODES",
+           "HEAD_MODES", "QUANTIZATIONS", "SECTIONS", "TASKS", "WEIGHTINGS", "DataConfig", "FederationConfig",
+           "ModelConfig", "PeftConfig", "PrivacyConfig", "RunConfig", "RunSection", "SecAggConfig", "StrategyConfig",
+           "TrainConfig", "parse_flat", "parse_mapping", "parse_toml", "resolve_quantization", "unflatten"]

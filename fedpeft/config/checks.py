@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from fedpeft.config.types import (
+    CLASSIFIERS,
     CLIENT_DP_MODES,
     COMPUTE_DTYPES,
     DP_MODES,
@@ -39,8 +40,8 @@ def check_rules(rules: list[Rule], origin: str) -> None:
 
 def check_values(cfg: RunConfig, origin: str) -> None:
     """Raise ConfigError for the first value rule the config breaks."""
-    sections = (_model_rules, _peft_rules, _train_rules, _federation_rules, _data_rules, _privacy_rules,
-                _strategy_rules, _secagg_rules, _run_rules)
+    sections = (_model_rules, _classifier_rules, _peft_rules, _train_rules, _federation_rules, _data_rules,
+                _privacy_rules, _strategy_rules, _secagg_rules, _run_rules)
     for rules in sections:
         check_rules(rules(cfg), origin)
 
@@ -49,7 +50,7 @@ def _model_rules(cfg: RunConfig) -> list[Rule]:
     return [
         ("model.task", cfg.model.task, cfg.model.task in TASKS, f"use one of {list(TASKS)}"),
         ("model.name", cfg.model.name, bool(cfg.model.name.strip()),
-         "use a built-in name ('minilm', 'tiny-llama') or a local model directory"),
+         "use a built-in name ('minilm', 'tiny-llama', 'smollm2-135m') or a local model directory"),
         ("model.num_labels", cfg.model.num_labels, cfg.model.num_labels == 0 or cfg.model.num_labels >= 2,
          "use 0 (infer from the data) or the number of classes (at least 2)"),
         ("model.quantization", cfg.model.quantization, cfg.model.quantization in QUANTIZATIONS,
@@ -57,6 +58,38 @@ def _model_rules(cfg: RunConfig) -> list[Rule]:
         ("model.compute_dtype", cfg.model.compute_dtype, cfg.model.compute_dtype in COMPUTE_DTYPES,
          f"use one of {list(COMPUTE_DTYPES)}"),
         ("model.max_length", cfg.model.max_length, cfg.model.max_length >= 8, "use at least 8 tokens (e.g. 64)"),
+    ]
+
+
+def _classifier_rules(cfg: RunConfig) -> list[Rule]:
+    """Label words: a causal LM's own head scores a word per class (fedpeft.models.label_words)."""
+    m = cfg.model
+    if m.classifier != "label-words":
+        return [("model.classifier", m.classifier, m.classifier in CLASSIFIERS, f"use one of {list(CLASSIFIERS)}"),
+                ("model.label_words", ",".join(m.label_words), not m.label_words,
+                 "label words are read only with model.classifier = 'label-words'; set it, or clear them")]
+    words, names = m.label_words, cfg.data.label_names
+    return [
+        ("model.classifier", m.classifier, m.task == "classification",
+         "label words classify; a causal-lm run trains on its responses: leave model.classifier = 'head'"),
+        ("model.classifier", m.classifier, m.name != "minilm",
+         "minilm is an encoder without an LM head; use a decoder ('tiny-llama', 'smollm2-135m' or a local causal "
+         "LM directory), or model.classifier = 'head'"),
+        ("model.prompt_template", m.prompt_template, m.prompt_template.count("{text}") == 1,
+         "put '{text}' exactly once where the text goes, e.g. '{text}\\nAnswer:'"),
+        ("model.prompt_template", m.prompt_template, not m.prompt_template.endswith(" "),
+         "end it without a space (e.g. 'Answer:'): each label word is scored with its own leading space"),
+        ("model.label_words", "", bool(words),
+         "give one word per class in class-id order (model.label_words = ['billing', 'access']), or set "
+         "data.label_names, whose names then serve as the words"),
+        ("model.label_words", ",".join(words), all(w.strip() and "," not in w for w in words)
+         and len(set(words)) == len(words), "give each class its own non-empty word, without commas"),
+        ("model.label_words", ",".join(words), not names or len(words) == len(names),
+         f"give one word per class of data.label_names ({len(names)} classes), in the same order"),
+        ("model.label_words", ",".join(words), m.num_labels in (0, len(words)),
+         f"give one word per class: model.num_labels is {m.num_labels}"),
+        ("peft.head", cfg.peft.head, cfg.peft.head == "aggregate",
+         "label words have no head to keep local; use peft.head = 'aggregate' (only the adapter travels)"),
     ]
 
 

@@ -12,6 +12,7 @@ from typing import Any
 TASKS = ("classification", "causal-lm")
 QUANTIZATIONS = ("auto", "none", "nf4", "fp4", "int8")
 COMPUTE_DTYPES = ("fp32", "bf16")
+CLASSIFIERS = ("head", "label-words")  # classification: a new trained head, or label words scored on the LM head
 # Methods, aggregation rules, accountants and partitioners are registered classes above this layer; their choice
 # lists come from those registries (fedpeft.composition checks them).
 HEAD_MODES = ("aggregate", "local")
@@ -24,7 +25,7 @@ SITE_METRICS = ("exact", "coarse", "none")  # how a site's reply metrics leave i
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "minilm"  # a built-in name ("minilm", "tiny-llama") or a local Hugging Face model directory
+    name: str = "minilm"  # a built-in name ("minilm", "tiny-llama", "smollm2-135m") or a local HF model directory
     task: str = "classification"
     max_length: int = 64
     num_labels: int = 0  # classification classes; 0: infer from the data (possible wherever the data is readable)
@@ -32,6 +33,13 @@ class ModelConfig:
     double_quant: bool = True  # 4-bit only: quantize the quantization constants too (QLoRA)
     compute_dtype: str = "bf16"  # dtype of the quantized matmuls and the unquantized base parts: bf16 | fp32
     gradient_checkpointing: bool = False
+    # Classification: "head" (a new head on the base) or "label-words" (a causal LM scores each class's word after
+    # the prompt on its own LM head: fedpeft.models.label_words). In [model], not [data]: the loader builds the
+    # classifier from this section alone, and sites cache the base by it.
+    classifier: str = "head"
+    prompt_template: str = "{text}\nAnswer:"  # label-words: the prompt; "{text}" is replaced by the text
+    label_words: tuple[str, ...] = ()  # label-words: one word per class in id order, each scored after a space;
+    # empty: data.label_names (filled in when the config is parsed)
 
 
 @dataclass(frozen=True)
@@ -196,9 +204,10 @@ class RunConfig:
 
 
 def resolve_quantization(cfg: ModelConfig) -> str:
-    """``auto``: a causal LM's base in NF4 (the mission's 4-bit base), an encoder classifier unquantized."""
+    """``auto``: a causal LM's base in NF4 (the mission's 4-bit base; also when it classifies through label words),
+    an encoder classifier unquantized."""
     if cfg.quantization == "auto":
-        return "nf4" if cfg.task == "causal-lm" else "none"
+        return "nf4" if cfg.task == "causal-lm" or cfg.classifier == "label-words" else "none"
     return cfg.quantization
 
 

@@ -45,6 +45,8 @@ class FederatedMethod:
     bookkeeping: ClassVar[tuple[str, ...]] = ()  # upload tensors that are public bookkeeping, not the update
     distributed_dp: ClassVar[bool] = False  # gives per-example clipped gradients (``gradient_rows``) for
     # privacy.dp_mode = "distributed"
+    label_words: ClassVar[bool] = True  # can classify through label words (model.classifier = "label-words"):
+    # it adapts the LM and leaves its forward pass (input ids in, LM-head logits out) as it is
 
     def __init__(self, peft: PeftConfig, *, task: str, rounds: int = 1) -> None:
         self.peft, self.task, self.rounds = peft, task, rounds
@@ -70,7 +72,14 @@ class FederatedMethod:
              f"DP-SGD (Opacus) fails on {method} with a classification head; with privacy.dp use 'prefix-tuning', "
              "'p-tuning-v2' or 'lora' for classification (prompt methods work with DP for causal-lm)"),
             *self.dp_rules(cfg),
+            self.label_words_rule(cfg),
         ]
+
+    def label_words_rule(self, cfg: RunConfig) -> Rule:
+        usable = [name for name, cls in registered_methods().items() if cls.label_words]
+        return ("peft.method", self.name, self.label_words or cfg.model.classifier != "label-words",
+                f"'{self.name}' cannot classify through label words (it replaces the input or the head the words are "
+                f"scored with); use one of {usable}, or model.classifier = 'head'")
 
     def dp_rules(self, cfg: RunConfig) -> list[Rule]:
         """Method-specific reasons DP-SGD cannot run (beyond ``dp_sgd``)."""

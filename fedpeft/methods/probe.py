@@ -45,6 +45,7 @@ class Probe(FederatedMethod):
     summary = "a linear head on frozen, mean-pooled features (computed once per site); the DP-first phase"
     dp_sgd = DP_NONE  # no Opacus: its DP is the closed-form distributed step (privacy.dp_mode = "distributed")
     distributed_dp = True
+    label_words = False  # the probe is a head on pooled features, not the LM head
 
     def rules(self, cfg: RunConfig) -> list[Rule]:
         return [("model.task", cfg.model.task, cfg.model.task == "classification",
@@ -53,7 +54,8 @@ class Probe(FederatedMethod):
                  "the probe is the head: it aggregates (peft.head = 'aggregate')"),
                 ("privacy.dp_mode", cfg.privacy.dp_mode, not cfg.privacy.dp or cfg.privacy.dp_mode == "distributed",
                  "the probe's DP is one closed-form DP step per round across the sites; set "
-                 "privacy.dp_mode = 'distributed' (with federation.secure_aggregation = true)")]
+                 "privacy.dp_mode = 'distributed' (with federation.secure_aggregation = true)"),
+                self.label_words_rule(cfg)]
 
     def wrap(self, model: Any, seed: int = 0) -> Any:
         classes = int(getattr(model.config, "num_labels", 0) or 0)

@@ -92,6 +92,7 @@ class ProbeLora(FederatedMethod):
     summary = "LP-FT: the probe's head for peft.probe_rounds rounds, then LoRA under it (distributed DP throughout)"
     dp_sgd = DP_NONE  # its DP is the distributed step (privacy.dp_mode = "distributed")
     distributed_dp = True
+    label_words = False  # its head is the probe's, on pooled features
 
     def __init__(self, peft: PeftConfig, *, task: str, rounds: int = 1) -> None:
         super().__init__(peft, task=task, rounds=rounds)

@@ -17,6 +17,7 @@ from fedpeft.methods.lora import task_type
 
 
 class _PromptMethod(FederatedMethod):
+    label_words = False  # peft feeds virtual tokens as embeddings / a cache, which label-word scoring has no use for
     @classmethod
     def option_rules(cls, cfg: RunConfig) -> list[Rule]:
         if cfg.peft.method != cls.name:

