@@ -156,6 +156,12 @@ def export_run(run_dir: str | Path, out: str | Path, server_round: int | None = 
         raise ModelError(f"no global adapter for round {server_round or 'latest'} in '{run_dir}/adapters'")
     check_out(out, force, run_dir)
     cfg = from_mapping(json.loads(config_path.read_text(encoding="utf-8")), origin=str(config_path))
+    if cfg.model.classifier == "label-words":  # no classification head to write: the LM head scores the words
+        raise ModelError(f"'{run_dir}' classifies through label words (model.classifier = 'label-words'); fedpeft "
+                         f"export writes sequence-classification models and cannot export it yet. Its adapter is "
+                         f"{adapter} (peft format): load it onto the base with "
+                         "fedpeft.models.label_words.wrap_label_words and the run's model.prompt_template and "
+                         "model.label_words")
     info = read_model_info(run_dir, cfg)
     method = saved_method(adapter)
     info.update(source_run=run_dir.name, source_round=adapter.name, merged=merge)
