@@ -168,8 +168,12 @@ def _addressee(reply: Message, sent: list[Message]) -> int:
     """The node a reply answers for. An error the SuperLink writes itself (the node stopped sending heartbeats)
     comes from the SuperLink's own node id, not the site's: match it to the message it replies to, or the site
     would count as silent and the error as a phantom node."""
-    by_id = {message.metadata.message_id: message.metadata.dst_node_id for message in sent}
-    return by_id.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+    source = reply.metadata.src_node_id
+    if any(message.metadata.dst_node_id == source for message in sent):
+        return source
+    by_id = {message.metadata.message_id: message.metadata.dst_node_id for message in sent
+             if message.metadata.message_id}
+    return by_id.get(reply.metadata.reply_to_message_id, source)
 
 
 def short_reason(reason: str, limit: int = 300) -> str:
