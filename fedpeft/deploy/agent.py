@@ -7,7 +7,9 @@ a wrong CA, an unknown key or an unreachable coordinator are terse, so the agent
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import os
 import queue
 import re
 import shutil
@@ -153,8 +155,29 @@ def node_config(site: SiteSettings) -> str:
 
 
 def worker_socket(site: SiteSettings) -> Path:
-    """The warm worker's Unix socket: in its own 0700 directory of the site's state directory."""
-    return site.state_dir / "worker" / "worker.sock"
+    """The warm worker's Unix socket: in its own 0700 directory of the site's state directory, or, where that path
+    is longer than a Unix socket allows (108 bytes), in this user's private runtime directory, named by the state
+    directory so that sites on one host never share one."""
+    from fedpeft.client.worker import MAX_SOCKET_PATH
+
+    beside = site.state_dir / "worker" / "worker.sock"
+    if len(os.fsencode(str(beside))) <= MAX_SOCKET_PATH:
+        return beside
+    digest = hashlib.sha256(os.fsencode(str(site.state_dir.resolve()))).hexdigest()[:16]
+    return _private_runtime_dir() / f"worker-{digest}.sock"
+
+
+def _private_runtime_dir() -> Path:
+    """$XDG_RUNTIME_DIR (a per-user 0700 directory), else /tmp/fedpeft-<uid>, made 0700 and refused unless this
+    user owns it and nobody else can enter it (a directory another user made could hold a planted socket)."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    folder = Path(runtime) / "fedpeft" if runtime and Path(runtime).is_dir() else Path(f"/tmp/fedpeft-{os.getuid()}")
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = folder.lstat()
+    if folder.is_symlink() or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise DeployError(f"{folder} (for the site worker's socket) is not a directory only this user can enter; "
+                          "remove it, or set [site] state_dir in site.toml to a shorter directory")
+    return folder
 
 
 def worker_command(site: SiteSettings) -> list[str]:
