@@ -65,6 +65,7 @@ def test_dp_secure_federation_survives_a_coordinator_restart_and_a_lost_site(tmp
         deployment.wait_for(lambda: deployment.processes["coordinator"].poll() is not None, 300, "the run's end",
                             coordinator_runs=False)
         assert deployment.processes["coordinator"].returncode == 0, deployment.output("coordinator")[-3000:]
+        _sites_answered_from_warm_workers(deployment, ("a", "b"))
     finally:
         deployment.stop_all()
 
@@ -90,6 +91,19 @@ def test_dp_secure_federation_survives_a_coordinator_restart_and_a_lost_site(tmp
     _audit_logs_verify_and_agree(deployment)
     app_logs = "".join(p.read_text(errors="replace") for p in (tmp_path / "coordinator").glob("serverapp-*.log"))
     assert "resuming" in app_logs and "after round 1" in app_logs
+
+
+def _sites_answered_from_warm_workers(deployment, sites) -> None:
+    """Each site's worker loaded its base model once for every message of both coordinators' runs, and the site's
+    console showed, per message, the round, what left and epsilon."""
+    from fedpeft.client.proxy import ping
+    from fedpeft.deploy.agent import load_site_settings, worker_socket
+
+    for site in sites:
+        status = ping(str(worker_socket(load_site_settings(deployment.site_config(site)))))
+        assert status["model_loads"] == 1 and status["handled"] >= 8, (site, status)
+        console = deployment.output(site)
+        assert "round 2 train: sent masked update + metrics" in console and "epsilon" in console, console[-2000:]
 
 
 def _audit_logs_verify_and_agree(deployment) -> None:

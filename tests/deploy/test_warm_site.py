@@ -3,7 +3,6 @@ named in the node config; a taken local port is explained before Flower's SuperN
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -102,28 +101,3 @@ def test_the_worker_is_restarted_when_it_dies_and_stopped_with_the_agent(bundle)
     assert any("ended (exit code -9); starting it again" in line for line in said), said
     assert not worker_socket(site).exists()
     assert "listening on" in (site.state_dir / "worker.log").read_text()
-
-
-@pytest.mark.slow
-def test_a_deployed_site_answers_from_one_warm_worker_and_prints_what_left(tmp_path):
-    """A DP + secure run over real agents: every site's console shows, per message, the round, what left and ε, and
-    each site's worker loaded its base model once for all of the run's messages."""
-    from tests.deploy.federation import build
-
-    deployment = build(tmp_path, examples_per_site=48)
-    try:
-        for site in deployment.sites:
-            deployment.start_site(site)
-        deployment.start_coordinator()
-        deployment.wait_for(lambda: deployment.processes["coordinator"].poll() is not None, 600, "the run's end",
-                            coordinator_runs=False)
-        assert deployment.processes["coordinator"].returncode == 0, deployment.output("coordinator")[-3000:]
-        for site in deployment.sites:
-            status = ping(str(load_site_settings(deployment.site_config(site)).state_dir / "worker" / "worker.sock"))
-            assert status["model_loads"] == 1 and status["handled"] >= 6, (site, status)
-            console = deployment.output(site)
-            assert "round 2 train: sent masked update + metrics" in console and "epsilon" in console, console
-    finally:
-        deployment.stop_all()
-    rounds = [json.loads(line) for line in (deployment.run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rounds] == [0, 1, 2] and all(r["sites_returned"] == 3 for r in rounds[1:])

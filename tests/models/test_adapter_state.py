@@ -70,7 +70,7 @@ def test_unknown_model_name_is_a_clear_error(tmp_path):
 
 
 def test_encoder_models_refuse_causal_lm():
-    with pytest.raises(ModelError, match="cannot do causal-lm"):
+    with pytest.raises(ModelError, match="no LM head for causal-lm"):
         load_base_model(ModelConfig(name="minilm", task="causal-lm"), num_labels=0)
 
 
