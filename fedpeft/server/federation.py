@@ -13,12 +13,13 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 
 from fedpeft import wire
-from fedpeft.audit.payload import file_digest, payload_bytes
+from fedpeft.audit.payload import payload_bytes
 from fedpeft.audit.trail import CoordinatorAudit
 from fedpeft.config import RunConfig
 from fedpeft.data.sites import column_site_names
 from fedpeft.errors import FederationError, PrivacyBudgetExceeded, SecAggAbort
 from fedpeft.io.atomic import append_jsonl, write_json_atomic
+from fedpeft.io.digest import file_digest
 from fedpeft.messaging import EVALUATE, TRAIN, as_float, broadcast
 from fedpeft.methods import build_method
 from fedpeft.models.adapter_state import AdapterState
