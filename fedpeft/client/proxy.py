@@ -17,6 +17,7 @@ import os
 import socket
 import struct
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -123,6 +124,7 @@ def forward_to_worker(message: Message, context: Context, call_next: Any) -> Mes
     path = context.node_config.get(wire.NODE_WORKER_SOCKET)
     if not path:
         return call_next(message, context)
+    exit_when_orphaned()
     try:
         reply, after, _ = call_worker(str(path), message, context)
     except WorkerUnavailable as err:
@@ -132,3 +134,23 @@ def forward_to_worker(message: Message, context: Context, call_next: Any) -> Mes
         return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
     context.state = after.state  # Flower pushes this Context object back: the node state the handlers wrote
     return reply
+
+
+ORPHAN_GRACE = 10.0  # seconds Flower's own parent monitor gets to end this process before the watchdog does
+
+
+def exit_when_orphaned(poll: float = 1.0, grace: float = ORPHAN_GRACE) -> threading.Thread:
+    """End this ClientApp process if the process that started it dies. Flower's own monitor raises SIGINT, whose
+    exit handlers try to report to the dead SuperNode and can block for ever: killed agents left such processes
+    behind, ~120 MB each. A daemon thread; the exit is hard because nothing is left to report to."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll)
+        time.sleep(grace)
+        os._exit(1)
+
+    thread = threading.Thread(target=watch, name="fedpeft-orphan-watchdog", daemon=True)
+    thread.start()
+    return thread

@@ -134,3 +134,26 @@ def test_a_missing_worker_is_an_error_reply_naming_the_socket_and_the_fix(tiny, 
     assert time.monotonic() - started < 30, "no directory: no worker is coming, so no waiting"
     assert reply.has_error()
     assert str(missing) in reply.error.reason and "restart `fedpeft client`" in reply.error.reason
+
+
+def test_a_clientapp_process_whose_parent_died_exits_instead_of_lingering(tmp_path):
+    """A killed agent must not leave its ClientApp processes behind (each ~120 MB, blocked for ever)."""
+    import psutil
+
+    child = ("import time; from fedpeft.client.proxy import exit_when_orphaned; "
+             "exit_when_orphaned(poll=0.1, grace=0.2); print('watching', flush=True); time.sleep(120)")
+    parent = (f"import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', {child!r}], "
+              "stdout=subprocess.PIPE, stderr=subprocess.DEVNULL); p.stdout.readline(); print(p.pid, flush=True)")
+    started = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, timeout=120)
+    pid = int(started.stdout.split()[0])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.2)
+    else:
+        psutil.Process(pid).kill()
+        raise AssertionError("the orphaned ClientApp process is still running")
