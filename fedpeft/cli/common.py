@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -69,6 +70,16 @@ def _trained_or_why(run_dir: Any) -> int:
     print(f"fedpeft: error: no site trained in any round of {run_dir}, so the run produced nothing: {detail}",
           file=sys.stderr)
     return 1
+
+
+def _config_arguments(p: argparse.ArgumentParser, *, config_help: str, set_example: str) -> None:
+    """--config, --no-privacy and --set, the same for every command that builds a run config."""
+    p.add_argument("--config", help=config_help)
+    p.add_argument("--no-privacy", action="store_true",
+                   help="without a --config: the non-private quick start (LoRA, plain FedAvg) instead of the private "
+                        "default")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help=f"override one config value; repeatable{set_example}")
 
 
 def _load_config(path: str | None, overrides: dict[str, object]):

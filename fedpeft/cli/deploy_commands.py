@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fedpeft.cli.common import _directory_for, _load_config, _parse_overrides, _trained_or_why, _warn
+from fedpeft.cli.common import _config_arguments, _directory_for, _load_config, _parse_overrides, _trained_or_why, _warn
 from fedpeft.errors import FedpeftError
 
 
@@ -106,12 +106,7 @@ def _server_parser(sub: argparse._SubParsersAction) -> None:
                                    "end. Started again with the same config, it resumes after the last completed "
                                    "round.")
     p.add_argument("--pki", required=True, help="the PKI directory made by `fedpeft pki init`")
-    p.add_argument("--config", help="TOML run config (as for `fedpeft simulate`)")
-    p.add_argument("--no-privacy", action="store_true",
-                   help="without a --config: the non-private quick start (LoRA, plain FedAvg) instead of the private "
-                        "default")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one config value; repeatable")
+    _config_arguments(p, config_help="TOML run config (as for `fedpeft simulate`)", set_example="")
     p.add_argument("--state-dir", default="coordinator", help="the coordinator's working directory "
                    "(SuperLink database, logs; default ./coordinator)")
     p.add_argument("--host", default="0.0.0.0", help="interface to listen on (default: all)")

@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Any
 
-from fedpeft.cli.common import _directory_for, _load_config, _parse_overrides, _trained_or_why, _warn
+from fedpeft.cli.common import _config_arguments, _directory_for, _load_config, _parse_overrides, _trained_or_why, _warn
 
 # `fedpeft simulate` with no config: private by default. Each site's example-level epsilon is 8 (delta 1e-5), the
 # noise split among the sites under secure aggregation, one DP step per round (docs/privacy.md).
@@ -25,12 +25,8 @@ def _simulate_parser(sub: argparse._SubParsersAction) -> None:
                                    "generated support-ticket task, under distributed DP (epsilon 8 per site) and "
                                    "secure aggregation. --no-privacy: the same sites fine-tune LoRA with plain "
                                    "FedAvg.")
-    p.add_argument("--config", help="TOML run config (sections [model] [peft] [train] [federation] [data] [run])")
-    p.add_argument("--no-privacy", action="store_true",
-                   help="without a --config: the non-private quick start (LoRA, plain FedAvg) instead of the private "
-                        "default")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one config value; repeatable (e.g. --set federation.rounds=3)")
+    _config_arguments(p, config_help="TOML run config (sections [model] [peft] [train] [federation] [data] [run])",
+                      set_example=" (e.g. --set federation.rounds=3)")
     p.add_argument("--out", help="directory under which the run directory is created (default: ./runs)")
     p.add_argument("--name", help="run name (default: quickstart)")
     p.add_argument("--resume", action="store_true",
