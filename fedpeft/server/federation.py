@@ -295,7 +295,7 @@ class Federation:
         except SecAggAbort as abort:  # nothing decoded; the sites' refusals still go on the record
             self.progress.message(f"[yellow]{abort}[/yellow]")
             return RoundCollection(failures={"secagg": str(abort)},
-                                   refusals={str(node): r for node, r in self.secagg.refusals.items()})
+                                   refusals={self.identities.name(node): r for node, r in self.secagg.refusals.items()})
         if plan is not None:
             return distributed.collect(secure, template, plan, identities=self.identities)
         scale = weight_scale(weighting=self.cfg.federation.weighting, max_weight=self.cfg.secagg.max_weight)

@@ -104,7 +104,7 @@ max_length = 32
 batch_size = 16
 learning_rate = 0.005
 [federation]
-rounds = 2
+rounds = {rounds}
 num_sites = 3
 min_sites = 2
 round_timeout = 120.0
@@ -135,7 +135,8 @@ def _point_at_keys(site_toml: Path, key_dir: Path) -> None:
     site_toml.write_text(text)
 
 
-def build(root: Path, sites: tuple[str, ...] = ("a", "b", "c"), examples_per_site: int = 96) -> Deployment:
+def build(root: Path, sites: tuple[str, ...] = ("a", "b", "c"), examples_per_site: int = 96,
+          rounds: int = 2) -> Deployment:
     """PKI, one data file per site (its own file, in its bundle) and the run config.
 
     One machine plays every part: each site runs from the coordinator's copy of its bundle (<pki>/sites/<name>, where
@@ -158,7 +159,7 @@ def build(root: Path, sites: tuple[str, ...] = ("a", "b", "c"), examples_per_sit
         text = text.replace("# local_port = 9094", f"local_port = {free_port()}")
         (bundle / "site.toml").write_text(text)
     labels = json.dumps(list(SUPPORT_LABELS))
-    (root / "run.toml").write_text(RUN_TOML.format(labels=labels, name=RUN_NAME, out=root / "runs"))
+    (root / "run.toml").write_text(RUN_TOML.format(labels=labels, name=RUN_NAME, out=root / "runs", rounds=rounds))
     return Deployment(root, port, list(sites))
 
 
