@@ -34,9 +34,7 @@ def _rounds(metrics: Path) -> list[dict]:
 
 
 def deployed(root: Path, args: argparse.Namespace) -> tuple[list[dict], float]:
-    deployment = build(root, examples_per_site=args.examples)
-    run_toml = root / "run.toml"
-    run_toml.write_text(run_toml.read_text().replace("rounds = 2", f"rounds = {args.rounds}"))
+    deployment = build(root, examples_per_site=args.examples, rounds=args.rounds)
     started = time.monotonic()
     try:
         for site in deployment.sites:

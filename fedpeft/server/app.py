@@ -14,6 +14,7 @@ def main(grid: Grid, context: Context) -> None:
     from fedpeft.runs.run_dir import open_run_dir
     from fedpeft.server.federation import Federation
     from fedpeft.server.initial import initial_adapter
+    from fedpeft.server.polling import prompt
     from fedpeft.server.progress import ConsoleProgress
 
     cfg = run_config(context.run_config)
@@ -22,7 +23,7 @@ def main(grid: Grid, context: Context) -> None:
         write_model_info(run_dir, cfg)  # the labels and the base, by name: what an export will say it predicts
         progress = ConsoleProgress(cfg.federation.rounds)
         progress.start(str(run_dir), cfg.federation.num_sites, sum(t.numel() for t in initial.wire.values()))
-        Federation(grid, cfg, run_dir, initial, progress=progress).run()
+        Federation(prompt(grid), cfg, run_dir, initial, progress=progress).run()
 
 
 def build_server_app(run_config: Mapping[str, bool | int | float | str] | None = None) -> ServerApp:
