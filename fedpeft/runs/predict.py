@@ -84,12 +84,24 @@ def load_exported(directory: str | Path) -> Exported:
         from fedpeft.models.loader import load_base_model
 
         classes = len(names) or int(info.get("num_labels") or 0)
-        base_name = info["base_model"]["fedpeft_name"]
-        base, _ = load_base_model(ModelConfig(name=base_name, task="classification", quantization="none"), classes)
+        base, _ = load_base_model(_base_config(info), classes)
         model = load_saved_adapter(base, directory)
         names = names or [str(i) for i in range(classes)]
     model.eval()
     return Exported(model, tokenizer, names, int(info.get("max_length") or 128), info)
+
+
+def _base_config(info: dict[str, Any]) -> ModelConfig:
+    """The base as the export's run built it: with a head, or as a label-word classifier (its prompt and words)."""
+    name = info["base_model"]["fedpeft_name"]
+    if info.get("classifier") != "label-words":
+        return ModelConfig(name=name, task="classification", quantization="none")
+    words = tuple(str(word) for word in info.get("label_words") or ())
+    if not words or "prompt_template" not in info:
+        raise ModelError(f"the export classifies through label words but its {EXPORT_INFO_FILE} lacks "
+                         "prompt_template / label_words; export the run again with this fedpeft")
+    return ModelConfig(name=name, task="classification", quantization="none", classifier="label-words",
+                       prompt_template=str(info["prompt_template"]), label_words=words)
 
 
 def predict_ids(exported: Exported, texts: Sequence[str], batch_size: int = PREDICT_BATCH) -> list[int]:

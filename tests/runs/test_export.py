@@ -53,21 +53,3 @@ def test_export_without_merge_copies_the_adapter_and_bad_paths_are_clear(tmp_pat
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     assert cli_main(["export", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
     assert "not a fedpeft run directory" in capsys.readouterr().err
-
-
-def test_a_label_words_run_is_refused_by_export_naming_its_adapter(tmp_path):
-    import json
-
-    from fedpeft.composition import from_mapping
-    from fedpeft.errors import ModelError
-    from fedpeft.runs.export import export_run
-
-    cfg = from_mapping({"model": {"name": "tiny-llama", "classifier": "label-words"},
-                        "data": {"label_names": ["no", "yes"]}})
-    run_dir = tmp_path / "run"
-    (run_dir / "adapters" / "round-0001").mkdir(parents=True)
-    (run_dir / "adapters" / "LATEST").write_text("round-0001")
-    (run_dir / "run_config.json").write_text(json.dumps(cfg.to_nested()))
-    with pytest.raises(ModelError, match=r"label words.*round-0001.*wrap_label_words"):
-        export_run(run_dir, tmp_path / "out")
-    assert not (tmp_path / "out").exists(), "nothing half-written"
