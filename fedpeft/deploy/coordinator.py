@@ -241,8 +241,32 @@ class Coordinator:
 
     def _show_new_rounds(self, metrics: Path, shown: int) -> int:
         lines = complete_lines(metrics)  # not a line the ServerApp is writing, nor one a crash left torn
-        for line in lines[shown:]:
-            record = json.loads(line)
-            self.echo(f"round {record['round']}: accuracy {score_text(record.get('global_accuracy'))}, "
-                      f"sites returned {record.get('sites_returned', '-')}, failures {record.get('failures') or {}}")
+        if len(lines) > shown:
+            names = self._site_names(metrics.parent)
+            for line in lines[shown:]:
+                self.echo(round_line(json.loads(line), names))
         return len(lines)
+
+    def _site_names(self, run_dir: Path) -> dict[str, str]:
+        """Site index and node id -> the site's PKI name: the records key failures by node, the rest by index."""
+        from fedpeft.runs.site_names import read_site_names
+
+        book_file = self.s.state_dir / "sites.json"
+        try:
+            book = json.loads(book_file.read_text(encoding="utf-8")) if book_file.is_file() else {}
+            names = read_site_names(run_dir)
+        except (OSError, ValueError):  # a display aid only: the keys as they are
+            return {}
+        return {**names, **{str(entry["node-id"]): name for name, entry in book.items() if "node-id" in entry}}
+
+
+def round_line(record: dict[str, Any], names: dict[str, str]) -> str:
+    """One round as the coordinator's console shows it: the score, how many sites returned, and each failed or
+    refusing site by name with its reason."""
+    line = (f"round {record['round']}: accuracy {score_text(record.get('global_accuracy'))}, "
+            f"sites returned {record.get('sites_returned', '-')}")
+    for label, entries in (("failed", record.get("failures") or {}), ("refused", record.get("refusals") or {})):
+        if entries:
+            line += f"; {label}: " + "; ".join(f"{names.get(str(key), key)} ({reason})"
+                                               for key, reason in entries.items())
+    return line

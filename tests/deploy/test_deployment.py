@@ -83,6 +83,7 @@ def test_dp_secure_federation_survives_a_coordinator_restart_and_a_lost_site(tmp
     assert records[3]["sites_returned"] == 2 and records[3]["aggregated"], (
         records[3]["failures"], deployment.output("coordinator")[-3000:])
     assert list(records[3]["failures"]) == [nodes["c"]], "the lost site, and only it, is on the record"
+    assert "sites returned 2; failed: c (masked input" in deployment.output("coordinator"), "named on the console"
     assert set(records[3]["site_epsilon"]) == {"0", "1"}
 
     for site, rounds in (("a", [1, 2, 3]), ("b", [1, 2, 3]), ("c", [1, 2])):
