@@ -8,13 +8,10 @@ import pytest
 import torch
 
 from fedpeft.cli import main as cli_main
-from fedpeft.composition import from_mapping
 from fedpeft.errors import ModelError
-from fedpeft.runs.checkpoint import save_global_adapter
-from fedpeft.runs.export import EXPORT_INFO_FILE, export_run, write_model_info
+from fedpeft.runs.export import EXPORT_INFO_FILE, export_run
 from fedpeft.runs.predict import load_exported, predict_texts
-from fedpeft.runs.run_dir import prepare_run_dir
-from fedpeft.server.initial import initial_adapter
+from tests.runs.test_export_labels import make_run
 
 LABELS = ["ham", "spam"]
 WORDS = ["no", "yes"]
@@ -25,16 +22,8 @@ TEXTS = ["win a free prize now", "see you at lunch", "call me back", "urgent: cl
 @pytest.fixture
 def run_dir(tmp_path):
     """A label-words run as the server leaves it, its LoRA adapter moved off zero so the words' scores differ."""
-    cfg = from_mapping({"model": {"name": "tiny-llama", "classifier": "label-words", "quantization": "none",
-                                  "prompt_template": TEMPLATE, "label_words": WORDS, "max_length": 32},
-                        "peft": {"r": 4}, "data": {"label_names": LABELS},
-                        "run": {"out_dir": str(tmp_path / "runs"), "name": "words"}})
-    initial = initial_adapter(cfg)
-    generator = torch.Generator().manual_seed(1)
-    state = {k: v + 0.3 * torch.randn(v.shape, generator=generator) for k, v in initial.wire.items()}
-    directory = prepare_run_dir(cfg)
-    write_model_info(directory, cfg)
-    save_global_adapter(directory, 1, initial.saved_format(state), initial.peft_config)
+    cfg, directory = make_run(tmp_path, model="tiny-llama", labels=LABELS, model_options={
+        "classifier": "label-words", "quantization": "none", "prompt_template": TEMPLATE, "label_words": WORDS})
     return directory, cfg
 
 

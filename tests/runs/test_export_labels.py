@@ -17,9 +17,9 @@ from fedpeft.server.initial import initial_adapter
 LABELS = ["billing", "outage", "refund"]
 
 
-def make_run(tmp_path, model="minilm", method="lora", labels=LABELS, **data):
+def make_run(tmp_path, model="minilm", method="lora", labels=LABELS, model_options=None, **data):
     """A run directory as the server leaves it: config, model_info.json and a trained (here: perturbed) adapter."""
-    cfg = from_mapping({"model": {"name": model, "task": "classification", "max_length": 32},
+    cfg = from_mapping({"model": {"name": model, "task": "classification", "max_length": 32, **(model_options or {})},
                         "peft": {"method": method, "r": 4},
                         "data": {"label_names": list(labels), **data} if labels else data,
                         "run": {"out_dir": str(tmp_path / "runs"), "name": "r"}})
