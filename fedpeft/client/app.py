@@ -7,7 +7,7 @@ from flwr.clientapp import ClientApp
 
 from fedpeft import wire
 from fedpeft.audit.payload import payload_bytes, payload_digest
-from fedpeft.client.mods import Mod
+from fedpeft.client.mods import Mod, errors_without_paths
 from fedpeft.client.proxy import forward_to_worker
 from fedpeft.messaging import Refusal, array_record, as_int, config_record
 
@@ -123,8 +123,9 @@ def release_site_metrics(msg: Message, context: Context, call_next) -> Message:
 def build_client_app(mods: list[Mod] | None = None) -> ClientApp:
     from fedpeft.secagg.client import handle_keys, handle_shares, handle_unmask
 
-    # innermost: every reply's metrics pass through the release rule, whatever mods the caller adds
-    client_app = ClientApp(mods=[*(mods or []), release_site_metrics])
+    # innermost: every reply's metrics pass through the release rule, whatever mods the caller adds; just outside
+    # it, an exception becomes an error reply whose reason names no file path
+    client_app = ClientApp(mods=[*(mods or []), errors_without_paths, release_site_metrics])
     client_app.train()(train)
     client_app.evaluate()(evaluate)
     for stage, handler in ((wire.SECAGG_KEYS, handle_keys), (wire.SECAGG_SHARES, handle_shares),

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import traceback
 from collections.abc import Callable, Mapping
 
-from flwr.app import Context, Message
+from flwr.app import Context, Error, Message
+from flwr.common.constant import ErrorCode
+
+from fedpeft.messaging import without_paths
 
 Handler = Callable[[Message, Context], Message]
 Mod = Callable[[Message, Context, Handler], Message]
@@ -26,3 +30,20 @@ def run_config_mod(flat_config: Mapping[str, bool | int | float | str]) -> Mod:
         return call_next(msg, view)
 
     return mod
+
+
+def error_reply(msg: Message, ex: BaseException) -> Message:
+    """The error reply Flower's flwr-clientapp makes of a handler's exception (its wording), without the site's
+    file paths: the reason leaves the site, so the full traceback goes to this process's stderr (the site's log)."""
+    traceback.print_exception(ex)
+    reason = without_paths(str(type(ex)) + ":<'" + str(ex) + "'>")
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+
+
+def errors_without_paths(msg: Message, context: Context, call_next: Handler) -> Message:
+    """Client mod: a handler's exception comes back as Flower's error reply, its reason without file paths (left to
+    Flower, the exception's text, e.g. a missing data file's full path, would reach the coordinator)."""
+    try:
+        return call_next(msg, context)
+    except Exception as ex:
+        return error_reply(msg, ex)

@@ -29,6 +29,7 @@ from flwr.proto.message_pb2 import Context as ProtoContext
 from flwr.proto.message_pb2 import Message as ProtoMessage
 
 from fedpeft import wire
+from fedpeft.messaging import without_paths
 
 _LENGTH = struct.Struct(">Q")  # every frame: an 8-byte big-endian length, then that many bytes
 MAX_FRAME = 8 << 30  # a sanity bound against a garbled length prefix, far above any adapter
@@ -130,8 +131,9 @@ def forward_to_worker(message: Message, context: Context, call_next: Any) -> Mes
     except WorkerUnavailable as err:
         reason = (f"fedpeft site worker unavailable: {err}. The site did not answer this message; {RESTART_FIX} "
                   f"(node config {wire.NODE_WORKER_SOCKET} = {path})")
-        print(reason, file=sys.stderr, flush=True)  # lands in the SuperNode's log, i.e. the agent's
-        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
+        print(reason, file=sys.stderr, flush=True)  # lands in the SuperNode's log, i.e. the agent's: with paths
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=without_paths(reason)),
+                       reply_to=message)
     context.state = after.state  # Flower pushes this Context object back: the node state the handlers wrote
     return reply
 

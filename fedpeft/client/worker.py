@@ -19,17 +19,16 @@ import struct
 import sys
 import threading
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Context, Error, Message
-from flwr.common.constant import ErrorCode
+from flwr.app import Context, Message
 from flwr.common.serde import context_from_proto, context_to_proto, message_from_proto, message_to_proto
 from flwr.proto.message_pb2 import Context as ProtoContext
 from flwr.proto.message_pb2 import Message as ProtoMessage
 
 from fedpeft import wire
+from fedpeft.client.mods import error_reply
 from fedpeft.client.proxy import WorkerUnavailable, ping, recv_frames, send_frames
 
 SUMMARY_PREFIX = "fedpeft-site: "  # the agent echoes the worker's lines that start so to its console
@@ -87,10 +86,8 @@ class Worker:
     def _run(self, message: Message, context: Context) -> Message:
         try:
             return self.app(message, context)
-        except Exception as ex:  # the reply Flower's flwr-clientapp would have made of it
-            traceback.print_exc()
-            reason = str(type(ex)) + ":<'" + str(ex) + "'>"  # Flower's own wording (run_clientapp)
-            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=message)
+        except Exception as ex:  # past the app's own mods (e.g. in a mod itself): the reply Flower would make
+            return error_reply(message, ex)
 
 
 def _as_task(task: dict[str, int | None]) -> None:

@@ -124,7 +124,8 @@ def test_a_handler_error_comes_back_as_flowers_error_reply(worker, tiny, tmp_pat
     assert status["ok"] and "sent an error" in status["summary"]
 
 
-def test_a_missing_worker_is_an_error_reply_naming_the_socket_and_the_fix(tiny, tmp_path):
+def test_a_missing_worker_is_an_error_reply_with_the_fix_and_the_socket_only_in_the_sites_log(tiny, tmp_path,
+                                                                                               capfd):
     from fedpeft.client.app import app
 
     flat, adapter = tiny
@@ -132,8 +133,22 @@ def test_a_missing_worker_is_an_error_reply_naming_the_socket_and_the_fix(tiny, 
     started = time.monotonic()
     reply = app(_message(adapter), _context(flat, tmp_path, missing))
     assert time.monotonic() - started < 30, "no directory: no worker is coming, so no waiting"
-    assert reply.has_error()
-    assert str(missing) in reply.error.reason and "restart `fedpeft client`" in reply.error.reason
+    assert reply.has_error() and "restart `fedpeft client`" in reply.error.reason
+    assert str(tmp_path) not in reply.error.reason and "<site file>" in reply.error.reason, "a path left the site"
+    assert str(missing) in capfd.readouterr().err, "the site's own log names the socket"
+
+
+def test_a_handler_error_names_no_site_path_in_the_reply_and_the_whole_error_in_the_sites_log(worker, tiny,
+                                                                                              tmp_path):
+    """The site's data file is missing: the exception names its path, which must not reach the coordinator."""
+    flat, adapter = tiny
+    context = _context(flat, tmp_path, worker)
+    missing = tmp_path / "hospital" / "private" / "records.csv"
+    context.node_config[wire.NODE_DATA_PATH] = str(missing)
+    reply, _, status = call_worker(str(worker), _message(adapter), context)
+    assert reply.has_error() and status["ok"]
+    assert "records.csv" not in reply.error.reason and str(tmp_path) not in reply.error.reason, reply.error.reason
+    assert "<site file>" in reply.error.reason, reply.error.reason
 
 
 def test_a_clientapp_process_whose_parent_died_exits_instead_of_lingering(tmp_path):
