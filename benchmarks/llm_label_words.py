@@ -90,7 +90,8 @@ def run_config(args: argparse.Namespace, setting: str, source: Path, out: Path) 
         "model": {"name": "smollm2-135m", "quantization": args.quantization, "classifier": "label-words",
                   "max_length": args.max_length, "prompt_template": task["template"], "label_words": task["words"]},
         "peft": {"method": "lora", "r": 8, "alpha": 16.0},
-        "train": {"batch_size": args.batch_size, "learning_rate": args.lr, "local_epochs": 1,
+        "train": {"batch_size": args.batch_size, "learning_rate": args.lr,
+                  "local_epochs": 1 if central else args.local_epochs,
                   "eval_batch_size": 32},
         "federation": {"rounds": args.epochs if central else args.rounds, "num_sites": 1 if central else args.sites,
                        "min_sites": 1 if central else args.sites},
@@ -155,8 +156,10 @@ def main() -> None:
     parser.add_argument("--dataset", choices=sorted(TASKS), default="sms-spam")
     parser.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated subset of {SETTINGS}")
     parser.add_argument("--sites", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=3, help="federated rounds (one local epoch each)")
+    parser.add_argument("--rounds", type=int, default=3, help="federated rounds (--local-epochs each)")
     parser.add_argument("--epochs", type=int, default=3, help="centralized epochs (one round of one site each)")
+    parser.add_argument("--local-epochs", type=int, default=1,
+                        help="federated settings: local epochs per round (rounds x local epochs = a site's passes)")
     parser.add_argument("--max-train", type=int, default=1000)
     parser.add_argument("--max-test", type=int, default=500)
     parser.add_argument("--max-length", type=int, default=64)
@@ -168,6 +171,8 @@ def main() -> None:
     parser.add_argument("--results", help="append one JSON line per setting; settings already there are skipped")
     args = parser.parse_args()
     key = {k: v for k, v in vars(args).items() if k not in ("settings", "results")}
+    if key["local_epochs"] == 1:  # the default: results logged before the option existed keep matching
+        del key["local_epochs"]
     train, test = split(args)
     majority = max(set(y for _, y in train), key=[y for _, y in train].count)
     print(f"{args.dataset}: {len(train)} training rows, {len(test)} test rows; majority answer '{majority}' scores "
