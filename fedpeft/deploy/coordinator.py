@@ -126,8 +126,7 @@ class Coordinator:
         """Bring the SuperLink's registry in line with the PKI: register each site's current public key, unregister
         keys that were rotated (`fedpeft pki rotate-site`) or whose site was removed (`fedpeft pki remove-site`).
         Returns name -> node id; the book is kept in <state>/sites.json."""
-        book_file = self.s.state_dir / "sites.json"
-        book: dict = json.loads(book_file.read_text(encoding="utf-8")) if book_file.is_file() else {}
+        book_file, book = self._site_book()
         keys = self.site_keys()
         for name in [n for n in book if not (self.s.pki_dir / "sites" / n / "node.pub").is_file()]:
             self._unregister(name, book.pop(name), "the site was removed")
@@ -142,6 +141,11 @@ class Coordinator:
                 raise DeployError(f"registering site '{name}' ({public_key}) failed: {reply.get('error-message')}")
             write_json_atomic(book_file, book)  # after each site: a crash keeps what was done
         return {name: entry["node-id"] for name, entry in book.items() if name in keys}
+
+    def _site_book(self) -> tuple[Path, dict]:
+        """<state>/sites.json and what it holds: site name -> its node id and registered public key."""
+        book_file = self.s.state_dir / "sites.json"
+        return book_file, json.loads(book_file.read_text(encoding="utf-8")) if book_file.is_file() else {}
 
     def write_site_nodes(self, registered: dict[str, str]) -> None:
         """The ServerApp's node id -> site index map, from the keys the SuperLink registered and the indices in the
@@ -251,9 +255,8 @@ class Coordinator:
         """Site index and node id -> the site's PKI name: the records key failures by node, the rest by index."""
         from fedpeft.runs.site_names import read_site_names
 
-        book_file = self.s.state_dir / "sites.json"
         try:
-            book = json.loads(book_file.read_text(encoding="utf-8")) if book_file.is_file() else {}
+            _, book = self._site_book()
             names = read_site_names(run_dir)
         except (OSError, ValueError):  # a display aid only: the keys as they are
             return {}
