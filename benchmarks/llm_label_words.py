@@ -11,7 +11,9 @@ Data (from shared/data beside the repository; never copied into it):
   test set, the next --max-train rows the federation's. Prompt 'SMS: "{text}"\\nIs this SMS spam? Answer:', words
   "no" (ham) and "yes" (spam).
 - pubmedqa: PQA-L; the 500 official test ids are the test set, the other items the federation's. The question and
-  the abstract's contexts are the text; prompt "{text}\\nAnswer (yes, no or maybe):", words yes / no / maybe.
+  the abstract's contexts are the text (with --truncation-side left, the contexts first and the question last, so
+  that a cut keeps the results and the question); prompt "{text}\\nAnswer (yes, no or maybe):", words yes / no /
+  maybe.
 Each site keeps 20% of its rows as its held-out split (used for the rounds' accuracy, never the test set). Settings
 are fixed before any test score is seen (no tuning here). --results appends one JSON line per setting and a rerun
 skips the settings already there (same dataset and arguments), so a stopped run resumes.
@@ -54,13 +56,17 @@ def sms_rows(seed: int) -> list[tuple[str, str]]:
     return [(text, label) for text, label in unique]
 
 
-def pubmedqa_split() -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+def pubmedqa_split(truncation_side: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     folder = data_dir("pubmedqa")
     items = json.loads((folder / "ori_pqal.json").read_text(encoding="utf-8"))
     test_ids = set(json.loads((folder / "test_ground_truth.json").read_text(encoding="utf-8")))
 
     def row(item: dict) -> tuple[str, str]:
-        return f"Question: {item['QUESTION']}\nContext: {' '.join(item['CONTEXTS'])}", item["final_decision"]
+        question, context = f"Question: {item['QUESTION']}", f"Context: {' '.join(item['CONTEXTS'])}"
+        # The kept end of the text holds the question: first under right truncation, last under left (which keeps
+        # the abstract's results, the part that answers it).
+        text = f"{context}\n{question}" if truncation_side == "left" else f"{question}\n{context}"
+        return text, item["final_decision"]
 
     train = [row(item) for key, item in sorted(items.items()) if key not in test_ids]
     return train, [row(items[key]) for key in sorted(test_ids)]
@@ -70,7 +76,7 @@ def split(args: argparse.Namespace) -> tuple[list[tuple[str, str]], list[tuple[s
     if args.dataset == "sms-spam":
         rows = sms_rows(args.seed)
         return rows[args.max_test:args.max_test + args.max_train], rows[:args.max_test]
-    train, test = pubmedqa_split()
+    train, test = pubmedqa_split(args.truncation_side)
     return train[:args.max_train], test[:args.max_test]
 
 
@@ -88,7 +94,8 @@ def run_config(args: argparse.Namespace, setting: str, source: Path, out: Path) 
     central = setting == "central"
     sections: dict[str, dict[str, Any]] = {
         "model": {"name": "smollm2-135m", "quantization": args.quantization, "classifier": "label-words",
-                  "max_length": args.max_length, "prompt_template": task["template"], "label_words": task["words"]},
+                  "max_length": args.max_length, "truncation_side": args.truncation_side,
+                  "prompt_template": task["template"], "label_words": task["words"]},
         "peft": {"method": "lora", "r": 8, "alpha": 16.0},
         "train": {"batch_size": args.batch_size, "learning_rate": args.lr,
                   "local_epochs": 1 if central else args.local_epochs,
@@ -163,6 +170,9 @@ def main() -> None:
     parser.add_argument("--max-train", type=int, default=1000)
     parser.add_argument("--max-test", type=int, default=500)
     parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--truncation-side", choices=("right", "left"), default="right",
+                        help="which end of a long text is cut (model.truncation_side); pubmedqa puts the question "
+                             "at the kept end: first under right, after the contexts under left")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--dp-lr", type=float, default=1e-3)
@@ -171,8 +181,9 @@ def main() -> None:
     parser.add_argument("--results", help="append one JSON line per setting; settings already there are skipped")
     args = parser.parse_args()
     key = {k: v for k, v in vars(args).items() if k not in ("settings", "results")}
-    if key["local_epochs"] == 1:  # the default: results logged before the option existed keep matching
-        del key["local_epochs"]
+    for option, default in (("local_epochs", 1), ("truncation_side", "right")):
+        if key[option] == default:  # the default: results logged before the option existed keep matching
+            del key[option]
     train, test = split(args)
     majority = max(set(y for _, y in train), key=[y for _, y in train].count)
     print(f"{args.dataset}: {len(train)} training rows, {len(test)} test rows; majority answer '{majority}' scores "

@@ -18,6 +18,7 @@ from fedpeft.config.types import (
     QUANTIZATIONS,
     SITE_METRICS,
     TASKS,
+    TRUNCATION_SIDES,
     WEIGHTINGS,
     RunConfig,
 )
@@ -58,6 +59,8 @@ def _model_rules(cfg: RunConfig) -> list[Rule]:
         ("model.compute_dtype", cfg.model.compute_dtype, cfg.model.compute_dtype in COMPUTE_DTYPES,
          f"use one of {list(COMPUTE_DTYPES)}"),
         ("model.max_length", cfg.model.max_length, cfg.model.max_length >= 8, "use at least 8 tokens (e.g. 64)"),
+        ("model.truncation_side", cfg.model.truncation_side, cfg.model.truncation_side in TRUNCATION_SIDES,
+         f"use one of {list(TRUNCATION_SIDES)}: 'right' keeps a long text's beginning, 'left' its end"),
     ]
 
 

@@ -12,6 +12,7 @@ from typing import Any
 TASKS = ("classification", "causal-lm")
 QUANTIZATIONS = ("auto", "none", "nf4", "fp4", "int8")
 COMPUTE_DTYPES = ("fp32", "bf16")
+TRUNCATION_SIDES = ("right", "left")
 CLASSIFIERS = ("head", "label-words")  # classification: a new trained head, or label words scored on the LM head
 # Methods, aggregation rules, accountants and partitioners are registered classes above this layer; their choice
 # lists come from those registries (fedpeft.composition checks them).
@@ -28,6 +29,9 @@ class ModelConfig:
     name: str = "minilm"  # a built-in name ("minilm", "tiny-llama", "smollm2-135m") or a local HF model directory
     task: str = "classification"
     max_length: int = 64
+    # Which end of a text longer than max_length is cut: "right" keeps its beginning, "left" keeps its end (where a
+    # report or an abstract puts its results; a label-word prompt goes on after the kept part either way).
+    truncation_side: str = "right"
     num_labels: int = 0  # classification classes; 0: infer from the data (possible wherever the data is readable)
     quantization: str = "auto"  # frozen base: auto (nf4 for causal-lm, none for classification), none, nf4, fp4, int8
     double_quant: bool = True  # 4-bit only: quantize the quantization constants too (QLoRA)

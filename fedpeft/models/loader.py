@@ -53,6 +53,7 @@ def load_base_model(cfg: ModelConfig, num_labels: int) -> tuple[Any, Any]:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
         model.config.pad_token_id = tokenizer.pad_token_id
+    tokenizer.truncation_side = cfg.truncation_side  # every encoder of texts cuts where the run says
     for param in model.parameters():
         param.requires_grad_(False)
     if cfg.classifier == "label-words":

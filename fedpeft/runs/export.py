@@ -92,6 +92,7 @@ def _single_task_labels(cfg: RunConfig) -> dict[str, Any]:
 
 def model_info(cfg: RunConfig) -> dict[str, Any]:
     return {"schema_version": EXPORT_SCHEMA_VERSION, "task": cfg.model.task, "max_length": cfg.model.max_length,
+            "truncation_side": cfg.model.truncation_side,
             "method": cfg.peft.method, "base_model": base_model_info(cfg.model.name), **labels_info(cfg),
             **classifier_info(cfg)}
 

@@ -66,6 +66,7 @@ def load_exported(directory: str | Path) -> Exported:
     tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.truncation_side = str(info.get("truncation_side") or "right")  # as the run cut its texts
     if info.get("multitask"):
         raise ModelError(f"'{directory}' is a multi-task model (one head per task, labels 'task:label'); fedpeft "
                          "predict / evaluate score single-task models only")

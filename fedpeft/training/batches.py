@@ -32,7 +32,8 @@ def encode_classification(texts: tuple[str, ...], labels: tuple[int, ...], token
 
 def encode_prompt_response(prompts: tuple[str, ...], responses: tuple[str, ...], tokenizer: Any,
                            max_length: int) -> EncodedData:
-    """[BOS] prompt [SEP] response [EOS]; the prompt is truncated first so the response survives."""
+    """[BOS] prompt [SEP] response [EOS]; the prompt is truncated first so the response survives (its end is kept
+    when the tokenizer's ``truncation_side`` is "left", as ``model.truncation_side`` sets it)."""
     import torch
 
     rows = [_encode_pair(p, r, tokenizer, max_length) for p, r in zip(prompts, responses, strict=True)]
@@ -58,7 +59,8 @@ def _encode_pair(prompt: str, response: str, tokenizer: Any, max_length: int) ->
     if room < 1:
         response_ids = response_ids[: max(1, max_length - len(head) - len(separator) - 1)]
         room = max_length - len(head) - len(separator) - len(response_ids)
-    context = head + prompt_ids[:room] + separator
+    kept = prompt_ids[max(0, len(prompt_ids) - room):] if tokenizer.truncation_side == "left" else prompt_ids[:room]
+    context = head + kept + separator
     return context + response_ids, [IGNORE_INDEX] * len(context) + response_ids
 
 
