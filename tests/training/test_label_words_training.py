@@ -64,8 +64,10 @@ def test_opacus_per_example_gradients_are_the_gradients_of_each_examples_own_los
                 p.grad_sample = None
             alone = batch_loss(private.module, row, "classification")[0]
             grads = torch.autograd.grad(alone, [p for _, p in trainable])
+            # fp32 sums in another order (batched vs alone, CPU kernels vary): measured up to 3.5e-6 at gradient
+            # entries of 0.6 on an AMD EPYC; a per-sample gradient that misses or doubles a call is off by ~0.1-1.
             for (name, _), grad in zip(trainable, grads, strict=True):
-                torch.testing.assert_close(per_sample[name][i], grad, atol=1e-6, rtol=1e-4, msg=name)
+                torch.testing.assert_close(per_sample[name][i], grad, atol=1e-5, rtol=1e-4, msg=name)
     finally:
         private.module._close()
 
