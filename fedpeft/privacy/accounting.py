@@ -14,6 +14,7 @@ the one list of names, so ``privacy.accountant``'s choices, its error messages a
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from abc import ABC, abstractmethod
@@ -82,13 +83,23 @@ class Accountant(ABC):
 
     @abstractmethod
     def opacus_accountant(self) -> Any:
-        """A new, empty Opacus accountant (imported lazily: Opacus pulls in torch, which config checks never need)."""
+        """A new, empty Opacus accountant (imported lazily: Opacus pulls in torch, which config checks never need).
+
+        ``fedpeft.privacy.rdp_cache``'s subclasses: Opacus' numbers, each RDP curve computed once per process."""
 
     def epsilon(self, releases: Sequence[Release], delta: float) -> float:
-        """Epsilon at ``delta`` of already validated, merged releases, each with noise > 0."""
-        opacus_accountant = self.opacus_accountant()
-        opacus_accountant.history = list(releases)
-        return float(opacus_accountant.get_epsilon(delta=delta))
+        """Epsilon at ``delta`` of already validated, merged releases, each with noise > 0.
+
+        Remembered per process: a site asks the same question again when it commits the release it planned and
+        each time it checks its ledger, and a simulation's actor asks it for every site of a round."""
+        return _remembered_epsilon(type(self), tuple(releases), delta)
+
+
+@functools.lru_cache(maxsize=1024)
+def _remembered_epsilon(kind: type[Accountant], releases: tuple[Release, ...], delta: float) -> float:
+    opacus_accountant = kind().opacus_accountant()
+    opacus_accountant.history = list(releases)
+    return float(opacus_accountant.get_epsilon(delta=delta))
 
 
 def register_accountant(cls: type[Accountant]) -> type[Accountant]:
@@ -112,9 +123,9 @@ class PRV(Accountant):
     trade_off = "tighter"
 
     def opacus_accountant(self) -> Any:
-        from opacus.accountants import PRVAccountant
+        from fedpeft.privacy.rdp_cache import CachedPRVAccountant
 
-        return PRVAccountant()
+        return CachedPRVAccountant()
 
 
 @register_accountant
@@ -125,9 +136,9 @@ class RDP(Accountant):
     trade_off = "faster"
 
     def opacus_accountant(self) -> Any:
-        from opacus.accountants import RDPAccountant
+        from fedpeft.privacy.rdp_cache import CachedRDPAccountant
 
-        return RDPAccountant()
+        return CachedRDPAccountant()
 
 
 def check_accountant(accountant: str) -> None:
@@ -233,14 +244,15 @@ def _merged_mixed(history: Sequence[AnyRelease]) -> tuple[list[Release], list[Sk
 def _rdp_curve(gaussian: Sequence[Release], skellam_releases: Sequence[SkellamRelease]) -> np.ndarray:
     """Summed RDP at ``skellam.DEFAULT_ORDERS`` of merged, validated releases (Gaussian noise > 0)."""
     import numpy as np
-    from opacus.accountants.analysis.rdp import compute_rdp
 
     from fedpeft.privacy import skellam
+    from fedpeft.privacy.rdp_cache import gaussian_rdp
 
     orders = list(skellam.DEFAULT_ORDERS)
     total = np.zeros(len(orders), dtype=np.float64)
     for sigma, q, steps in gaussian:
-        total = total + np.asarray(compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=orders), np.float64)
+        total = total + np.asarray(gaussian_rdp(sample_rate=q, noise_multiplier=sigma, steps=steps, orders=orders),
+                                   np.float64)
     for r in skellam_releases:
         total = total + skellam.rdp_curve(q=r.sample_rate, mu=r.mu, l1=r.l1, l2=r.l2, steps=r.steps, orders=orders)
     return total
@@ -337,15 +349,14 @@ def noise_multiplier_for(
     spent = _spent_before(prior, delta, accountant, target_epsilon=target_epsilon, planned=f"{steps} more steps")
 
     if _has_skellam(prior):  # RDP throughout: the prior's curve once, then one Gaussian curve per candidate
-        from opacus.accountants.analysis.rdp import compute_rdp
-
         from fedpeft.privacy import skellam
+        from fedpeft.privacy.rdp_cache import gaussian_rdp
 
         prior_curve = _prior_rdp(prior)
 
         def eps_at(sigma: float) -> float:
-            curve = compute_rdp(q=float(sample_rate), noise_multiplier=sigma, steps=int(steps),
-                                orders=list(skellam.DEFAULT_ORDERS))
+            curve = gaussian_rdp(sample_rate=float(sample_rate), noise_multiplier=sigma, steps=int(steps),
+                                 orders=skellam.DEFAULT_ORDERS)
             return _rdp_epsilon(prior_curve + curve, delta)
     else:
 
