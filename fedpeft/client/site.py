@@ -27,9 +27,9 @@ from fedpeft.models.adapter_state import (
 )
 from fedpeft.models.loader import load_base_model
 from fedpeft.models.task_heads import attach_task_heads
-from fedpeft.privacy.accounting import planned_steps
 from fedpeft.privacy.client_dp import add_gaussian, clip_update, noise_share_std
 from fedpeft.privacy.dp_sgd import DpSettings, train_private
+from fedpeft.privacy.planning import planned_steps
 from fedpeft.privacy.release import stricter
 from fedpeft.privacy.site_budget import SiteBudget, run_site_dir, site_ledger_path, site_policy
 from fedpeft.strategies import registered_rules

@@ -10,6 +10,7 @@ either or both kinds; ``epsilon`` stays the Gaussian-only facade over Opacus.
 
 Each accountant is one small registered class (``register_accountant``), as aggregation rules are: the registry is
 the one list of names, so ``privacy.accountant``'s choices, its error messages and the dispatch cannot drift apart.
+How much noise a *planned* release needs is ``fedpeft.privacy.planning``'s question, answered from these epsilons.
 """
 
 from __future__ import annotations
@@ -29,15 +30,13 @@ if TYPE_CHECKING:
     import numpy as np
 
 Release = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps)
-MAX_NOISE_MULTIPLIER = 1e4
-EPSILON_TOLERANCE = 0.01  # as opacus.accountants.utils.get_noise_multiplier
 
 
-def _is_real(value: Any) -> bool:
+def is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
@@ -151,7 +150,7 @@ def check_accountant(accountant: str) -> None:
 
 
 def check_delta(delta: Any) -> None:
-    if not _is_real(delta) or not 0.0 < delta < 1.0:
+    if not is_real(delta) or not 0.0 < delta < 1.0:
         raise PrivacyError(
             f"delta={delta!r} is invalid: it must be a number strictly between 0 and 1 "
             "(customarily below 1/num_examples, e.g. 1e-5)"
@@ -168,15 +167,15 @@ def check_release(release: Any, where: str = "release") -> Release:
     if not isinstance(release, Sequence) or isinstance(release, str) or len(release) != 3:
         raise PrivacyError(f"{where}={release!r} is not a (noise_multiplier, sample_rate, steps) triple; pass one")
     sigma, q, steps = release
-    if not _is_real(sigma) or not math.isfinite(sigma) or sigma < 0:
+    if not is_real(sigma) or not math.isfinite(sigma) or sigma < 0:
         raise PrivacyError(
             f"{where}: noise_multiplier={sigma!r} is invalid; it must be a finite number >= 0 (0 means no noise)"
         )
-    if not _is_real(q) or not 0.0 < q <= 1.0:
+    if not is_real(q) or not 0.0 < q <= 1.0:
         raise PrivacyError(
             f"{where}: sample_rate={q!r} is invalid; it must be in (0, 1] (batch_size / num_examples)"
         )
-    if not _is_int(steps) or steps < 0:
+    if not is_int(steps) or steps < 0:
         raise PrivacyError(f"{where}: steps={steps!r} is invalid; it must be an integer >= 0")
     return (float(sigma), float(q), int(steps))
 
@@ -204,24 +203,24 @@ def check_skellam_release(release: Any, where: str = "release") -> SkellamReleas
     if not isinstance(release, SkellamRelease):
         raise PrivacyError(f"{where}={release!r} is not a SkellamRelease(sample_rate, mu, l1, l2, steps)")
     q, mu, l1, l2, steps = release.sample_rate, release.mu, release.l1, release.l2, release.steps
-    if not _is_real(q) or not 0.0 < q <= 1.0:
+    if not is_real(q) or not 0.0 < q <= 1.0:
         raise PrivacyError(f"{where}: sample_rate={q!r} is invalid; it must be in (0, 1] (each row's probability)")
-    if not _is_real(mu) or not math.isfinite(mu) or mu <= 0:
+    if not is_real(mu) or not math.isfinite(mu) or mu <= 0:
         raise PrivacyError(
             f"{where}: mu={mu!r} is invalid; the total Skellam variance must be a finite number > 0 (integer units)"
         )
-    if not _is_real(l2) or not math.isfinite(l2) or l2 <= 0:
+    if not is_real(l2) or not math.isfinite(l2) or l2 <= 0:
         raise PrivacyError(f"{where}: l2={l2!r} is invalid; it must be a finite number > 0 (skellam.rounded_l2_bound)")
-    if not _is_real(l1) or not math.isfinite(l1) or l1 < l2:
+    if not is_real(l1) or not math.isfinite(l1) or l1 < l2:
         raise PrivacyError(
             f"{where}: l1={l1!r} is invalid; it must be a finite number >= l2={l2!r} (skellam.rounded_l1_bound)"
         )
-    if not _is_int(steps) or steps < 0:
+    if not is_int(steps) or steps < 0:
         raise PrivacyError(f"{where}: steps={steps!r} is invalid; it must be an integer >= 0")
     return SkellamRelease(float(q), float(mu), float(l1), float(l2), int(steps))
 
 
-def _merged_mixed(history: Sequence[AnyRelease]) -> tuple[list[Release], list[SkellamRelease]]:
+def merged_mixed(history: Sequence[AnyRelease]) -> tuple[list[Release], list[SkellamRelease]]:
     """The Gaussian releases merged as ``_merged`` does, and the Skellam ones validated with steps > 0, steps summed
     per (sample_rate, mu, l1, l2): RDP is linear in the steps, so merging is exact here too."""
     if isinstance(history, (str, bytes)) or not isinstance(history, Sequence):
@@ -241,7 +240,7 @@ def _merged_mixed(history: Sequence[AnyRelease]) -> tuple[list[Release], list[Sk
     return _merged(gaussian), skellam_releases
 
 
-def _rdp_curve(gaussian: Sequence[Release], skellam_releases: Sequence[SkellamRelease]) -> np.ndarray:
+def rdp_curve(gaussian: Sequence[Release], skellam_releases: Sequence[SkellamRelease]) -> np.ndarray:
     """Summed RDP at ``skellam.DEFAULT_ORDERS`` of merged, validated releases (Gaussian noise > 0)."""
     import numpy as np
 
@@ -258,7 +257,7 @@ def _rdp_curve(gaussian: Sequence[Release], skellam_releases: Sequence[SkellamRe
     return total
 
 
-def _rdp_epsilon(curve: np.ndarray, delta: float) -> float:
+def rdp_epsilon(curve: np.ndarray, delta: float) -> float:
     from fedpeft.privacy import skellam
 
     return skellam.rdp_to_epsilon(curve, skellam.DEFAULT_ORDERS, delta)
@@ -280,12 +279,12 @@ def history_epsilon(history: Sequence[AnyRelease], delta: float, accountant: str
     """
     build_accountant(accountant)
     check_delta(delta)
-    gaussian, skellam_releases = _merged_mixed(history)
+    gaussian, skellam_releases = merged_mixed(history)
     if not skellam_releases:
         return epsilon(gaussian, delta, accountant)
     if any(sigma == 0.0 for sigma, _, _ in gaussian):
         return math.inf
-    return _rdp_epsilon(_rdp_curve(gaussian, skellam_releases), delta)
+    return rdp_epsilon(rdp_curve(gaussian, skellam_releases), delta)
 
 
 def epsilon(history: Sequence[Release], delta: float, accountant: str = "prv") -> float:
@@ -298,180 +297,3 @@ def epsilon(history: Sequence[Release], delta: float, accountant: str = "prv") -
     if any(sigma == 0.0 for sigma, _, _ in releases):
         return math.inf
     return composer.epsilon(releases, delta)
-
-
-def _check_target(target_epsilon: Any) -> None:
-    if not _is_real(target_epsilon) or not math.isfinite(target_epsilon) or target_epsilon <= 0:
-        raise PrivacyError(f"target_epsilon={target_epsilon!r} is invalid; it must be a finite number > 0")
-
-
-def _spent_before(prior: list[AnyRelease], delta: float, accountant: str, *, target_epsilon: float,
-                  planned: str) -> float:
-    spent = history_epsilon(prior, delta, accountant)
-    if spent >= target_epsilon:
-        raise PrivacyError(
-            f"the history alone already spends epsilon={spent:.4g} (delta={delta:g}, {accountant}), which reaches "
-            f"the target epsilon={target_epsilon:g}; no noise allows {planned}. Train nothing more, or raise the "
-            "target"
-        )
-    return spent
-
-
-def _prior_rdp(prior: list[AnyRelease]) -> np.ndarray:
-    """The summed RDP curve (``skellam.DEFAULT_ORDERS``) of an already validated prior history of finite epsilon."""
-    gaussian, skellam_releases = _merged_mixed(prior)
-    return _rdp_curve(gaussian, skellam_releases)
-
-
-def _has_skellam(history: Sequence[AnyRelease]) -> bool:
-    return any(isinstance(release, SkellamRelease) and release.steps > 0 for release in history)
-
-
-def noise_multiplier_for(
-    target_epsilon: float,
-    delta: float,
-    sample_rate: float,
-    steps: int,
-    *,
-    accountant: str = "prv",
-    history: Sequence[AnyRelease] = (),
-) -> float:
-    """Smallest noise multiplier (within the tolerance) such that ``history`` plus ``steps`` more steps at
-    ``sample_rate`` stays at or below ``target_epsilon``: how much noise the remaining rounds need.
-
-    ``history`` may hold ``SkellamRelease``s; the epsilon is then ``history_epsilon``'s, i.e. RDP whatever
-    ``accountant`` says (a Gaussian-only history gives exactly the answer ``epsilon`` always gave)."""
-    _check_target(target_epsilon)
-    check_release((1.0, sample_rate, steps), where="planned release")
-    if steps < 1:
-        raise PrivacyError(f"steps={steps!r}: planning needs at least one step; zero steps need no noise")
-    prior = list(history)
-    spent = _spent_before(prior, delta, accountant, target_epsilon=target_epsilon, planned=f"{steps} more steps")
-
-    if _has_skellam(prior):  # RDP throughout: the prior's curve once, then one Gaussian curve per candidate
-        from fedpeft.privacy import skellam
-        from fedpeft.privacy.rdp_cache import gaussian_rdp
-
-        prior_curve = _prior_rdp(prior)
-
-        def eps_at(sigma: float) -> float:
-            curve = gaussian_rdp(sample_rate=float(sample_rate), noise_multiplier=sigma, steps=int(steps),
-                                 orders=skellam.DEFAULT_ORDERS)
-            return _rdp_epsilon(prior_curve + curve, delta)
-    else:
-
-        def eps_at(sigma: float) -> float:
-            return history_epsilon([*prior, (sigma, float(sample_rate), int(steps))], delta, accountant)
-
-    low, high = 0.0, 1.0
-    eps_high = eps_at(high)
-    while eps_high > target_epsilon:
-        if high >= MAX_NOISE_MULTIPLIER:
-            raise PrivacyError(
-                f"target epsilon={target_epsilon:g} is unreachable: even noise_multiplier={high:g} gives "
-                f"epsilon={eps_high:.4g} for {steps} steps at sample_rate={sample_rate:g} (delta={delta:g}, "
-                f"{accountant}, epsilon spent before: {spent:.4g}). Raise the target, or plan fewer steps or a "
-                "smaller sample rate"
-            )
-        low, high = high, min(2.0 * high, MAX_NOISE_MULTIPLIER)
-        eps_high = eps_at(high)
-    # The sigma-width guard ends the search even where the PRV estimate is not perfectly monotone in sigma.
-    while target_epsilon - eps_high > EPSILON_TOLERANCE and high - low > 1e-6 * high:
-        mid = (low + high) / 2.0
-        eps_mid = eps_at(mid)
-        if eps_mid <= target_epsilon:
-            high, eps_high = mid, eps_mid
-        else:
-            low = mid
-    return high
-
-
-def skellam_mu_for(
-    target_epsilon: float,
-    delta: float,
-    *,
-    sample_rate: float,
-    l1: float,
-    l2: float,
-    steps: int,
-    accountant: str = "prv",
-    history: Sequence[AnyRelease] = (),
-) -> float:
-    """The smallest total Skellam variance ``mu`` (to within ``skellam.MU_RELATIVE_TOLERANCE``) such that
-    ``history`` plus ``SkellamRelease(sample_rate, mu, l1, l2, steps)`` stays at or below ``target_epsilon`` as
-    ``history_epsilon`` accounts it: the noise the remaining distributed rounds need (``steps`` = those rounds).
-
-    Accounted by RDP whatever ``accountant`` says (the result holds a Skellam release; see ``history_epsilon``), so
-    a prior spent by PRV may leave less room than PRV's number suggests. Epsilon decreases in ``mu``, so a
-    bisection on ``log mu`` (the prior's RDP curve computed once) brackets it, and the returned upper end is
-    checked against ``history_epsilon`` itself. Raises PrivacyError when the history alone reaches the target, or
-    when even unbounded noise cannot meet it (the RDP conversion's floor, plus the prior's own RDP).
-    """
-    from fedpeft.privacy import skellam
-
-    _check_target(target_epsilon)
-    build_accountant(accountant)
-    check_delta(delta)
-    check_skellam_release(SkellamRelease(sample_rate, 1.0, l1, l2, steps), where="planned release")
-    if steps < 1:
-        raise PrivacyError(f"steps={steps!r}: planning needs at least one round; zero rounds need no noise")
-    q, l1, l2, steps = float(sample_rate), float(l1), float(l2), int(steps)
-    prior = list(history)
-    spent = _spent_before(prior, delta, accountant, target_epsilon=target_epsilon,
-                          planned=f"{steps} more Skellam release(s)")
-    prior_curve = _prior_rdp(prior)
-
-    def eps_at(mu: float) -> float:
-        return _rdp_epsilon(prior_curve + skellam.rdp_curve(q=q, mu=mu, l1=l1, l2=l2, steps=steps), delta)
-
-    huge = 1e12 * (l2 * l2 + 1.0)
-    floor = eps_at(huge)
-    if floor > target_epsilon:
-        raise PrivacyError(
-            f"target epsilon={target_epsilon:g} is unreachable: even Skellam variance mu={huge:.3g} gives "
-            f"epsilon={floor:.4g} for {steps} release(s) at sample_rate={q:g} (delta={delta:g}; with a Skellam "
-            f"release the whole history is accounted by RDP; epsilon spent before: {spent:.4g}). Raise the target, "
-            "or plan fewer rounds or a smaller sample rate"
-        )
-    hi = l2 * l2  # the Gaussian-equivalent noise multiplier 1
-    while eps_at(hi) > target_epsilon:
-        hi *= 4.0
-    lo = hi / 4.0
-    while eps_at(lo) <= target_epsilon:  # ends: epsilon grows without bound as mu -> 0 (q > 0, steps > 0)
-        hi, lo = lo, lo / 4.0
-    while hi / lo > 1.0 + skellam.MU_RELATIVE_TOLERANCE:
-        mid = math.sqrt(lo * hi)
-        if eps_at(mid) <= target_epsilon:
-            hi = mid
-        else:
-            lo = mid
-    # history_epsilon merges equal settings, so its float sum may differ from prior_curve + curve in the last bit.
-    for _ in range(100):
-        if history_epsilon([*prior, SkellamRelease(q, hi, l1, l2, steps)], delta, accountant) <= target_epsilon:
-            return hi
-        hi *= 1.0 + skellam.MU_RELATIVE_TOLERANCE / 10.0
-    raise PrivacyError(  # unreachable in practice: the curves agree to rounding
-        f"could not confirm a Skellam variance for target epsilon={target_epsilon:g}; report this as a bug"
-    )
-
-
-def planned_steps(num_examples: int, batch_size: int, local_epochs: int, max_steps: int = 0) -> tuple[float, int]:
-    """``(sample_rate, steps)`` of one round of local DP-SGD: q = batch_size / num_examples (at most 1) and
-    local_epochs * ceil(1/q) steps, capped by ``max_steps`` when it is > 0."""
-    for name, value, minimum in (
-        ("num_examples", num_examples, 1),
-        ("batch_size", batch_size, 1),
-        ("local_epochs", local_epochs, 1),
-        ("max_steps", max_steps, 0),
-    ):
-        if not _is_int(value) or value < minimum:
-            raise PrivacyError(f"{name}={value!r} is invalid; it must be an integer >= {minimum}")
-    if batch_size >= num_examples:
-        return 1.0, _capped(local_epochs, max_steps)
-    # Integer ceil: a float 1/q can land just above an integer (e.g. 1024/16) and add a phantom step.
-    steps_per_epoch = -(-num_examples // batch_size)
-    return batch_size / num_examples, _capped(local_epochs * steps_per_epoch, max_steps)
-
-
-def _capped(steps: int, max_steps: int) -> int:
-    return min(steps, max_steps) if max_steps > 0 else steps

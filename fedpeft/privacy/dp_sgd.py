@@ -14,7 +14,7 @@ from typing import Any
 
 from fedpeft.config import TrainConfig
 from fedpeft.models.precision import bf16_autocast
-from fedpeft.privacy.accounting import planned_steps
+from fedpeft.privacy.planning import planned_steps
 from fedpeft.training.batches import IGNORE_INDEX, EncodedData, trim_batch
 from fedpeft.training.trainer import TrainResult, batch_loss, mean_loss, on_model_device, param_groups
 

@@ -28,8 +28,9 @@ from fedpeft.audit.trail import LedgerAnchor, ledger_anchors
 from fedpeft.config import RunConfig
 from fedpeft.data.sites import SYNTHETIC_SOURCES
 from fedpeft.errors import AuditError, LedgerCorrupted, PrivacyBudgetExceeded, PrivacyError
-from fedpeft.privacy.accounting import SkellamRelease, check_skellam_release, noise_multiplier_for, skellam_mu_for
+from fedpeft.privacy.accounting import SkellamRelease, check_skellam_release
 from fedpeft.privacy.ledger import LedgerEntry, PrivacyLedger
+from fedpeft.privacy.planning import noise_multiplier_for, skellam_mu_for
 from fedpeft.privacy.policy import PrivacyRequest, SitePolicy, check_request, load_policy, missing_policy
 
 LEDGER_FILE = "privacy_ledger.jsonl"

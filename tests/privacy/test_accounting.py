@@ -7,14 +7,8 @@ import pytest
 
 from fedpeft.errors import PrivacyError
 from fedpeft.privacy import skellam
-from fedpeft.privacy.accounting import (
-    SkellamRelease,
-    epsilon,
-    history_epsilon,
-    noise_multiplier_for,
-    planned_steps,
-    skellam_mu_for,
-)
+from fedpeft.privacy.accounting import SkellamRelease, epsilon, history_epsilon
+from fedpeft.privacy.planning import noise_multiplier_for, planned_steps, skellam_mu_for
 
 DELTA = 1e-5
 Q = 16 / 1000  # 1000 examples per site, batch 16

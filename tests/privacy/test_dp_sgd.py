@@ -9,7 +9,6 @@ import torch
 from fedpeft.config import ModelConfig, PeftConfig, TrainConfig
 from fedpeft.methods import wrap_with_peft
 from fedpeft.models.loader import load_base_model
-from fedpeft.privacy.accounting import planned_steps
 from fedpeft.privacy.dp_sgd import (
     DpSettings,
     _empty_gradients,
@@ -18,6 +17,7 @@ from fedpeft.privacy.dp_sgd import (
     resolve_grad_sample_mode,
     train_private,
 )
+from fedpeft.privacy.planning import planned_steps
 from fedpeft.training.batches import encode_classification, encode_prompt_response, trim_batch
 from fedpeft.training.trainer import batch_loss
 

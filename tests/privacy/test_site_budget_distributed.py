@@ -10,8 +10,9 @@ import pytest
 
 from fedpeft.composition import from_mapping
 from fedpeft.errors import PrivacyBudgetExceeded, PrivacyError
-from fedpeft.privacy.accounting import SkellamRelease, history_epsilon, skellam_mu_for
+from fedpeft.privacy.accounting import SkellamRelease, history_epsilon
 from fedpeft.privacy.ledger import PrivacyLedger
+from fedpeft.privacy.planning import skellam_mu_for
 from fedpeft.privacy.policy import SitePolicy
 from fedpeft.privacy.site_budget import DistributedRoundPlan, SiteBudget
 

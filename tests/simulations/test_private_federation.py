@@ -10,8 +10,9 @@ import pytest
 
 from fedpeft.composition import from_mapping
 from fedpeft.errors import LedgerCorrupted, PrivacyBudgetExceeded
-from fedpeft.privacy.accounting import epsilon, planned_steps
+from fedpeft.privacy.accounting import epsilon
 from fedpeft.privacy.ledger import PrivacyLedger
+from fedpeft.privacy.planning import planned_steps
 from fedpeft.privacy.site_budget import SiteBudget, site_ledger_path, site_policy
 from fedpeft.runs.run_dir import METRICS_FILE, SUMMARY_FILE
 from fedpeft.simulations.engine import check_sites, simulate
