@@ -16,8 +16,10 @@ from fedpeft.config import RunConfig
 from fedpeft.config.checks import Rule
 from fedpeft.methods import hetero_rank
 from fedpeft.methods.base import FederatedMethod, register_method
-from fedpeft.models.adapter_state import AdapterState
+from fedpeft.models.adapter_state import AdapterState, wire_weight_modules
 from fedpeft.models.peft_model import lora_targets
+from fedpeft.training import per_example
+from fedpeft.training.trainer import example_losses
 
 LORA_MODES = ("fedit", "ffa")
 
@@ -27,6 +29,7 @@ class Lora(FederatedMethod):
     name = "lora"
     summary = "low-rank A, B on every target linear layer (+ FFA, DoRA, rsLoRA, per-site ranks)"
     bookkeeping = (hetero_rank.RANK_WEIGHT,)
+    distributed_dp = True  # plain LoRA, label words or causal LM (dp_rules)
 
     @classmethod
     def option_rules(cls, cfg: RunConfig) -> list[Rule]:
@@ -48,9 +51,24 @@ class Lora(FederatedMethod):
     def dp_rules(self, cfg: RunConfig) -> list[Rule]:
         # Opacus computes per-example gradients per module that owns and uses its parameters; DoRA's magnitude
         # module (called with keyword-only arguments) is not one, in every grad-sample mode (measured).
+        distributed = cfg.privacy.dp and cfg.privacy.dp_mode == "distributed"
         return [("privacy.dp", cfg.privacy.dp, not (cfg.privacy.dp and self.peft.use_dora),
                  "DP-SGD (Opacus) cannot compute per-example gradients for DoRA's magnitudes; with privacy.dp use "
-                 "peft.method = 'lora' (use_rslora is fine), or turn privacy.dp off")]
+                 "peft.method = 'lora' (use_rslora is fine), or turn privacy.dp off"),
+                # Distributed DP takes each row's gradient of bias-free linear weights (LoRA's A and B): a new
+                # classification head may carry a bias, and per-site ranks upload padded slices, not one gradient.
+                ("model.classifier", cfg.model.classifier,
+                 not distributed or cfg.model.task == "causal-lm" or cfg.model.classifier == "label-words",
+                 "distributed DP with LoRA classifies through label words (no new head to train); set "
+                 "model.classifier = 'label-words', or peft.method = 'probe-lora' for a classification head"),
+                ("peft.site_ranks", self.peft.site_ranks, not (distributed and self.hetero),
+                 "distributed DP sums one gradient of the global adapter's shape; leave peft.site_ranks empty")]
+
+    def clipped_gradient_sum(self, model: Any, data: Any, rows: Any, clip: float) -> Any:
+        """Each sampled row's gradient of its own loss w.r.t. LoRA's A and B, clipped to ``clip`` and summed."""
+        model.eval()  # no dropout: the gradient of the function the sites evaluate, reproducibly
+        return per_example.clipped_rows_sum(wire_weight_modules(model), data, rows,
+                                            lambda batch: example_losses(model, batch, self.task), clip=clip)
 
     @property
     def hetero(self) -> bool:

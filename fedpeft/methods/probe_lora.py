@@ -40,7 +40,7 @@ from fedpeft.models.adapter_state import PARTIAL_ATTRIBUTE, AdapterState
 from fedpeft.models.peft_model import lora_targets
 from fedpeft.models.saved import METHOD_FILE
 from fedpeft.training import per_example, probe
-from fedpeft.training.batches import EncodedData, iterate_batches, trim_batch
+from fedpeft.training.batches import EncodedData, iterate_batches
 from fedpeft.training.trainer import EvalResult, TrainResult
 
 NAME = "probe-lora"
@@ -226,14 +226,9 @@ class ProbeLora(FederatedMethod):
             weight = model.probe.weight.detach()
             return probe.clipped_gradient_sum(weight, data.features.x[index], data.features.labels[index],
                                               clip).flatten().numpy()
-        modules = trainable_linears(model)
-        encoded = data.encoded
-        batches = (trim_batch(encoded.input_ids[part], encoded.attention_mask[part], encoded.labels[part])
-                   for part in index.split(per_example.MICRO_BATCH))
         model.eval()
-        summed = per_example.clipped_gradient_sum(modules, batches, lambda batch: row_losses(model, batch),
-                                                  clip=clip)
-        return torch.cat([summed[name].flatten().cpu() for name in sorted(summed)]).numpy()
+        return per_example.clipped_rows_sum(trainable_linears(model), data.encoded, rows,
+                                            lambda batch: row_losses(model, batch), clip=clip)
 
     # ---- the server ---------------------------------------------------------------------------------------------
     def gradient_template(self, global_state: Mapping[str, Any], server_round: int) -> AdapterState:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from fedpeft.errors import AdapterMismatchError
+from fedpeft.errors import AdapterMismatchError, ModelError
 from fedpeft.models.blocks import is_head
 
 AdapterState = dict[str, Any]  # name -> torch.Tensor (fp32, contiguous, on CPU)
@@ -62,6 +62,27 @@ def trainable_adapter_names(model: Any) -> set[str]:
     trainable = {p.data_ptr() for p in model.parameters() if p.requires_grad and p.numel()}
     return {name for name, tensor in get_peft_model_state_dict(model).items()
             if tensor.numel() and tensor.data_ptr() in trainable}
+
+
+def wire_weight_modules(model: Any) -> dict[str, Any]:
+    """Wire name -> the module whose ``weight`` is that travelling tensor, matched by storage as
+    ``trainable_adapter_names`` matches: per-example gradients are taken per module and released under wire names.
+    A travelling tensor that is no module's weight (a DoRA magnitude, a bias, a prompt table) is refused."""
+    import torch
+    from peft import get_peft_model_state_dict
+
+    weights = {module.weight.data_ptr(): module for module in model.modules()
+               if isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.requires_grad}
+    names = trainable_adapter_names(model)
+    out = {}
+    for name, tensor in sorted(get_peft_model_state_dict(model).items()):
+        if name not in names:
+            continue
+        if tensor.data_ptr() not in weights or travels_by_parameter(model):
+            raise ModelError(f"'{name}' travels but is not a layer's weight: per-example gradients (distributed DP) "
+                             "are computed for linear weights only; use LoRA or the probe methods")
+        out[name] = weights[tensor.data_ptr()]
+    return out
 
 
 def untravelled_trainable(model: Any) -> list[str]:

@@ -80,3 +80,19 @@ def clipped_gradient_sum(modules: Mapping[str, Any], batches: Any, losses: Calla
         for name, value in summed.items():
             total[name] += value
     return total
+
+
+def clipped_rows_sum(modules: Mapping[str, Any], data: Any, rows: Any, losses: Callable[[dict[str, Any]], Any], *,
+                     clip: float) -> Any:
+    """``clipped_gradient_sum`` over ``rows`` of encoded ``data``, in micro-batches, flattened in sorted-name order
+    (the wire order ``fedpeft.secagg.vector`` unflattens): what a site releases in a round of distributed DP."""
+    import torch
+
+    from fedpeft.training.batches import trim_batch
+
+    index = torch.as_tensor(rows, dtype=torch.long)
+    batches = (trim_batch(data.input_ids[part], data.attention_mask[part], data.labels[part])
+               for part in index.split(MICRO_BATCH))
+    summed = clipped_gradient_sum(modules, batches, losses, clip=clip)
+    return torch.cat([summed[name].flatten().cpu() for name in sorted(summed)]).numpy()
+

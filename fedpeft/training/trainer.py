@@ -43,6 +43,28 @@ def batch_loss(model: Any, batch: dict[str, Any], task: str) -> tuple[Any, Any, 
         logits = within_own_task(model, logits, labels)  # multi-task: each example against its own task's head
         loss = F.cross_entropy(logits.float(), labels)
         return loss, (logits.argmax(-1) == labels).sum(), labels.new_tensor(labels.numel())
+    per_sequence, logits, labels = _response_losses(logits, labels)
+    scored = labels != IGNORE_INDEX
+    return per_sequence.mean(), ((logits.argmax(-1) == labels) & scored).sum(), scored.sum()
+
+
+def example_losses(model: Any, batch: dict[str, Any], task: str) -> Any:
+    """Each row's own loss, shape ``(rows,)``: what ``batch_loss`` averages, and what per-example gradients
+    (distributed DP, ``fedpeft.training.per_example``) differentiate."""
+    import torch.nn.functional as F
+
+    batch = on_model_device(batch, model)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"]
+    if task == "classification":
+        return F.cross_entropy(within_own_task(model, logits, labels).float(), labels, reduction="none")
+    return _response_losses(logits, labels)[0]
+
+
+def _response_losses(logits: Any, labels: Any) -> tuple[Any, Any, Any]:
+    """(each sequence's mean loss over its response tokens, the shifted fp32 logits, the shifted labels)."""
+    import torch.nn.functional as F
+
     if logits.shape[1] > labels.shape[1]:  # prompt / p-tuning prepend virtual tokens to the sequence
         logits = logits[:, -labels.shape[1]:, :]
     logits, labels = logits[:, :-1, :].float(), labels[:, 1:]
@@ -53,8 +75,7 @@ def batch_loss(model: Any, batch: dict[str, Any], task: str) -> tuple[Any, Any, 
     scored = labels != IGNORE_INDEX
     # Mean over each sequence's response tokens, then over sequences: one sequence is the privacy unit, and its
     # loss must not depend on the other rows of the batch (a batch-wide token mean would couple them).
-    per_sequence = token_loss.sum(dim=1) / scored.sum(dim=1).clamp(min=1)
-    return per_sequence.mean(), ((logits.argmax(-1) == labels) & scored).sum(), scored.sum()
+    return token_loss.sum(dim=1) / scored.sum(dim=1).clamp(min=1), logits, labels
 
 
 def on_model_device(batch: dict[str, Any], model: Any) -> dict[str, Any]:
