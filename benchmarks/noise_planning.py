@@ -2,7 +2,7 @@
 accountant: bisection, every RDP curve computed afresh) against fedpeft's (``privacy.planning.noise_multiplier_for``:
 cached curves, safeguarded secant), on the same questions; plus fedpeft's later rounds, which plan after a history.
 
-    python benchmarks/noise_planning.py                    # the settings a site of the test suite and of banking77 plans
+    python benchmarks/noise_planning.py     # what sites of the test suite, PubMedQA and banking77 plan
 Each timing is the best of --repeats in a fresh state (fedpeft's caches cleared before each), after one warm-up call
 that pays the imports. Prints one row per setting and the ratio of the totals.
 """

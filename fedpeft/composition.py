@@ -146,7 +146,7 @@ def distributed_rules(cfg: RunConfig) -> list[Rule]:
          "distributed DP splits the noise among the sites: only a secure sum hides each site's share, which alone "
          "is too little noise; set federation.secure_aggregation = true (or privacy.dp_mode = 'local')"),
         ("peft.method", cfg.peft.method, method.distributed_dp or not distributed,
-         f"distributed DP needs per-example gradients in closed form, which "
+         f"distributed DP needs each sampled example's gradient from one forward and backward pass, which "
          f"{[n for n, m in registered_methods().items() if m.distributed_dp]} give; use one of them, or "
          "privacy.dp_mode = 'local'"),
         ("federation.aggregation", fed.aggregation, rule.takes_gradients == distributed,

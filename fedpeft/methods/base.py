@@ -141,7 +141,7 @@ class FederatedMethod:
     def clipped_gradient_sum(self, model: Any, data: Any, rows: Any, clip: float) -> Any:
         """The sum over ``rows`` of the per-example gradients, each clipped to ``clip``, flattened in wire order
         (distributed DP; only methods with ``distributed_dp``)."""
-        raise NotImplementedError(f"method '{self.name}' gives no per-example gradients in closed form")
+        raise NotImplementedError(f"method '{self.name}' gives no per-example gradients for distributed DP")
 
     # ---- the server ---------------------------------------------------------------------------------------------
     def upload_template(self, global_state: Mapping[str, Any]) -> AdapterState:

@@ -115,6 +115,10 @@ def test_what_gives_no_single_gradient_is_refused_with_the_fix(tmp_path):
     del head["model"]["label_words"]
     with pytest.raises(ConfigError, match=r"model\.classifier.*label words.*probe-lora"):
         from_mapping(head)
+    ia3 = _config(tmp_path)
+    ia3["peft"] = {"method": "ia3"}
+    with pytest.raises(ConfigError, match=r"'peft\.method' = 'ia3'.*each sampled example's gradient.*'lora'"):
+        from_mapping(ia3)
     ranks = _config(tmp_path)
     ranks["peft"]["site_ranks"] = "2,4,4"
     with pytest.raises(ConfigError, match=r"peft\.site_ranks.*leave peft\.site_ranks empty"):
