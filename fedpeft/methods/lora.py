@@ -62,7 +62,12 @@ class Lora(FederatedMethod):
                  "distributed DP with LoRA classifies through label words (no new head to train); set "
                  "model.classifier = 'label-words', or peft.method = 'probe-lora' for a classification head"),
                 ("peft.site_ranks", self.peft.site_ranks, not (distributed and self.hetero),
-                 "distributed DP sums one gradient of the global adapter's shape; leave peft.site_ranks empty")]
+                 "distributed DP sums one gradient of the global adapter's shape; leave peft.site_ranks empty"),
+                # The derived schedule's rule (privacy/defaults.py) was fitted to the probe's unit-scale weights;
+                # LoRA's B starts at 0 and moves by hundredths, so its step would be wrong by orders of magnitude.
+                ("federation.rounds", cfg.federation.rounds, not (distributed and cfg.federation.rounds == 0),
+                 "rounds derived from the budget (0) are calibrated for the probe; with LoRA under distributed DP "
+                 "set federation.rounds and strategy.server_learning_rate yourself (choose them on validation rows)")]
 
     def clipped_gradient_sum(self, model: Any, data: Any, rows: Any, clip: float) -> Any:
         """Each sampled row's gradient of its own loss w.r.t. LoRA's A and B, clipped to ``clip`` and summed."""

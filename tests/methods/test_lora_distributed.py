@@ -119,6 +119,10 @@ def test_what_gives_no_single_gradient_is_refused_with_the_fix(tmp_path):
     ia3["peft"] = {"method": "ia3"}
     with pytest.raises(ConfigError, match=r"'peft\.method' = 'ia3'.*each sampled example's gradient.*'lora'"):
         from_mapping(ia3)
+    derived = _config(tmp_path)
+    derived["federation"]["rounds"] = 0
+    with pytest.raises(ConfigError, match=r"'federation\.rounds' = 0.*calibrated for the probe"):
+        from_mapping(derived)
     ranks = _config(tmp_path)
     ranks["peft"]["site_ranks"] = "2,4,4"
     with pytest.raises(ConfigError, match=r"peft\.site_ranks.*leave peft\.site_ranks empty"):
