@@ -71,6 +71,10 @@ def wire_weight_modules(model: Any) -> dict[str, Any]:
     import torch
     from peft import get_peft_model_state_dict
 
+    if travels_by_parameter(model):  # what travels is parameters by their paths, not peft's adapter state
+        raise ModelError(f"{type(model).__name__}: its tensors travel by parameter, not as peft adapter weights: "
+                         "per-example gradients (distributed DP) are computed for LoRA's and the probes' linear "
+                         "weights only")
     weights = {module.weight.data_ptr(): module for module in model.modules()
                if isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.requires_grad}
     names = trainable_adapter_names(model)
@@ -78,7 +82,7 @@ def wire_weight_modules(model: Any) -> dict[str, Any]:
     for name, tensor in sorted(get_peft_model_state_dict(model).items()):
         if name not in names:
             continue
-        if tensor.data_ptr() not in weights or travels_by_parameter(model):
+        if tensor.data_ptr() not in weights:
             raise ModelError(f"'{name}' travels but is not a layer's weight: per-example gradients (distributed DP) "
                              "are computed for linear weights only; use LoRA or the probe methods")
         out[name] = weights[tensor.data_ptr()]

@@ -95,4 +95,3 @@ def clipped_rows_sum(modules: Mapping[str, Any], data: Any, rows: Any, losses: C
                for part in index.split(MICRO_BATCH))
     summed = clipped_gradient_sum(modules, batches, losses, clip=clip)
     return torch.cat([summed[name].flatten().cpu() for name in sorted(summed)]).numpy()
-
