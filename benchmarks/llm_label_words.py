@@ -93,7 +93,7 @@ def run_config(args: argparse.Namespace, setting: str, source: Path, out: Path) 
     task = TASKS[args.dataset]
     central = setting == "central"
     sections: dict[str, dict[str, Any]] = {
-        "model": {"name": "smollm2-135m", "quantization": args.quantization, "classifier": "label-words",
+        "model": {"name": args.model, "quantization": args.quantization, "classifier": "label-words",
                   "max_length": args.max_length, "truncation_side": args.truncation_side,
                   "prompt_template": task["template"], "label_words": task["words"]},
         "peft": {"method": "lora", "r": 8, "alpha": 16.0},
@@ -178,6 +178,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--dp-lr", type=float, default=1e-3)
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="model.name: a built-in decoder or a local Hugging Face causal-LM directory")
     parser.add_argument("--quantization", default="nf4")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--round-timeout", type=float, default=3600.0,
@@ -188,7 +190,7 @@ def main() -> None:
     args = parser.parse_args()
     # The timeout changes no result of a round that every site made in time (sites_returned says how many did).
     key = {k: v for k, v in vars(args).items() if k not in ("settings", "results", "round_timeout")}
-    for option, default in (("local_epochs", 1), ("truncation_side", "right")):
+    for option, default in (("local_epochs", 1), ("truncation_side", "right"), ("model", "smollm2-135m")):
         if key[option] == default:  # the default: results logged before the option existed keep matching
             del key[option]
     train, test = split(args)
