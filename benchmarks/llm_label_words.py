@@ -190,8 +190,8 @@ def main() -> None:
     args = parser.parse_args()
     # The timeout changes no result of a round that every site made in time (sites_returned says how many did).
     key = {k: v for k, v in vars(args).items() if k not in ("settings", "results", "round_timeout")}
-    for option, default in (("local_epochs", 1), ("truncation_side", "right"), ("model", "smollm2-135m")):
-        if key[option] == default:  # the default: results logged before the option existed keep matching
+    for option in ("local_epochs", "truncation_side", "model"):
+        if key[option] == parser.get_default(option):  # results logged before the option existed keep matching
             del key[option]
     train, test = split(args)
     majority = max(set(y for _, y in train), key=[y for _, y in train].count)
