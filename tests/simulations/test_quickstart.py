@@ -11,7 +11,8 @@ from fedpeft.simulations.report import print_result
 pytestmark = pytest.mark.slow
 
 
-def test_federated_minilm_beats_round_zero_and_the_majority_baseline(tmp_path, capsys):
+def test_federated_minilm_beats_round_zero_and_the_majority_baseline(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # the README's path: a fresh local Ray instance
     cfg = from_mapping({"federation": {"rounds": 2, "num_sites": 3},
                         "data": {"synthetic_examples": 450},
                         "run": {"out_dir": str(tmp_path)}})
